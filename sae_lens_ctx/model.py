@@ -1,0 +1,407 @@
+"""Load any supported model, and `ModelView`: one set of answers whatever the model object is.
+
+Stages never touch a TransformerLens object directly. They ask a `ModelView` for hook names by layer
+index, for the read and write directions of ARCHITECTURE §2 in one stated weight convention, for the
+effective unembedding, and for a forward with hooks that can stop early. The view works over
+`TransformerBridge` (TL's recommended API), `HookedTransformer` and `HookedSAETransformer`.
+
+Weight conventions (recorded in `model.json` and the run config):
+
+* ``folded``: TransformerLens's processing, as the paper used (`fold_ln`, `center_writing_weights`,
+  `center_unembed`). A Bridge gets `enable_compatibility_mode()`; a HookedTransformer is loaded with
+  its default processing.
+* ``raw``: the checkpoint's own weights. The view applies the norm gains by hand, so every direction
+  it returns means the same thing in both conventions; only the centring differs.
+
+Either way a read direction is expressed on the *normalised input without gain* (`x / scale` for RMS,
+`(x - mean) / scale` for LayerNorm), with the gain folded into the direction and the norm bias and
+`b_in` folded into a constant. That makes `normalised_input @ read + const` equal the hooked
+pre-activation exactly in both conventions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import EMBEDDED, ModelConfig
+from .embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from .errors import UserError, did_you_mean
+from .records import ModelRecord
+
+log = logging.getLogger(__name__)
+
+HookFn = Callable[[torch.Tensor, Any], torch.Tensor | None]
+
+_HOOKS = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "z": "blocks.{l}.attn.hook_z",
+    "v": "blocks.{l}.attn.hook_v",
+    "pattern": "blocks.{l}.attn.hook_pattern",
+    "ln1_scale": "blocks.{l}.ln1.hook_scale",
+    "ln2_scale": "blocks.{l}.ln2.hook_scale",
+    "mlp_pre": "blocks.{l}.mlp.hook_pre",
+    "mlp_pre_linear": "blocks.{l}.mlp.hook_pre_linear",
+    "mlp_post": "blocks.{l}.mlp.hook_post",
+}
+"""TransformerLens hook names (the legacy names, which the Bridge accepts as aliases)."""
+
+
+@dataclass(frozen=True)
+class MlpRead:
+    """How one MLP layer reads the residual stream, per branch.
+
+    `weights[name]` is `[d_model, d_mlp]` and `bias[name]` is `[d_mlp]`, such that
+    `normalised_input @ weights[name] + bias[name]` is that branch's pre-activation. Branches are
+    `{"in"}` for a GELU MLP (hook `mlp_pre`), `{"gate", "up"}` for a gated MLP (hooks `mlp_pre` and
+    `mlp_pre_linear`; the neuron is `act(gate) * up`).
+    """
+
+    weights: dict[str, torch.Tensor]
+    bias: dict[str, torch.Tensor]
+
+
+class ModelView:
+    """One convention over TransformerBridge / HookedTransformer / HookedSAETransformer.
+
+    Build one with `load_model(config)` or, for a model object you already hold,
+    `ModelView.from_object(model)`.
+    """
+
+    def __init__(self, model: Any, *, name: str, source: str, weights: str):
+        self.model = model
+        self.name = name
+        self.source = source
+        self.weights = weights
+        cfg = model.cfg
+        self.n_layers: int = cfg.n_layers
+        self.n_heads: int = cfg.n_heads
+        self.n_kv_heads: int = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        self.d_model: int = cfg.d_model
+        self.d_head: int = cfg.d_head
+        self.d_mlp: int = cfg.d_mlp
+        self.d_vocab: int = cfg.d_vocab
+        self.n_ctx: int = cfg.n_ctx
+        self.gated: bool = bool(getattr(cfg, "gated_mlp", False))
+        norm = str(cfg.normalization_type or "LN")
+        self.normalization: str = "RMS" if norm.startswith("RMS") else "LN"
+        self.tokenizer = model.tokenizer
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_object(cls, model: Any, name: str | None = None) -> ModelView:
+        """Wrap a model object a user already holds; its weight convention is detected."""
+        kind = type(model).__name__
+        if not all(hasattr(model, a) for a in ("cfg", "run_with_hooks", "to_tokens")):
+            raise UserError(f"a {kind} is not a TransformerLens model (TransformerBridge or HookedTransformer)")
+        if getattr(model, "tokenizer", None) is None:
+            raise UserError(f"the {kind} has no tokenizer: pass tokenizer= when building it")
+        return cls(model, name=name or getattr(model.cfg, "model_name", kind), source="object",
+                   weights=_detect_weights(model))
+
+    # -- facts --------------------------------------------------------------------------------
+
+    @property
+    def model_class(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_U.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_U.dtype
+
+    def record(self) -> ModelRecord:
+        return ModelRecord(
+            model_name=self.name, source=self.source, model_class=self.model_class, weights=self.weights,
+            architecture="gated-mlp" if self.gated else "gelu-mlp", normalization=self.normalization,
+            n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_model=self.d_model,
+            d_head=self.d_head, d_mlp=self.d_mlp, d_vocab=self.d_vocab, n_ctx=self.n_ctx,
+            dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+        )
+
+    def hook_name(self, kind: str, layer: int) -> str:
+        """The TransformerLens hook name of `kind` (a key of `_HOOKS`) at `layer`."""
+        if kind not in _HOOKS:
+            raise ValueError(f"unknown hook kind {kind!r}{did_you_mean(kind, _HOOKS)}")
+        self._check_layer(layer)
+        return _HOOKS[kind].format(l=layer)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.n_layers:
+            raise UserError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
+
+    # -- weights in the view's convention -----------------------------------------------------
+
+    @property
+    def W_U(self) -> torch.Tensor:
+        """The model's unembedding `[d_model, d_vocab]` as stored."""
+        return self.model.W_U
+
+    def unembed(self) -> torch.Tensor:
+        """Effective unembedding `[d_model, d_vocab]`: final norm gain folded in; in the folded
+        convention also centred over the vocabulary (what TL's `center_unembed` does)."""
+        w = self.W_U.detach()
+        gain = _norm_gain(self.model.ln_final)
+        if gain is not None:
+            w = gain[:, None] * w
+        if self.weights == "folded":
+            w = w - w.mean(dim=-1, keepdim=True)
+        return w
+
+    def mlp_write(self, layer: int) -> torch.Tensor:
+        """Each neuron's output direction `[d_mlp, d_model]` (centred for LayerNorm models when folded)."""
+        self._check_layer(layer)
+        return self._writing(self.model.W_out[layer].detach())
+
+    def attn_write(self, layer: int) -> torch.Tensor:
+        """Each head's `W_O` `[n_heads, d_head, d_model]` (centred for LayerNorm models when folded)."""
+        self._check_layer(layer)
+        return self._writing(self.model.W_O[layer].detach())
+
+    def _writing(self, w: torch.Tensor) -> torch.Tensor:
+        if self.weights == "folded" and self.normalization == "LN":
+            w = w - w.mean(dim=-1, keepdim=True)
+        return w
+
+    def mlp_read(self, layer: int) -> MlpRead:
+        """How MLP `layer` reads its normalised input, gain and biases folded in (see `MlpRead`)."""
+        self._check_layer(layer)
+        ln2 = self.model.blocks[layer].ln2
+        gain, ln_bias = _norm_gain(ln2), _norm_bias(ln2)
+        w_in = self.model.W_in[layer].detach()
+        b_in = _optional_bias(self.model, "b_in", layer, self.d_mlp, w_in)
+        raw = {"gate": (self.model.W_gate[layer].detach(), torch.zeros_like(b_in)), "up": (w_in, b_in)} \
+            if self.gated else {"in": (w_in, b_in)}
+        weights, bias = {}, {}
+        for branch, (w, b) in raw.items():
+            weights[branch] = w if gain is None else gain[:, None] * w
+            bias[branch] = b if ln_bias is None else b + ln_bias @ w
+        return MlpRead(weights=weights, bias=bias)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
+        return self.model.to_tokens(text, prepend_bos=prepend_bos)
+
+    @torch.inference_mode()
+    def run_with_hooks(self, tokens: torch.Tensor, fwd_hooks: list[tuple[str | Callable, HookFn]],
+                       stop_at_layer: int | None = None, return_type: str | None = None, **kwargs: Any) -> Any:
+        """A forward with hooks. `stop_at_layer=L` runs blocks 0..L-1 only (and returns nothing)."""
+        if stop_at_layer is not None and stop_at_layer >= self.n_layers:
+            stop_at_layer = None
+        if stop_at_layer is not None:
+            return_type = None
+        return self.model.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd_hooks, return_type=return_type,
+                                         stop_at_layer=stop_at_layer, **kwargs)
+
+    @torch.inference_mode()
+    def logits(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.model(tokens.to(self.device), return_type="logits", **kwargs)
+
+
+def _norm_gain(norm: torch.nn.Module) -> torch.Tensor | None:
+    """The norm's gain, or None when it has been folded away (HT `LNPre`/`RMSPre`)."""
+    for attr in ("weight", "w"):
+        w = getattr(norm, attr, None)
+        if isinstance(w, torch.Tensor):
+            return w.detach()
+    return None
+
+
+def _norm_bias(norm: torch.nn.Module) -> torch.Tensor | None:
+    for attr in ("bias", "b"):
+        b = getattr(norm, attr, None)
+        if isinstance(b, torch.Tensor):
+            return b.detach()
+    return None
+
+
+def _optional_bias(model: Any, attr: str, layer: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    """`model.<attr>[layer]`, or zeros for bias-less models (the Bridge raises instead of returning None)."""
+    try:
+        b = getattr(model, attr)
+    except (TypeError, AttributeError):
+        b = None
+    if b is None:
+        return torch.zeros(size, dtype=like.dtype, device=like.device)
+    return b[layer].detach()
+
+
+def _detect_weights(model: Any) -> str:
+    """'folded' if TransformerLens processing was applied to this model object, else 'raw'."""
+    if type(model).__name__ == "TransformerBridge" or hasattr(model, "compatibility_mode"):
+        return "folded" if getattr(model, "compatibility_mode", False) else "raw"
+    norm = str(getattr(model.cfg, "normalization_type", "") or "")
+    return "folded" if norm.endswith("Pre") else "raw"
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def resolve_source(model_name: str) -> tuple[str, Path | str]:
+    """Classify a model name: ('embedded-gguf'|'gguf', path), ('hf-directory', path) or ('hub', name)."""
+    if model_name == EMBEDDED:
+        return "embedded-gguf", embedded_gguf_path()
+    path = Path(model_name).expanduser()
+    if model_name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file {model_name} does not exist: check the path")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{model_name} is not a Hugging Face model directory (no config.json): "
+                            "point at a save_pretrained directory or a .gguf file")
+        return "hf-directory", path
+    if path.exists():
+        raise UserError(f"{model_name} is a file but not a .gguf: give a GGUF file, a model directory or a hub id")
+    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+        raise UserError(f"model path {model_name} does not exist: check the path")
+    return "hub", model_name
+
+
+def load_model(cfg: ModelConfig) -> ModelView:
+    """Load the configured model into a `ModelView` in the configured weight convention."""
+    cfg.validate()
+    source, where = resolve_source(cfg.model_name)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model_class == "hooked":
+        if source != "hub":
+            raise UserError("model.model_class=hooked needs a TransformerLens model name; "
+                            "use model.model_class=bridge for local directories and GGUF files")
+        model = _load_hooked(cfg.model_name, cfg, dtype)
+    elif source in ("gguf", "embedded-gguf"):
+        hf, tok = _load_gguf(Path(where), dtype)
+        label = EMBEDDED_MODEL_ID if source == "embedded-gguf" else Path(where).stem
+        model = _boot_bridge(label, cfg, dtype, hf_model=hf, tokenizer=tok)
+    elif source == "hf-directory":
+        hf, tok = _load_hf_directory(Path(where), dtype)
+        model = _boot_bridge(str(where), cfg, dtype, hf_model=hf, tokenizer=tok)
+    else:
+        model = _boot_bridge(_hub_id(cfg.model_name), cfg, dtype)
+    if cfg.weights == "folded" and hasattr(model, "enable_compatibility_mode"):
+        model.enable_compatibility_mode(disable_warnings=True)
+    return ModelView(model, name=cfg.model_name, source=source, weights=cfg.weights)
+
+
+def _hub_id(name: str) -> str:
+    """TransformerLens aliases ('gpt2-small') to hub ids ('gpt2'); other names pass through."""
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    try:
+        return tl_loading.get_official_model_name(name)
+    except ValueError:
+        if "/" not in name:
+            known = list(tl_loading.OFFICIAL_MODEL_NAMES) + list(_tl_aliases())
+            raise UserError(f"unknown model name '{name}'{did_you_mean(name, known)}: give a TransformerLens "
+                            "model name, an HF hub id (org/name), a local directory or a .gguf path") from None
+        return name
+
+
+def _tl_aliases() -> list[str]:
+    from transformer_lens import loading_from_pretrained as tl_loading
+
+    return [a for aliases in tl_loading.MODEL_ALIASES.values() for a in aliases]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    if _offline():
+        why = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+    else:
+        why = f"it could not be fetched from the hub ({type(e).__name__})"
+    return UserError(f"cannot load model '{name}': {why}; download it where there is network "
+                     f"(huggingface-cli download {name}) or pass a local directory or .gguf file")
+
+
+_HUB_ERRORS = (OSError, ConnectionError, TimeoutError)
+
+
+def _boot_bridge(name: str, cfg: ModelConfig, dtype: torch.dtype, **kwargs: Any) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        return TransformerBridge.boot_transformers(name, device=cfg.device, dtype=dtype, **kwargs)
+    except _HUB_ERRORS as e:
+        raise _hub_error(name, e) from e
+    except ValueError as e:
+        if "not supported" in str(e).lower() or "architecture" in str(e).lower():
+            raise UserError(f"TransformerBridge does not support model '{name}': {str(e).splitlines()[0]}") from e
+        raise
+
+
+def _load_hooked(name: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
+    from transformer_lens import HookedTransformer
+
+    official = _hub_id(name)
+    kwargs: dict[str, Any] = dict(device=cfg.device, dtype=dtype)
+    try:
+        if cfg.weights == "folded":
+            return HookedTransformer.from_pretrained(official, **kwargs)
+        return HookedTransformer.from_pretrained_no_processing(official, **kwargs)
+    except _HUB_ERRORS as e:
+        raise _hub_error(official, e) from e
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """A GGUF file through transformers (dequantised to `dtype`), with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf_header(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except Exception as e:  # the gguf reader raises many types on a damaged file
+        raise UserError(f"GGUF file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        "it may be truncated or corrupt: download it again") from e
+    return hf.eval(), tok
+
+
+def _check_gguf_header(path: Path) -> None:
+    """Cheap checks before a slow load: the magic bytes, and that the file is not cut short."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise UserError(f"{path} is not a GGUF file (bad magic bytes): check the path or download it again")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        size = path.stat().st_size
+        for t in reader.tensors:
+            if int(t.data_offset) + int(t.n_bytes) > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file")
+    except Exception as e:
+        raise UserError(f"GGUF file {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
+                        "download it again") from e
+
+
+def _load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"model directory {path} has no usable tokenizer ({type(e).__name__}): "
+                        "save the tokenizer next to the model (tokenizer.save_pretrained)") from e
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as e:
+        raise UserError(f"model directory {path} could not be loaded ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}): check that its weights are complete") from e
+    return hf.eval(), tok

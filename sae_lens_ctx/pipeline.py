@@ -1,0 +1,255 @@
+"""Run the stages in order over one run directory; skip what is up to date; resume after a crash.
+
+The run directory is the only state shared between stages. `stages.json` records, for each finished
+stage, a fingerprint of what it depends on (its config sections, the upstream stages' fingerprints,
+the results format) and the files it wrote. A stage whose fingerprint is unchanged and whose files
+exist is skipped; a changed config gives new fingerprints to that stage and every stage after it,
+so they re-run. `finished_at` in `stages.json` is the only timestamp a run writes.
+
+Stages are registered with `register_stage` (SAE-Lens style: an explicit registry that refuses
+duplicates). A stage whose issue has not landed yet is registered with `run=None` and reported as
+"not built yet", never faked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import RunConfig
+from .errors import UserError, did_you_mean
+from .records import atomic_write
+
+if TYPE_CHECKING:
+    from .corpus import Corpus
+    from .model import ModelView
+
+log = logging.getLogger(__name__)
+
+RESULTS_FORMAT = 1
+"""Version of the run-directory layout. A directory written under another version is refused."""
+
+MANIFEST = "stages.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: a function of the run context that writes `outputs` into the run directory."""
+
+    name: str
+    """CLI name of the stage (`sae-lens-ctx <name>`)."""
+    outputs: tuple[str, ...]
+    """Files the stage writes, relative to the run directory."""
+    config_sections: tuple[str, ...]
+    """`RunConfig` fields whose values the stage depends on (part of its fingerprint)."""
+    run: Callable[[RunContext], None] | None
+    """The stage itself; None while the issue that builds it has not landed."""
+    summary: str
+    """One line for `--help`."""
+
+
+STAGES: dict[str, Stage] = {}
+"""Registered stages in pipeline order."""
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Add a stage at the end of the pipeline; a second stage of the same name is an error."""
+    if stage.name in STAGES:
+        raise ValueError(f"a stage named {stage.name!r} is already registered")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    if name not in STAGES:
+        raise UserError(f"unknown stage '{name}'{did_you_mean(name, STAGES)}")
+    return STAGES[name]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(config: RunConfig) -> str:
+    """What makes two runs "the same run": the model and its weight convention."""
+    m = config.model
+    return _digest({"model": m.model_name, "class": m.model_class, "weights": m.weights, "dtype": m.dtype})
+
+
+@dataclass
+class StageResult:
+    """What happened to one stage in a pipeline run."""
+
+    name: str
+    status: str
+    """'ran', 'skipped' (up to date), or 'not built yet'."""
+    seconds: float = 0.0
+
+
+@dataclass
+class RunContext:
+    """Everything a stage may use: the run directory, the resolved config, and lazily loaded inputs.
+
+    A model object passed in from Python (`model=`) is used instead of loading `config.model`.
+    """
+
+    out: Path
+    config: RunConfig
+    model_object: Any = None
+    _manifest: dict = field(default_factory=dict, repr=False)
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    @cached_property
+    def model(self) -> ModelView:
+        from .model import ModelView, load_model
+
+        if self.model_object is not None:
+            return ModelView.from_object(self.model_object, name=self.config.model.model_name)
+        log.info("loading model %s", self.config.model.model_name)
+        return load_model(self.config.model)
+
+    @cached_property
+    def corpus(self) -> Corpus:
+        from .corpus import build_corpus
+
+        return build_corpus(self.config.corpus, self.model.tokenizer, n_ctx=self.model.n_ctx)
+
+
+class RunDirectory:
+    """The run directory: its manifest, its config, and which stages are up to date."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.manifest_path = self.out / MANIFEST
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self) -> dict:
+        if not self.exists():
+            return {}
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.manifest_path} is corrupt: remove the run directory or pass --overwrite") from e
+        version = manifest.get("results_format")
+        if version != RESULTS_FORMAT:
+            raise UserError(f"{self.out} was written by an incompatible version of sae-lens-ctx (results format "
+                            f"{version}, this version reads {RESULTS_FORMAT}): use a new --out or pass --overwrite")
+        return manifest
+
+    def read_config(self) -> RunConfig:
+        path = self.out / CONFIG_FILE
+        if not path.is_file():
+            raise UserError(f"{self.out} is not a sae-lens-ctx run directory (no {CONFIG_FILE}): "
+                            "run `sae-lens-ctx run --out DIR` first")
+        return RunConfig.from_yaml(path)
+
+    def prepare(self, config: RunConfig, overwrite: bool) -> dict:
+        """Check that `config` may run here, clear it if asked, write `config.yaml`; return the manifest."""
+        identity = run_identity(config)
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out} is a file, not a directory")
+        if overwrite:
+            self._clear()
+        manifest = self.read_manifest()
+        if manifest and manifest.get("identity") != identity:
+            raise UserError(f"{self.out} holds the results of a different run (another model or weight convention): "
+                            "use a new --out, or pass --overwrite to replace them")
+        if not manifest and self.out.is_dir() and any(self.out.iterdir()):
+            raise UserError(f"{self.out} is not empty and holds no sae-lens-ctx run: use a new --out, "
+                            "or pass --overwrite to write into it")
+        self.out.mkdir(parents=True, exist_ok=True)
+        manifest = manifest or {"results_format": RESULTS_FORMAT, "identity": identity, "stages": {}}
+        manifest["package_version"] = __version__
+        atomic_write(self.out / CONFIG_FILE, config.to_yaml())
+        self.write_manifest(manifest)
+        return manifest
+
+    def _clear(self) -> None:
+        """Remove what earlier runs wrote here (known files only, never a user's other files)."""
+        if not self.out.is_dir():
+            return
+        names = {MANIFEST, CONFIG_FILE} | {o for s in STAGES.values() for o in s.outputs}
+        for name in names:
+            p = self.out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def stage_fingerprints(config: RunConfig) -> dict[str, str]:
+    """Each stage's fingerprint: its config sections plus every upstream stage's fingerprint."""
+    cfg = asdict(config)
+    prints, upstream = {}, ""
+    for stage in STAGES.values():
+        upstream = prints[stage.name] = _digest({
+            "stage": stage.name, "format": RESULTS_FORMAT, "upstream": upstream,
+            "config": {s: cfg[s] for s in stage.config_sections},
+        })
+    return prints
+
+
+def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, only: str | None = None,
+                 force: bool = False, model: Any = None) -> list[StageResult]:
+    """Run every built stage in order (or just `only`) over the run directory `out`."""
+    config.validate()
+    rundir = RunDirectory(out)
+    manifest = rundir.prepare(config, overwrite=overwrite)
+    ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest)
+    prints = stage_fingerprints(config)
+    names = list(STAGES)
+    if only is not None:
+        get_stage(only)
+        _require_upstream(only, manifest, prints)
+        names = [only]
+    results: list[StageResult] = []
+    blocked = False
+    for name in names:
+        stage = STAGES[name]
+        if stage.run is None or blocked:
+            blocked = True  # later stages need this one's outputs
+            results.append(StageResult(name, "not built yet"))
+            continue
+        done = manifest["stages"].get(name, {})
+        up_to_date = done.get("fingerprint") == prints[name] and all(ctx.path(o).exists() for o in stage.outputs)
+        if up_to_date and not force:
+            results.append(StageResult(name, "skipped"))
+            continue
+        manifest["stages"].pop(name, None)
+        rundir.write_manifest(manifest)
+        start = time.perf_counter()
+        stage.run(ctx)
+        missing = [o for o in stage.outputs if not ctx.path(o).exists()]
+        if missing:
+            raise RuntimeError(f"stage {name} finished without writing {missing}")
+        manifest["stages"][name] = {"fingerprint": prints[name], "outputs": list(stage.outputs),
+                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        rundir.write_manifest(manifest)
+        results.append(StageResult(name, "ran", time.perf_counter() - start))
+    return results
+
+
+def _require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None:
+    for upstream in STAGES:
+        if upstream == name:
+            return
+        if manifest["stages"].get(upstream, {}).get("fingerprint") != prints[upstream]:
+            raise UserError(f"stage '{name}' needs stage '{upstream}' to be up to date in this run directory: "
+                            f"run `sae-lens-ctx run --out DIR` (or `sae-lens-ctx {upstream}`) first")
