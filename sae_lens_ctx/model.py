@@ -164,14 +164,16 @@ class ModelView:
     def mlp_write(self, layer: int) -> torch.Tensor:
         """Each neuron's output direction `[d_mlp, d_model]` (centred for LayerNorm models when folded)."""
         self._check_layer(layer)
-        return self._writing(self.model.W_out[layer].detach())
+        return self.center_write(self.model.W_out[layer].detach())
 
     def attn_write(self, layer: int) -> torch.Tensor:
         """Each head's `W_O` `[n_heads, d_head, d_model]` (centred for LayerNorm models when folded)."""
         self._check_layer(layer)
-        return self._writing(self.model.W_O[layer].detach())
+        return self.center_write(self.model.W_O[layer].detach())
 
-    def _writing(self, w: torch.Tensor) -> torch.Tensor:
+    def center_write(self, w: torch.Tensor) -> torch.Tensor:
+        """A write into the residual stream in the view's convention: folded LayerNorm models centre it
+        over d_model (TL's `center_writing_weights`; the next LayerNorm removes the mean anyway)."""
         if self.weights == "folded" and self.normalization == "LN":
             w = w - w.mean(dim=-1, keepdim=True)
         return w
@@ -270,6 +272,13 @@ def resolve_source(model_name: str) -> tuple[str, Path | str]:
     if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
         raise UserError(f"model path {model_name} does not exist: check the path")
     return "hub", model_name
+
+
+def check_model_name(cfg: ModelConfig) -> None:
+    """The cheap checks of `load_model`: the source exists and a hub name is a plausible one."""
+    source, _ = resolve_source(cfg.model_name)
+    if source == "hub":
+        _hub_id(cfg.model_name)
 
 
 def load_model(cfg: ModelConfig) -> ModelView:

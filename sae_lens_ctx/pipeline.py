@@ -165,10 +165,13 @@ class RunDirectory:
         if overwrite:
             self._clear()
         manifest = self.read_manifest()
+        if manifest and not manifest.get("stages"):
+            manifest = {}  # nothing finished here yet (an earlier attempt failed early): start afresh
         if manifest and manifest.get("identity") != identity:
             raise UserError(f"{self.out} holds the results of a different run (another model or weight convention): "
                             "use a new --out, or pass --overwrite to replace them")
-        if not manifest and self.out.is_dir() and any(self.out.iterdir()):
+        ours = {MANIFEST, CONFIG_FILE}
+        if not manifest and self.out.is_dir() and any(p.name not in ours for p in self.out.iterdir()):
             raise UserError(f"{self.out} is not empty and holds no sae-lens-ctx run: use a new --out, "
                             "or pass --overwrite to write into it")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -210,6 +213,10 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                  force: bool = False, model: Any = None) -> list[StageResult]:
     """Run every built stage in order (or just `only`) over the run directory `out`."""
     config.validate()
+    if model is None:
+        from .model import check_model_name
+
+        check_model_name(config.model)  # fail on a bad name before touching the run directory
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
     ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
+from . import discover
 from .pipeline import RunContext, Stage, register_stage
 from .records import atomic_write, write_jsonl
 
@@ -27,7 +28,8 @@ def load(ctx: RunContext) -> None:
 
 register_stage(Stage("load", ("model.json", "documents.jsonl", "corpus.json"), ("model", "corpus"), load,
                      "load the model and the corpus; record the model's facts and the train/test split"))
-register_stage(Stage("discover", ("units.jsonl",), (), None, "find next-token units (neurons, SAE latents)"))
+register_stage(Stage("discover", ("units.jsonl", "vocab_filter.jsonl"), ("discover", "seed"), discover.run_stage,
+                     "find next-token units (neurons, SAE latents) by congruence, with controls"))
 register_stage(Stage("mine", ("contexts.jsonl",), (), None, "top-activating contexts per unit, trimmed"))
 register_stage(Stage("attribute", ("heads.jsonl",), (), None, "upstream heads that drive each unit"))
 register_stage(Stage("explain", ("explanations.jsonl",), (), None, "LLM explanations of heads and units"))

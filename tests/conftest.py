@@ -1,0 +1,35 @@
+"""Shared fixtures: the planted models (tests/planted.py) and the embedded SmolLM2, all offline."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach a hub
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+from planted import make_planted_gpt2, make_planted_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def planted_gpt2(tmp_path_factory):
+    return make_planted_gpt2(tmp_path_factory.mktemp("planted-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def planted_llama(tmp_path_factory):
+    return make_planted_llama(tmp_path_factory.mktemp("planted-llama"))
+
+
+@pytest.fixture(scope="session", params=["gpt2", "llama"])
+def planted(request, planted_gpt2, planted_llama):
+    """Each planted model in turn."""
+    return {"gpt2": planted_gpt2, "llama": planted_llama}[request.param]
+
+
+@pytest.fixture(scope="session")
+def embedded_view():
+    """The embedded SmolLM2 as the default run loads it (TransformerBridge, folded weights)."""
+    from sae_lens_ctx.config import ModelConfig
+    from sae_lens_ctx.model import load_model
+
+    return load_model(ModelConfig())

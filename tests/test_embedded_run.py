@@ -1,0 +1,28 @@
+"""The README's main job: `sae-lens-ctx run` on the embedded default, offline, as a real process."""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+
+@pytest.mark.embedded
+def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["model_name"] == "embedded" and config["corpus"]["dataset_path"] == "embedded"
+    model = json.loads((out / "model.json").read_text())
+    assert (model["source"], model["n_layers"], model["d_mlp"]) == ("embedded-gguf", 30, 1536)
+    corpus = json.loads((out / "corpus.json").read_text())
+    assert corpus["train"]["n_tokens"] > corpus["test"]["n_tokens"] > 0
+    assert "not built yet" in proc.stdout and "load" in proc.stdout
+    again = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert again.returncode == 0 and "skipped" in again.stdout

@@ -1,0 +1,100 @@
+"""The run directory: config.yaml, fingerprints, skip / re-run / refuse, and stages not built yet."""
+
+import json
+
+import pytest
+import yaml
+
+from sae_lens_ctx.config import CorpusConfig, ModelConfig, RunConfig
+from sae_lens_ctx.errors import UserError
+from sae_lens_ctx.pipeline import MANIFEST, RESULTS_FORMAT, STAGES, run_pipeline
+from sae_lens_ctx.records import iter_jsonl
+
+
+def planted_config(plant, corpus_file, **corpus):
+    return RunConfig(model=ModelConfig(model_name=str(plant.directory)),
+                     corpus=CorpusConfig(dataset_path=str(corpus_file), context_size=16, max_tokens=4000,
+                                         min_documents=10, **corpus))
+
+
+@pytest.fixture
+def corpus_file(tmp_path, planted_gpt2):
+    from planted import planted_corpus
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(planted_gpt2, n_docs=120)))
+    return path
+
+
+def statuses(results):
+    return {r.name: r.status for r in results}
+
+
+def test_run_writes_the_contract_and_skips_when_up_to_date(tmp_path, planted_gpt2, corpus_file):
+    out = tmp_path / "run"
+    cfg = planted_config(planted_gpt2, corpus_file)
+    first = statuses(run_pipeline(cfg, out))
+    assert first["load"] == "ran"
+    assert all(first[name] == "not built yet" for name, s in STAGES.items() if s.run is None)
+    assert RunConfig.from_yaml(out / "config.yaml") == cfg
+    model = json.loads((out / "model.json").read_text())
+    assert model["weights"] == "folded" and model["n_layers"] == planted_gpt2.hf_model.config.n_layer
+    docs = list(iter_jsonl(out / "documents.jsonl"))
+    assert {d["split"] for d in docs} == {"train", "test"}
+    assert len({d["doc_id"] for d in docs}) == len(docs)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["results_format"] == RESULTS_FORMAT and "load" in manifest["stages"]
+
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST}
+    assert statuses(run_pipeline(cfg, out))["load"] == "skipped"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST} == before
+
+    # a changed corpus setting re-runs the stage it affects
+    cfg.corpus.split_salt = "another"
+    assert statuses(run_pipeline(cfg, out))["load"] == "ran"
+    assert yaml.safe_load((out / "config.yaml").read_text())["corpus"]["split_salt"] == "another"
+
+
+def test_a_different_run_is_refused_unless_overwrite(tmp_path, planted_gpt2, planted_llama, corpus_file):
+    out = tmp_path / "run"
+    run_pipeline(planted_config(planted_gpt2, corpus_file), out)
+    other = planted_config(planted_llama, corpus_file)
+    with pytest.raises(UserError, match="different run"):
+        run_pipeline(other, out)
+    assert statuses(run_pipeline(other, out, overwrite=True))["load"] == "ran"
+    assert json.loads((out / "model.json").read_text())["architecture"] == "gated-mlp"
+
+
+def test_foreign_and_incompatible_directories_are_refused(tmp_path, planted_gpt2, corpus_file):
+    cfg = planted_config(planted_gpt2, corpus_file)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        run_pipeline(cfg, foreign)
+    old = tmp_path / "old"
+    run_pipeline(cfg, old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["results_format"] = RESULTS_FORMAT + 99
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="incompatible version"):
+        run_pipeline(cfg, old)
+
+
+def test_a_stage_alone_needs_its_upstream(tmp_path, planted_gpt2, corpus_file):
+    from sae_lens_ctx.pipeline import Stage, register_stage
+
+    calls = []
+    probe = Stage("probe-stage", ("probe.txt",), ("seed",), lambda ctx: (calls.append(1),
+                  ctx.path("probe.txt").write_text(str(ctx.config.seed))), "test stage")
+    register_stage(probe)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_stage(probe)
+        cfg = planted_config(planted_gpt2, corpus_file)
+        out = tmp_path / "run"
+        with pytest.raises(UserError, match="needs stage 'load'"):
+            run_pipeline(cfg, out, only="probe-stage")
+    finally:
+        STAGES.pop("probe-stage")
+    assert calls == []
