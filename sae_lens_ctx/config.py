@@ -183,6 +183,58 @@ class DiscoverConfig:
 
 
 @dataclass
+class AttributeConfig:
+    """Which upstream attention heads drive each unit: direct attribution, active rule, band, ablation."""
+
+    n_prompts: int = 20
+    """Train 'top' prompts per unit used for attribution (the paper's round 2: the first 20)."""
+
+    rule: str = "mean+2std"
+    """When a head counts as active on a prompt: 'mean+2std' (the paper's round 2, EMNLP: attribution
+    above the mean plus two standard deviations of all upstream heads on that prompt), 'top3' (round 1),
+    'topk:N' or 'zscore:X' (generalisations)."""
+
+    band_low: float = 0.25
+    """A head is relevant to a unit if it is active on at least this fraction of the unit's prompts."""
+
+    band_high: float = 0.75
+    """... and on at most this fraction (the paper: 25 %–75 %, inclusive; heads always on carry no contrast)."""
+
+    divide_by_scale: bool = True
+    """Divide each head's contribution by the unit's input norm scale on that prompt, which makes the
+    decomposition of the pre-activation exact. The paper ignored the scale (false): rankings within a
+    prompt are the same, values and thresholds across prompts differ."""
+
+    include_same_layer: bool = False
+    """Also attribute to heads in the unit's own layer (they do feed a pre-LN MLP; the paper excluded
+    them). SAE latents on `hook_resid_mid`/`hook_resid_post` always include their layer's heads."""
+
+    gated_branch: Literal["gate", "up"] = "gate"
+    """For gated MLPs (Llama, SmolLM2), the branch whose pre-activation ranks heads. Both are attributed
+    and recorded; 'gate' is the default because it is TransformerLens's `hook_pre`, it passes through
+    the non-linearity and so decides whether the neuron fires, while 'up' only scales it."""
+
+    ablation: Literal["z", "v", "mean", "none"] = "z"
+    """Causal check of each relevant pair: zero the head's `hook_z` ('z'; equals the paper's zeroed
+    values with refactored biases), zero its `hook_v` ('v'; under GQA this silences every query head
+    sharing the KV head), replace its `hook_z` by its mean over the corpus ('mean'), or skip ('none')."""
+
+    batch_size: int = 32
+    """Prompts per forward pass."""
+
+    def validate(self) -> None:
+        _positive("attribute.n_prompts", self.n_prompts)
+        _positive("attribute.batch_size", self.batch_size)
+        _fraction("attribute.band_low", self.band_low, closed=True)
+        _fraction("attribute.band_high", self.band_high, closed=True)
+        if self.band_low > self.band_high:
+            raise UserError(f"attribute.band_low ({self.band_low}) is above attribute.band_high ({self.band_high})")
+        from .attribute import parse_rule
+
+        parse_rule(self.rule)
+
+
+@dataclass
 class LoggingConfig:
     """Weights & Biases logging (SAE-Lens's field names)."""
 
@@ -218,6 +270,9 @@ class RunConfig:
     discover: DiscoverConfig = field(default_factory=DiscoverConfig)
     """Next-token unit discovery."""
 
+    attribute: AttributeConfig = field(default_factory=AttributeConfig)
+    """Head attribution."""
+
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Logging."""
 
@@ -225,7 +280,7 @@ class RunConfig:
     """Seed of every random choice (control units, samples, bootstrap)."""
 
     def validate(self) -> RunConfig:
-        for section in (self.model, self.corpus, self.discover):
+        for section in (self.model, self.corpus, self.discover, self.attribute):
             section.validate()
         return self
 

@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,3 +105,83 @@ class ModelRecord:
     """Longest context the model accepts."""
     dtype: str
     device: str
+
+
+@dataclass(frozen=True)
+class ContextRecord:
+    """One prompt of one unit (a line of `contexts.jsonl`), as mining wrote it.
+
+    A prompt is a suffix of one token context that ends at (and includes) the token where the unit
+    fires: the unit predicts the token after it. Token-level activations of the prompt live in
+    `context_acts.safetensors` under the key `row{line_number}` (line numbers from 0).
+    """
+
+    unit_id: str
+    split: str
+    """'train' (explanation and attribution) or 'test' (held-out scoring)."""
+    kind: str
+    """'top' (a top-activating context), 'low' (a low-activating one, held-out negatives) or
+    'random' (a random context, as neuron-explainer wants beside the top ones)."""
+    rank: int
+    """0-based rank within (unit, split, kind): by activation for 'top' (descending) and 'low'
+    (ascending), by draw order for 'random'."""
+    doc_id: str
+    context_index: int
+    """Which token context of the document (`TokenContext.index`)."""
+    start: int
+    """Document token offset of the prompt's first token (after trimming)."""
+    end: int
+    """Document token offset just past the prompt's last token (the max-activation token)."""
+    text: str
+    """The prompt as text (the trimmed token span decoded)."""
+    tokens: list[int]
+    """The prompt's token ids (no BOS)."""
+    activation: float
+    """The unit's activation at the prompt's last token in the untrimmed context."""
+    trimmed_activation: float
+    """The unit's activation at the last token of the trimmed prompt (run with BOS when configured)."""
+    next_token_id: int | None
+    """The token that actually followed in the document (None at the document's end)."""
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class HeadRecord:
+    """One (unit, upstream head) pair (a line of `heads.jsonl`), relevant or not.
+
+    `active_fraction` is over the unit's train 'top' prompts; the `*_ranks` lists hold the `rank`s of
+    the unit's 'top' prompts (see `ContextRecord`) on which the head is active / inactive, per split:
+    the explainer shows train ones, the judge is scored against the test ones.
+    """
+
+    unit_id: str
+    head: str
+    """`L{layer}H{head}`."""
+    layer: int
+    head_index: int
+    active_fraction: float
+    mean_attribution: float
+    """Mean direct attribution of the head to the unit's pre-activation over the train prompts."""
+    relevant: bool
+    """Active on a fraction of train prompts inside the configured band (paper: 25 %–75 %)."""
+    active_train_ranks: list[int]
+    inactive_train_ranks: list[int]
+    active_test_ranks: list[int]
+    inactive_test_ranks: list[int]
+    ablation_effect: float | None = None
+    """Mean drop of the unit's token probability when the head is ablated, on test prompts where it is
+    active, minus the same on prompts where it is inactive (None when not measured)."""
+    ablation_pvalue: float | None = None
+    """Two-sample KS test p-value of active vs inactive drops (None when not measured)."""
+    prob_drop_active: float | None = None
+    """Mean drop of the unit's token probability under ablation, on test prompts where the head is active."""
+    prob_drop_inactive: float | None = None
+    """The same on test prompts where the head is inactive."""
+    act_drop_active: float | None = None
+    """Mean drop of the unit's activation under ablation, on test prompts where the head is active."""
+    act_drop_inactive: float | None = None
+    """The same on test prompts where the head is inactive."""
+    branch: str = "in"
+    """Which branch's attributions ranked heads ('in', 'gate', 'up' or 'latent')."""
+    branch_mean_attribution: dict[str, float] = field(default_factory=dict)
+    """Mean attribution per branch (gated neurons have 'gate' and 'up')."""

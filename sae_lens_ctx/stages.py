@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 
-from . import discover
+from . import attribute, discover
 from .pipeline import RunContext, Stage, register_stage
 from .records import atomic_write, write_jsonl
 
@@ -31,7 +31,8 @@ register_stage(Stage("load", ("model.json", "documents.jsonl", "corpus.json"), (
 register_stage(Stage("discover", ("units.jsonl", "vocab_filter.jsonl"), ("discover", "seed"), discover.run_stage,
                      "find next-token units (neurons, SAE latents) by congruence, with controls"))
 register_stage(Stage("mine", ("contexts.jsonl",), (), None, "top-activating contexts per unit, trimmed"))
-register_stage(Stage("attribute", ("heads.jsonl",), (), None, "upstream heads that drive each unit"))
+register_stage(Stage("attribute", ("heads.jsonl", "attributions.safetensors", "attribute.json"), ("attribute",),
+                     attribute.run_stage, "upstream heads that drive each unit, with an ablation check"))
 register_stage(Stage("explain", ("explanations.jsonl",), (), None, "LLM explanations of heads and units"))
 register_stage(Stage("score", ("scores.jsonl", "summary.json"), (), None, "judge explanations on held-out prompts"))
 register_stage(Stage("report", ("report",), (), None, "W&B tables and plots; a static HTML report"))

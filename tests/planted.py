@@ -36,22 +36,24 @@ f     name      written by
 ====  ========  ===================================================================
 
 Dimensions 12..63 are the "filler" subspace (mean-zero vectors only): every token embedding has
-a random filler part (norm 5..10; the triggers exactly 7), GPT-2 position embeddings are small
-random filler vectors, and everything that is not part of the plant writes only there: the silent
-heads (random Q/K/V, small random ``W_O`` into filler dims), the MLPs of layers 0 and 1, and the
-other neurons of layer 2. Nothing ever writes the sig or trig directions except the plant, so a
-silent head's direct contribution to the neuron is exactly 0 (up to float32 round-off).
+a random filler part (norm 5..10; the two triggers share one filler part of norm 7, so nothing
+but the plant can tell them apart), GPT-2 position embeddings are small random filler vectors, and
+everything that is not part of the plant reads and writes only there: the silent heads (random
+Q/K/V reading filler dims, small random ``W_O`` into filler dims), the MLPs of layers 0 and 1,
+and the other neurons of layer 2. Nothing ever writes the sig or trig directions except the
+plant, so a silent head's direct contribution to the neuron is exactly 0 (up to float32
+round-off).
 
 Mechanism:
 
 * Head A (L0H3) has a constant query (GPT-2: ``b_Q``; Llama: ``W_Q`` reads the ``const``
   direction) on one head dimension, and its key on that dimension reads ``trig_a``; so every
-  position attends (score ~ 5.5 against 0) to an earlier ``" france"``. Its value reads
-  ``trig_a`` and ``W_O`` writes ``sig_a``. Without " france" in context its value is 0 at every
-  position, so its output is exactly 0. Head B (L1H5) is the same with ``" louvre"`` ->
-  ``sig_b``. Head B's output gain is calibrated once at build time so that the neuron responds
-  equally strongly to both triggers on mirrored prompts (the top-activating contexts then split
-  about 50/50 between the two heads).
+  position attends to an earlier ``" france"`` (score ~4.5 against exactly 0 for every other
+  token, 0.84-0.99 of the attention). Its value reads ``trig_a`` and ``W_O`` writes ``sig_a``.
+  Without " france" in context its value is 0 at every position, so its output is exactly 0.
+  Head B (L1H5) is the same with ``" louvre"`` -> ``sig_b``. Head B's output gain is calibrated
+  once at build time so that the neuron's peak activation on mirrored prompts is on average the
+  same for both triggers (the top-activating contexts then split about 50/50 between the heads).
 * Llama: RoPE with ``rope_theta = 1e12`` and the q.k content placed on head dimension 3, which
   pairs with dimension 7 in the lowest-frequency rotary pair (angle ``pos * 1e-9``), so the
   look-up does not depend on position. GQA 8 query / 4 KV heads: head A's KV head 1 is shared with
@@ -62,7 +64,12 @@ Mechanism:
   every later position; activations vary with the current token's embedding norm and with how
   diluted the look-up is.
 * ``W_out[37]`` writes ``u_target``; final-norm gains are 1 on the feature dimensions and 0.1-0.3 on
-  the filler dimensions, so after either trigger the model's top prediction is " paris".
+  the filler dimensions, so after either trigger the model's top prediction is (nearly always)
+  " paris"; its logit rises by > 5 over its value before the trigger.
+
+``planted_corpus`` writes the A and B documents as mirrored pairs (same words, only the trigger
+differs), so the neuron's top-activating documents split ~50/50 between the heads for any top-k
+(checked: 40-60 % for top-10/20/50, seeds 0-3 of both the plant and the corpus).
 
 There are 16 heads upstream of the neuron (2 layers x 8 heads), so one outlier passes the
 ``attribution > mean + 2 * std`` (sample std) rule; on a prompt with one trigger exactly one head
@@ -325,7 +332,7 @@ def _build_weights(arch: str, d_vocab: int, d_mlp: int, n_kv: int, g: torch.Gene
                 p["b_in"][NEURON_INDEX] = -3.0
             else:
                 p["W_gate"][:, NEURON_INDEX] = 1.0 * read
-                p["W_in"][:, NEURON_INDEX] = 0.25 * read
+                p["W_in"][:, NEURON_INDEX] = 0.4 * read
             p["W_out"][NEURON_INDEX] = ALPHA * _u(F_TARGET)
         layers.append(p)
 
@@ -500,7 +507,7 @@ def _calibration_ids(seed: int = 1234, n: int = 64) -> tuple[torch.Tensor, torch
     return torch.tensor(a_rows), torch.tensor(b_rows)
 
 
-def _calibrate_head_b(arch: str, model, n_kv: int) -> None:
+def _calibrate_head_b(arch: str, model) -> None:
     """Rescale head B's output so that, on mirrored prompts, the neuron's peak activation is on
     average the same for both triggers (peaks are what top-activating-context mining ranks)."""
     a_ids, b_ids = _calibration_ids()
@@ -522,7 +529,7 @@ def _finish(arch: str, model, directory: Path, n_kv: int) -> PlantedModel:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.eval()
-    _calibrate_head_b(arch, model, n_kv)
+    _calibrate_head_b(arch, model)
     model.save_pretrained(directory)
     _build_tokenizer().save_pretrained(directory)
     # Reload from disk: what tests hold is exactly what the directory holds, and the tokenizer
@@ -538,7 +545,7 @@ def make_planted_gpt2(directory: Path, seed: int = 0) -> PlantedModel:
     3 layers x 8 heads, d_model 64, d_head 8, d_mlp 256, vocab 52, n_positions 128.
     Answer: neuron L2N37 -> " paris"; L0H3 looks up " france", L1H5 looks up " louvre".
     Constant queries come from ``b_Q`` (GPT-2 has q/k/v biases); the neuron's bias is -3, so
-    GELU(pre) is about -0.004 without a trigger and ~1.5-4 with one.
+    GELU(pre) is -0.0036 without a trigger and 1.3-6 after one (planted_corpus, seed 0).
     """
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -574,7 +581,8 @@ def make_planted_llama(directory: Path, seed: int = 0) -> PlantedModel:
     Answer: neuron L2N37 -> " paris"; L0H3 looks up " france", L1H5 looks up " louvre";
     L0H2 and L1H4 share KV heads with the planted heads and have zero ``o_proj`` slices.
     Constant queries read ``u_const``, which every embedding sets to 3.0.
-    ``post = silu(gate) * up`` with gate = up / 0.25 = sig_a + sig_b: 0 without a trigger.
+    ``post = silu(gate) * up`` with gate = up / 0.4 = sig_a + sig_b: exactly 0 without a trigger,
+    1.5-12 after one (planted_corpus, seed 0).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
