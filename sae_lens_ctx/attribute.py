@@ -35,7 +35,7 @@ from .config import AttributeConfig
 from .errors import UserError
 from .model import ModelView, _optional_bias
 from .pipeline import RunContext
-from .records import ContextRecord, HeadRecord, atomic_write, read_jsonl, write_jsonl
+from .records import ContextRecord, HeadRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
 from .units import SaeSource, UnitRecord
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ class ActiveRule:
         positive, so this is the paper's top-3; on exact zeros it stops ties from being picked at random).
         Values within 1e-6 of the prompt's largest magnitude count as zero.
         """
+        if attributions.shape[1] == 0:  # a unit with no upstream heads (layer 0, resid_pre)
+            return torch.zeros_like(attributions, dtype=torch.bool)
         floor = 1e-6 * attributions.abs().amax(dim=1, keepdim=True)
         if self.kind == "topk":
             k = min(int(self.value), attributions.shape[1])
@@ -211,7 +213,10 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
 
 
 def _pad_id(view: ModelView) -> int:
+    """Any id works (right padding is never seen by the positions that are read); prefer the pad token."""
     tok = view.tokenizer
+    if tok is None:
+        return 0
     for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
         if candidate is not None:
             return int(candidate)
@@ -473,17 +478,8 @@ def run_stage(ctx: RunContext) -> None:
 
 
 def _save_matrices(path, matrices: dict[str, torch.Tensor]) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=".attributions.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in matrices.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in matrices.items()}, str(tmp))
 
 
 def attribution_summary(records: list[HeadRecord], per_unit: list[dict], skipped: list[dict],

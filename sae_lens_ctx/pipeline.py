@@ -56,6 +56,10 @@ class Stage:
     """The stage itself; None while the issue that builds it has not landed."""
     summary: str
     """One line for `--help`."""
+    reads_what_exists: bool = False
+    """A showing stage (`report`): it reads whatever the earlier stages have written so far, so it runs
+    even when one of them is not built yet or not up to date, and it runs every time (it is cheap, and a
+    stage run alone may have changed its inputs without changing any fingerprint)."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -170,8 +174,13 @@ class RunDirectory:
         if manifest and manifest.get("identity") != identity:
             raise UserError(f"{self.out} holds the results of a different run (another model or weight convention): "
                             "use a new --out, or pass --overwrite to replace them")
-        ours = {MANIFEST, CONFIG_FILE}
-        if not manifest and self.out.is_dir() and any(p.name not in ours for p in self.out.iterdir()):
+        # W&B's folder outlives --overwrite (it may hold unsynced runs), and so does the LLM cache
+        # (answers already paid for; keyed by the whole prompt, so never stale).
+        ours = {MANIFEST, CONFIG_FILE, "wandb"}
+        cache = Path(config.explain.cache_path).name
+        kept = [p for p in self.out.iterdir() if p.name not in ours and not p.name.startswith(cache)] \
+            if self.out.is_dir() else []
+        if not manifest and kept:
             raise UserError(f"{self.out} is not empty and holds no sae-lens-ctx run: use a new --out, "
                             "or pass --overwrite to write into it")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +194,7 @@ class RunDirectory:
         """Remove what earlier runs wrote here (known files only, never a user's other files)."""
         if not self.out.is_dir():
             return
-        names = {MANIFEST, CONFIG_FILE} | {o for s in STAGES.values() for o in s.outputs}
+        names = {MANIFEST, CONFIG_FILE, "tracking.json"} | {o for s in STAGES.values() for o in s.outputs}
         for name in names:
             p = self.out / name
             if p.is_dir():
@@ -223,20 +232,20 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     prints = stage_fingerprints(config)
     names = list(STAGES)
     if only is not None:
-        get_stage(only)
-        _require_upstream(only, manifest, prints)
+        if not get_stage(only).reads_what_exists:
+            _require_upstream(only, manifest, prints)
         names = [only]
     results: list[StageResult] = []
     blocked = False
     for name in names:
         stage = STAGES[name]
-        if stage.run is None or blocked:
+        if stage.run is None or (blocked and not stage.reads_what_exists):
             blocked = True  # later stages need this one's outputs
             results.append(StageResult(name, "not built yet"))
             continue
         done = manifest["stages"].get(name, {})
         up_to_date = done.get("fingerprint") == prints[name] and all(ctx.path(o).exists() for o in stage.outputs)
-        if up_to_date and not force:
+        if up_to_date and not force and not stage.reads_what_exists:
             results.append(StageResult(name, "skipped"))
             continue
         manifest["stages"].pop(name, None)
@@ -250,6 +259,10 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         rundir.write_manifest(manifest)
         results.append(StageResult(name, "ran", time.perf_counter() - start))
+    if config.logging.log_to_wandb:
+        from .track import log_run
+
+        log_run(ctx, results, job_type=only or "run")  # one W&B run per invocation: tables, plots, artifact
     return results
 
 

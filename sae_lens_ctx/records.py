@@ -7,6 +7,7 @@ sees a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,10 +31,33 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a results file is as readable as any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (safetensors, sqlite);
+    on success it replaces `path` in one rename, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def to_json_line(record: Any) -> str:
@@ -185,3 +209,79 @@ class HeadRecord:
     """Which branch's attributions ranked heads ('in', 'gate', 'up' or 'latent')."""
     branch_mean_attribution: dict[str, float] = field(default_factory=dict)
     """Mean attribution per branch (gated neurons have 'gate' and 'up')."""
+
+
+@dataclass(frozen=True)
+class ExplanationRecord:
+    """One explanation (a line of `explanations.jsonl`): of a (unit, head) pair, or of the unit itself.
+
+    A failed call is recorded with `status` 'failed', its `error` and `text` None: it is never turned
+    into an explanation. Lines hold nothing run-specific (no timings, no cache flags), so a re-run
+    from the cache writes the same file.
+    """
+
+    unit_id: str
+    head: str | None
+    """`L{layer}H{head}`, or None for the unit's own explanation."""
+    explainer: str
+    """'paper-round1' / 'paper-round2' (the paper's head prompt with that closing line) or
+    'neuron-explainer' (TokenActivationPairExplainer on the unit's token-activation pairs)."""
+    text: str | None
+    """The explanation as the LLM wrote it (whitespace stripped; neuron-explainer's: what follows
+    "the main thing this neuron does is find"); None when failed."""
+    status: str
+    """'ok', 'failed' (the call failed, or the prompt cannot fit the window) or 'skipped' (nothing to
+    show the explainer: no examples)."""
+    error: str | None
+    """Why it failed or was skipped ('reason: detail'), None when ok."""
+    backend: str
+    model: str
+    prompt_hash: str
+    """First 16 hex digits of sha256 over the messages sent ('' when nothing was sent)."""
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float | None
+    """From the price table (0 in-process); None when the model has no price."""
+    finish_reason: str | None = None
+    """'stop', or 'length' when the explanation was cut off at max_tokens."""
+    n_active: int = 0
+    """Active examples shown (head explanations) or top records shown (unit explanations)."""
+    n_inactive: int = 0
+    """Inactive examples shown (head explanations) or random records shown (unit explanations)."""
+    n_dropped: int = 0
+    """Examples left out so that the prompt fits the explainer's context window."""
+
+
+@dataclass(frozen=True)
+class ScoreRecord:
+    """One score (a line of `scores.jsonl`): of a (unit, head) pair's explanation, or of a unit's.
+
+    Scorers: 'E' (balanced accuracy of the Yes/No judge on head activity, the paper's score) and
+    'auroc' (from the judge's P(Yes)) per pair; 'shuffled_E' / 'shuffled_auroc' (the same prompts
+    judged with another pair's explanation); 'unit_E', 'unit_auroc' (the unit's own explanation on
+    its held-out top vs low prompts) and 'unit_sim_correlation' (simulate-and-score) per unit;
+    'unit_plus_head_E' / 'unit_plus_head_auroc' (the unit's explanation joined with one head's).
+    """
+
+    unit_id: str
+    head: str | None
+    """`L{layer}H{head}`, or None for a unit's own scores."""
+    scorer: str
+    value: float | None
+    """None when the score is undefined (see `skipped`): never a silent 0 or 0.5."""
+    ci_low: float | None
+    """Bootstrap interval over the prompts (score.confidence); None when too few prompts."""
+    ci_high: float | None
+    n: int
+    """Judgements the value rests on."""
+    control: bool = False
+    """The unit is a random control unit (discovery's controls)."""
+    n_positive: int = 0
+    n_negative: int = 0
+    n_parsed: int = 0
+    n_unparsed: int = 0
+    """Replies with no Yes/No: counted, never scored."""
+    n_failed: int = 0
+    """Judge calls that failed: counted, never scored."""
+    skipped: str | None = None
+    """Why `value` is None ('one class only', 'no logprobs from the judge', ...)."""

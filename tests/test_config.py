@@ -59,7 +59,10 @@ def test_cli_overrides_win_over_yaml_and_keep_the_rest(tmp_path):
 SAMPLE_VALUES = {"model.model_class": "hooked", "model.weights": "raw", "model.dtype": "bfloat16",
                  "corpus.txt_documents": "file", "logging.wandb_mode": "disabled", "discover.direction": "suppress",
                  "discover.threshold": "0.5", "discover.layers": ["1", "2"], "discover.unit_ids": ["L1N2"],
-                 "discover.saes": ["some/dir"]}
+                 "discover.saes": ["some/dir"], "attribute.rule": "top3", "attribute.gated_branch": "up",
+                 "attribute.ablation": "mean", "explain.backend": "openai", "explain.prompt_ending": "round1",
+                 "explain.unit_few_shot": "test", "explain.prices": ["m=1,2"], "explain.base_url": "http://h/v1",
+                 "explain.api_key_env": "MY_KEY", "score.judge_prompt": "round1", "score.single_class": "single-rate"}
 
 
 def test_every_field_is_settable_from_the_command_line():

@@ -45,9 +45,12 @@ def test_run_writes_the_contract_and_skips_when_up_to_date(tmp_path, planted_gpt
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["results_format"] == RESULTS_FORMAT and "load" in manifest["stages"]
 
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST}
+    def files():  # every file, in subfolders too (the report stage writes report/ and plots/)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != MANIFEST}
+
+    before = files()
     assert statuses(run_pipeline(cfg, out))["load"] == "skipped"
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != MANIFEST} == before
+    assert files() == before  # the report stage re-runs every time, and writes the same bytes
 
     # a changed corpus setting re-runs the stage it affects
     cfg.corpus.split_salt = "another"

@@ -1,0 +1,276 @@
+"""A run directory's results, read for showing (W&B tables, plots, the HTML report): whatever exists.
+
+Every stage's records get a table named after its file (`units.jsonl` → `units`). A file that is not
+there (its stage is not built yet, or has not run) is simply absent, never an error. Table columns come
+from the record dataclass (field order), followed by any extra keys found in the rows; for a record
+type not defined yet (scores), from the run-directory contract (ARCHITECTURE §4). Rows are read as
+plain dicts, so fields that a stage adds later show up without a change here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .records import iter_jsonl
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One table: a JSONL file of the run directory and the record type of its lines."""
+
+    name: str
+    """Table name and W&B metric group (`units` → `units/table`)."""
+    file: str
+    record: str | None
+    """`module:Class` of the record dataclass, or None."""
+    documented: tuple[str, ...]
+    """The columns the run-directory contract guarantees (used when the record class does not exist)."""
+
+    def record_columns(self) -> list[str]:
+        cls = _record_class(self.record)
+        return [f.name for f in dataclasses.fields(cls)] if cls else list(self.documented)
+
+
+def _record_class(path: str | None) -> type | None:
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    cls = getattr(importlib.import_module(module), name, None)
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
+TABLES: tuple[TableSpec, ...] = (
+    TableSpec("units", "units.jsonl", "sae_lens_ctx.units:UnitRecord",
+              ("unit_id", "kind", "layer", "index", "token_id", "token", "congruence", "control")),
+    TableSpec("contexts", "contexts.jsonl", "sae_lens_ctx.records:ContextRecord",
+              ("unit_id", "split", "rank", "doc_id", "text", "activation", "trimmed_activation")),
+    TableSpec("heads", "heads.jsonl", "sae_lens_ctx.records:HeadRecord",
+              ("unit_id", "head", "active_fraction", "mean_attribution", "relevant", "ablation_effect",
+               "ablation_pvalue")),
+    TableSpec("explanations", "explanations.jsonl", "sae_lens_ctx.records:ExplanationRecord",
+              ("unit_id", "head", "explainer", "text")),
+    TableSpec("scores", "scores.jsonl", "sae_lens_ctx.records:ScoreRecord",
+              ("unit_id", "head", "scorer", "value", "ci_low", "ci_high", "n")),
+)
+TABLE_BY_NAME = {t.name: t for t in TABLES}
+
+SIDE_FILES = ("model.json", "corpus.json", "mine.json", "attribute.json", "explain.json", "summary.json")
+"""Per-stage JSON summaries shown beside the tables when present."""
+
+
+def columns(spec: TableSpec, rows: list[dict]) -> list[str]:
+    """The record's fields in order, then any key the rows hold beyond them (first seen first)."""
+    cols = spec.record_columns()
+    seen = set(cols)
+    for row in rows:
+        for key in row:
+            if key not in seen:
+                seen.add(key)
+                cols.append(key)
+    return cols
+
+
+def cell(value: Any) -> Any:
+    """A JSONL value as a table cell: scalars as they are, lists and dicts as their JSON text."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def safe_name(text: str) -> str:
+    """A file- and W&B-safe name (letters, digits, '-', '_', '.'); '/' becomes '__' as SAE-Lens does."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text.replace("/", "__")).strip("-.") or "x"
+
+
+@dataclass
+class RunResults:
+    """The records and JSON summaries of one run directory, as far as they exist."""
+
+    out: Path
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    """Table name → rows, only for files that exist."""
+    side: dict[str, dict] = field(default_factory=dict)
+    """`model` / `attribute` / ... → the parsed JSON file, only for files that exist."""
+
+    @classmethod
+    def load(cls, out: str | Path) -> RunResults:
+        out = Path(out)
+        res = cls(out)
+        for spec in TABLES:
+            path = out / spec.file
+            if path.is_file():
+                res.tables[spec.name] = list(iter_jsonl(path))
+        for name in SIDE_FILES:
+            path = out / name
+            if path.is_file():
+                res.side[name.removesuffix(".json")] = json.loads(path.read_text(encoding="utf-8"))
+        return res
+
+    def rows(self, name: str) -> list[dict]:
+        return self.tables.get(name, [])
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    @property
+    def units(self) -> list[dict]:
+        return self.rows("units")
+
+    def unit(self, unit_id: str) -> dict | None:
+        return self._units_by_id.get(unit_id)
+
+    @property
+    def _units_by_id(self) -> dict[str, dict]:
+        return {u["unit_id"]: u for u in self.units}
+
+    def is_control(self, row: dict) -> bool:
+        """A row's unit is a control unit (the row's own `control` key wins when it has one)."""
+        if "control" in row and row["control"] is not None:
+            return bool(row["control"])
+        unit = self._units_by_id.get(row.get("unit_id"))
+        return bool(unit and unit.get("control"))
+
+    def grouped(self, name: str) -> dict[str, list[dict]]:
+        """unit_id → that unit's rows of a table (file order)."""
+        out: dict[str, list[dict]] = defaultdict(list)
+        for row in self.rows(name):
+            out[row.get("unit_id")].append(row)
+        return out
+
+    # -- derived tables ----------------------------------------------------------------------------
+
+    def comparison(self) -> list[dict]:
+        """Head versus neuron: per (unit, scorer), the unit's own explanation score beside its heads'."""
+        per: dict[tuple[str, str], dict] = {}
+        for s in self.rows("scores"):
+            if _number(s.get("value")) is None:
+                continue
+            key = (s.get("unit_id"), str(s.get("scorer")))
+            entry = per.setdefault(key, {"unit": None, "heads": []})
+            if s.get("head") is None:
+                entry["unit"] = s
+            else:
+                entry["heads"].append(s)
+        rows = []
+        for (unit_id, scorer), entry in sorted(per.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
+            unit = self.unit(unit_id) or {}
+            heads = entry["heads"]
+            best = max(heads, key=lambda s: s["value"]) if heads else None
+            own = entry["unit"]
+            rows.append({
+                "unit_id": unit_id, "token": unit.get("token"), "layer": unit.get("layer"),
+                "control": self.is_control({"unit_id": unit_id}), "scorer": scorer,
+                "unit_score": own["value"] if own else None,
+                "unit_ci_low": own.get("ci_low") if own else None,
+                "unit_ci_high": own.get("ci_high") if own else None,
+                "head_score_mean": _mean([h["value"] for h in heads]),
+                "head_score_max": best["value"] if best else None,
+                "best_head": best["head"] if best else None,
+                "n_heads": len(heads),
+            })
+        return rows
+
+    # -- headline numbers --------------------------------------------------------------------------
+
+    def metrics(self, well_explained: float = 0.67) -> dict[str, float | int]:
+        """SAE-Lens-style `group/name` headline numbers of what exists (controls beside the real units)."""
+        m: dict[str, float | int] = {}
+        units = self.units
+        if "units" in self.tables:
+            real = [u for u in units if not u.get("control")]
+            m["units/n_units"] = len(real)
+            m["units/n_controls"] = len(units) - len(real)
+            m["units/n_layers"] = len({u.get("layer") for u in real})
+            _put(m, "units/congruence_mean", _mean([u.get("congruence") for u in real]))
+        if "contexts" in self.tables:
+            ctx = self.rows("contexts")
+            top = [c for c in ctx if c.get("kind", "top") == "top" and c.get("split") == "train"]
+            m["contexts/n_contexts"] = len(ctx)
+            m["contexts/n_units"] = len({c.get("unit_id") for c in ctx})
+            _put(m, "contexts/top_activation_mean", _mean([c.get("activation") for c in top]))
+            _put(m, "contexts/trimmed_activation_mean", _mean([c.get("trimmed_activation") for c in top]))
+        if "heads" in self.tables:
+            m.update(self._head_metrics())
+        if "explanations" in self.tables:
+            ex = self.rows("explanations")
+            m["explanations/n"] = len(ex)
+            m["explanations/n_failed"] = sum(e.get("status", "ok") != "ok" for e in ex)
+            m["explanations/n_heads"] = sum(e.get("head") is not None for e in ex)
+            m["explanations/n_units"] = sum(e.get("head") is None for e in ex)
+            costs = [e.get("cost_usd") for e in ex]
+            m["cost/usd"] = float(sum(c for c in costs if _number(c) is not None))
+            m["cost/n_unpriced"] = sum("cost_usd" in e and e["cost_usd"] is None and e.get("status", "ok") == "ok"
+                                       for e in ex)
+            for key in ("prompt_tokens", "completion_tokens"):
+                m[f"cost/{key}"] = int(sum(e.get(key) or 0 for e in ex))
+        if "scores" in self.tables:
+            m.update(self._score_metrics(well_explained))
+        for path, value in _flatten(self.side.get("summary", {})):
+            m[f"scores/summary/{path}"] = value
+        return m
+
+    def _head_metrics(self) -> dict[str, float | int]:
+        m: dict[str, float | int] = {}
+        heads = self.rows("heads")
+        for label, rows in (("", [h for h in heads if not self.is_control(h)]),
+                            ("_control", [h for h in heads if self.is_control(h)])):
+            relevant = [h for h in rows if h.get("relevant")]
+            n_units = len({h.get("unit_id") for h in rows})
+            m[f"heads/n_pairs{label}"] = len(relevant)
+            m[f"heads/per_unit_mean{label}"] = len(relevant) / n_units if n_units else 0.0
+            _put(m, f"heads/ablation_effect_mean{label}", _mean([h.get("ablation_effect") for h in relevant]))
+            pvals = [h.get("ablation_pvalue") for h in relevant if _number(h.get("ablation_pvalue")) is not None]
+            if pvals:
+                m[f"heads/ablation_significant_fraction{label}"] = sum(p < 0.05 for p in pvals) / len(pvals)
+        ks = (self.side.get("attribute") or {}).get("ablation_ks_across_pairs") or {}
+        for key in ("statistic", "pvalue", "mean_drop_active", "mean_drop_inactive"):
+            _put(m, f"heads/ablation_ks_{key}", ks.get(key))
+        return m
+
+    def _score_metrics(self, well_explained: float) -> dict[str, float | int]:
+        m: dict[str, float | int] = {}
+        by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+        for s in self.rows("scores"):
+            value = _number(s.get("value"))
+            if value is None:
+                continue
+            target = "units" if s.get("head") is None else "heads"
+            control = "_control" if self.is_control(s) else ""
+            by[(safe_name(str(s.get("scorer"))), target, control)].append(value)
+        for (scorer, target, control), values in sorted(by.items()):
+            m[f"scores/{scorer}/{target}_mean{control}"] = _mean(values)
+            m[f"scores/{scorer}/{target}_n{control}"] = len(values)
+            m[f"scores/{scorer}/{target}_well_explained{control}"] = (
+                sum(v >= well_explained for v in values) / len(values))
+        return m
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _mean(values: list) -> float | None:
+    nums = [v for v in (_number(x) for x in values) if v is not None]
+    return sum(nums) / len(nums) if nums else None
+
+
+def _put(m: dict, key: str, value: Any) -> None:
+    if _number(value) is not None:
+        m[key] = value
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, float | int]]:
+    """Numeric leaves of a JSON object as ('a/b', value) pairs (lists are left out)."""
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{safe_name(str(k))}/")]
+    value = _number(obj)
+    return [(prefix.rstrip("/"), obj)] if value is not None and prefix else []

@@ -1,0 +1,677 @@
+"""The score stage: a Yes/No judge on held-out prompts, metrics, controls and bootstrap intervals.
+
+What is judged (every call is one `explain/prompts.py` judge prompt through the explain section's
+backend and cache):
+
+* **(unit, head) pairs** (paper-method §5.3): the pair's explanation against each of the unit's
+  held-out 'top' prompts; the ground truth is whether attribution marked the head active on that
+  prompt (`HeadRecord.active_test_ranks`). E = balanced accuracy; AUROC from the judge's P(Yes).
+* **shuffled control**: the same prompts judged with another pair's explanation.
+* **units**: the unit's own explanation against its held-out 'top' (positive) and 'low' (negative)
+  prompts: E and AUROC, and neuron-explainer's `simulate_and_score` correlation over top, low and
+  random held-out prompts (each prompt one record, the simulated activation at its last token
+  10·P(Yes)); and the unit explanation joined with each head explanation, for the head-versus-neuron table.
+
+Metrics are pure functions of labels and judge outputs (`balanced_accuracy`, `auroc`, `parse_answer`,
+`p_yes`, `bootstrap_ci`, `compare`, `paper_statistics`) so that they are checked by hand in tests.
+A failed call, or a reply with no Yes/No, is counted and never scored.
+
+Outputs: `scores.jsonl` (`ScoreRecord`s), `judgements.jsonl` (every judge call, to trace a score
+back to the answers), `summary.json` (aggregates beside their controls).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import re
+import time
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from scipy import stats
+
+from .errors import UserError
+from .explain import prompts
+from .records import ScoreRecord, atomic_write, iter_jsonl, write_jsonl
+
+if TYPE_CHECKING:
+    from .config import ScoreConfig
+    from .explain.llm import LLM, CallResult
+    from .pipeline import RunContext
+
+log = logging.getLogger(__name__)
+
+INPUTS = {"units.jsonl": "discover", "contexts.jsonl": "mine", "heads.jsonl": "attribute",
+          "explanations.jsonl": "explain"}
+
+# --------------------------------------------------------------------------------------------
+# Judge replies
+# --------------------------------------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def parse_answer(text: str | None) -> bool | None:
+    """The judge's Yes/No from its reply: 'Yes', 'yes.', '**Yes**', 'Answer: No', ' NO!' all parse;
+    the first 'yes' or 'no' word wins; anything else is None (unparseable, never scored)."""
+    if not text:
+        return None
+    for word in _WORD.findall(text.lower()):
+        if word in ("yes", "no"):
+            return word == "yes"
+        if word not in ("answer", "the", "is", "a", "my"):
+            return None
+    return None
+
+
+def _yes_no(token: str) -> bool | None:
+    word = token.strip().strip("*_`'\".:!").lower()
+    return True if word == "yes" else False if word == "no" else None
+
+
+def p_yes(logprobs: Sequence[Any] | None) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) at the first answer token whose alternatives hold Yes or No (variants
+    of case and spacing summed); None when the backend gave no logprobs or neither word appears."""
+    for position in logprobs or []:
+        alternatives = list(position.top) or [(position.token, position.logprob)]
+        mass = {True: 0.0, False: 0.0}
+        for token, logprob in alternatives:
+            side = _yes_no(token)
+            if side is not None:
+                mass[side] += math.exp(logprob)
+        if mass[True] + mass[False] > 0:
+            return mass[True] / (mass[True] + mass[False])
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def balanced_accuracy(labels: Sequence[bool], predictions: Sequence[bool], single_class: str = "skip") -> float | None:
+    """E = ½(TPR + TNR) (paper-method §5.3). With one class only: None ('skip', round 2) or the one
+    rate there is ('single-rate', round 1). None for no examples."""
+    y, p = np.asarray(labels, bool), np.asarray(predictions, bool)
+    if y.size == 0:
+        return None
+    rates = []
+    if y.any():
+        rates.append(float((p & y).sum() / y.sum()))
+    if (~y).any():
+        rates.append(float((~p & ~y).sum() / (~y).sum()))
+    if len(rates) == 1 and single_class == "skip":
+        return None
+    return sum(rates) / len(rates)
+
+
+def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting ½
+    (the Mann-Whitney U over n₊·n₋). None with one class."""
+    y, s = np.asarray(labels, bool), np.asarray(scores, float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = stats.rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def bootstrap_ci(statistic: Callable[..., float | None], arrays: Sequence[Sequence], n_resamples: int,
+                 confidence: float, seed: int) -> tuple[float | None, float | None]:
+    """Percentile bootstrap over items (the arrays are resampled together). Resamples on which the
+    statistic is undefined (one class left) are dropped; fewer than half defined gives (None, None)."""
+    columns = [np.asarray(a) for a in arrays]
+    n = len(columns[0])
+    if n < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    values = []
+    for idx in rng.integers(0, n, size=(n_resamples, n)):
+        v = statistic(*(c[idx] for c in columns))
+        if v is not None and np.isfinite(v):
+            values.append(v)
+    if len(values) < n_resamples / 2:
+        return None, None
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def aggregate(values: Sequence[float], n_resamples: int, confidence: float, seed: int) -> dict[str, Any]:
+    """Mean, std and a bootstrap CI of the mean over items (scipy.stats.bootstrap, percentile)."""
+    v = np.asarray([x for x in values if x is not None], float)
+    out: dict[str, Any] = {"n": int(v.size), "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    if v.size == 0:
+        return out
+    out.update(mean=float(v.mean()), std=float(v.std(ddof=1)) if v.size > 1 else 0.0)
+    if v.size > 1 and np.ptp(v) > 0:
+        ci = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                             method="percentile", random_state=np.random.default_rng(seed)).confidence_interval
+        out.update(ci_low=float(ci.low), ci_high=float(ci.high))
+    elif v.size > 1:
+        out.update(ci_low=float(v[0]), ci_high=float(v[0]))
+    return out
+
+
+def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, confidence: float, seed: int,
+            paired: bool = False) -> dict[str, Any]:
+    """real − control: the difference of means, its bootstrap CI, and a one-sided test that real is
+    higher (Wilcoxon signed-rank when paired, Mann-Whitney U otherwise). `distinguishable` is True only
+    when the whole interval lies above 0; the `verdict` says it in words."""
+    r = np.asarray([x for x in real if x is not None], float)
+    c = np.asarray([x for x in control if x is not None], float)
+    out: dict[str, Any] = {"n_real": int(r.size), "n_control": int(c.size), "difference": None,
+                           "ci_low": None, "ci_high": None, "pvalue": None, "test": None}
+    if paired and len(real) != len(control):
+        raise ValueError("paired comparison needs equally long sequences")
+    if paired:
+        both = [(a, b) for a, b in zip(real, control) if a is not None and b is not None]
+        r, c = np.asarray([a for a, _ in both], float), np.asarray([b for _, b in both], float)
+        out.update(n_real=len(both), n_control=len(both))
+    if r.size == 0 or c.size == 0:
+        out.update(distinguishable=False, verdict="cannot compare: no scores on one side")
+        return out
+    out["difference"] = float(r.mean() - c.mean())
+    rng = np.random.default_rng(seed)
+    boot = None
+    if paired:
+        d = r - c
+        if r.size > 1:
+            idx = rng.integers(0, d.size, size=(n_resamples, d.size))
+            boot = d[idx].mean(1)
+        if np.any(d != 0):
+            out.update(test="wilcoxon signed-rank, one-sided",
+                       pvalue=float(stats.wilcoxon(r, c, alternative="greater").pvalue))
+    else:
+        if r.size > 1 and c.size > 1:
+            boot = r[rng.integers(0, r.size, (n_resamples, r.size))].mean(1) - \
+                c[rng.integers(0, c.size, (n_resamples, c.size))].mean(1)
+        out.update(test="mann-whitney U, one-sided",
+                   pvalue=float(stats.mannwhitneyu(r, c, alternative="greater").pvalue))
+    if boot is not None:
+        tail = (1 - confidence) / 2 * 100
+        lo, hi = np.percentile(boot, [tail, 100 - tail])
+        out.update(ci_low=float(lo), ci_high=float(hi))
+    out["distinguishable"] = bool(out["ci_low"] is not None and out["ci_low"] > 0)
+    if out["ci_low"] is None:
+        out["verdict"] = "too few scores for an interval: real and control cannot be told apart"
+    elif out["distinguishable"]:
+        out["verdict"] = "real scores above control"
+    else:
+        out["verdict"] = "real and control cannot be told apart (the interval of the difference holds 0)"
+    return out
+
+
+def paper_statistics(values: Sequence[float], well_explained: float) -> dict[str, Any]:
+    """mean ± std, the histogram in 0.1 bins, the share at or above `well_explained`, the skew and
+    D'Agostino's skewtest with the one-sided alternative 'greater' (paper-method §5.3, §7.1)."""
+    v = np.asarray([x for x in values if x is not None], float)
+    # 0.1-wide bins [0, 0.1), ..., [0.9, 1.0]; the tiny offset keeps 0.7 out of the 0.6 bin (float edges)
+    counts = np.bincount(np.clip((v * 10 + 1e-9).astype(int), 0, 9), minlength=10)
+    edges = np.linspace(0.0, 1.0, 11)
+    out: dict[str, Any] = {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
+                           "std": float(v.std(ddof=1)) if v.size > 1 else None,
+                           "histogram": {"edges": [round(e, 2) for e in edges], "counts": counts.tolist()},
+                           "well_explained_threshold": well_explained,
+                           "well_explained_fraction": float((v >= well_explained).mean()) if v.size else None,
+                           "skew": None, "skewtest_pvalue": None}
+    if v.size > 2 and np.ptp(v) > 0:
+        out["skew"] = float(stats.skew(v))
+    if v.size >= 8 and np.ptp(v) > 0:  # the test's own minimum
+        out["skewtest_pvalue"] = float(stats.skewtest(v, alternative="greater").pvalue)
+    else:
+        out["skewtest_note"] = "skewtest needs at least 8 distinct-valued scores"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Judging
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Judgement:
+    """One judge call on one held-out prompt (a line of `judgements.jsonl`)."""
+
+    task: str
+    """'head' (a pair's own explanation), 'shuffled' (another pair's), 'unit' (the unit's own) or
+    'unit+head' (the unit's joined with one head's)."""
+    unit_id: str
+    head: str | None
+    explanation_of: str
+    """Whose explanation was shown: 'UNIT' or 'UNIT/HEAD'."""
+    kind: str
+    """The prompt's kind in contexts.jsonl ('top', 'low', 'random')."""
+    rank: int
+    label: bool | None
+    """Ground truth: the head was active on the prompt (head tasks) / the prompt is a top one (unit
+    tasks; None for 'random' prompts, used only for the correlation)."""
+    activation: float
+    """The unit's activation at the prompt's last token."""
+    answer: bool | None = None
+    """The parsed Yes (True) / No (False); None when unparseable or failed."""
+    p_yes: float | None = None
+    status: str = "ok"
+    """'ok', 'unparsed' (no Yes/No in the reply) or 'failed' (the call failed)."""
+    reply: str | None = None
+    error: str | None = None
+
+
+def unit_judge_messages(explanation: str, prompt_text: str) -> list[dict[str, str]]:
+    """The unit judge's request: does the unit fire at the last token of this text?"""
+    text = prompts.UNIT_JUDGE_TEMPLATE.format(explanation=prompts.flatten(explanation).strip(),
+                                              example=prompts.flatten(prompt_text))
+    return [{"role": "user", "content": text}]
+
+
+def run_judgements(llm: LLM, jobs: list[tuple[Judgement, list[dict[str, str]]]], cfg: ScoreConfig) -> list[Judgement]:
+    """Every job through the LLM layer (cached, bounded, retried); fills answer / p_yes / status."""
+    from tqdm.auto import tqdm
+
+    params: dict[str, Any] = {"max_tokens": cfg.max_tokens, "temperature": 0.0}
+    if cfg.top_logprobs:
+        params["top_logprobs"] = cfg.top_logprobs
+    out: list[Judgement] = []
+    batch = max(1, llm.max_concurrency * 4)
+    with tqdm(total=len(jobs), desc="judge", unit="call", disable=None) as bar:
+        for start in range(0, len(jobs), batch):
+            chunk = jobs[start:start + batch]
+            for (j, _), result in zip(chunk, llm.map([(m, params) for _, m in chunk])):
+                out.append(_fill(j, result))
+            bar.update(len(chunk))
+    return out
+
+
+def _fill(j: Judgement, result: CallResult) -> Judgement:
+    if not result.ok:
+        j.status, j.error = "failed", result.error
+        return j
+    j.reply = result.text
+    j.answer = parse_answer(result.text)
+    j.p_yes = p_yes(result.response.logprobs)
+    if j.answer is None and j.p_yes is not None:
+        j.answer = j.p_yes >= 0.5  # a reply cut to one odd token still has its Yes/No mass
+    if j.answer is None:
+        j.status = "unparsed"
+    return j
+
+
+# --------------------------------------------------------------------------------------------
+# Building the jobs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    units: dict[str, dict]
+    test: dict[str, dict[str, list[dict]]]
+    """unit_id → kind → its test prompts in rank order."""
+    pairs: list[dict]
+    """Relevant heads.jsonl lines."""
+    head_explanations: dict[tuple[str, str], dict]
+    unit_explanations: dict[str, dict]
+    not_scored: Counter = field(default_factory=Counter)
+
+
+def read_inputs(ctx: RunContext) -> Inputs:
+    for name, stage in INPUTS.items():
+        if not ctx.path(name).is_file():
+            raise UserError(f"{ctx.path(name)} is missing: run the {stage} stage first (`sae-lens-ctx run --out DIR`)")
+    units = {u["unit_id"]: u for u in iter_jsonl(ctx.path("units.jsonl"))}
+    test: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for c in iter_jsonl(ctx.path("contexts.jsonl")):
+        if c["split"] == "test":
+            test[c["unit_id"]][c["kind"]].append(c)
+    for per_kind in test.values():
+        for rows in per_kind.values():
+            rows.sort(key=lambda c: c["rank"])
+    heads = [h for h in iter_jsonl(ctx.path("heads.jsonl")) if h["relevant"]]
+    head_expl, unit_expl = {}, {}
+    for e in iter_jsonl(ctx.path("explanations.jsonl")):
+        if e["head"] is None:
+            unit_expl[e["unit_id"]] = e
+        else:
+            head_expl[(e["unit_id"], e["head"])] = e
+    return Inputs(units, test, heads, head_expl, unit_expl)
+
+
+def shuffled_partner(pairs: Sequence[tuple[str, str]], seed: int) -> dict[tuple[str, str], tuple[str, str]]:
+    """A derangement of pairs: no pair gets its own explanation, and each gets one from another unit
+    whenever the pairs span more than one unit (a pair's own unit's heads describe the same prompts)."""
+    keys = list(pairs)
+    if len(keys) < 2:
+        return {}
+    rng = random.Random(seed)
+    for _ in range(100):
+        order = keys[:]
+        rng.shuffle(order)
+        partner = dict(zip(keys, order))
+        if all(p != k for k, p in partner.items()):
+            other_unit = all(p[0] != k[0] for k, p in partner.items())
+            if other_unit or len({k[0] for k in keys}) == 1:
+                return partner
+    # a unit holding most pairs can make other-unit derangements rare: fall back to a rotation
+    return {k: keys[(i + 1) % len(keys)] for i, k in enumerate(keys)}
+
+
+def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[tuple[Judgement, list[dict[str, str]]]]:
+    jobs: list[tuple[Judgement, list[dict[str, str]]]] = []
+    scorable = []
+    for h in inp.pairs:
+        key = (h["unit_id"], h["head"])
+        e = inp.head_explanations.get(key)
+        prompts_top = inp.test.get(h["unit_id"], {}).get("top", [])[: cfg.n_prompts]
+        if e is None or e["status"] != "ok":
+            inp.not_scored["explanation " + (e["status"] if e else "missing")] += 1
+            continue
+        if not prompts_top:
+            inp.not_scored["no held-out prompts"] += 1
+            continue
+        scorable.append((h, e, prompts_top))
+    partner = shuffled_partner([(h["unit_id"], h["head"]) for h, _, _ in scorable], seed) \
+        if cfg.shuffled_control else {}
+    texts = {(h["unit_id"], h["head"]): e["text"] for h, e, _ in scorable}
+    for h, e, rows in scorable:
+        token = inp.units[h["unit_id"]]["token"]
+        active = set(h["active_test_ranks"])
+        key = (h["unit_id"], h["head"])
+        shown = [(key, "head")] + ([(partner[key], "shuffled")] if key in partner else [])
+        for c in rows:
+            for whose, task in shown:
+                j = Judgement(task, h["unit_id"], h["head"], "/".join(whose), c["kind"], c["rank"],
+                              c["rank"] in active, c["activation"])
+                jobs.append((j, prompts.judge_messages(texts[whose], c["text"], token, cfg.judge_prompt)))
+    if not cfg.unit_scores:
+        return jobs
+    heads_of = defaultdict(list)
+    for h, e, _ in scorable:
+        heads_of[h["unit_id"]].append((h["head"], e["text"]))
+    for unit_id, e in inp.unit_explanations.items():
+        if e["status"] != "ok":
+            inp.not_scored["unit explanation " + e["status"]] += 1
+            continue
+        kinds = inp.test.get(unit_id, {})
+        rows = [c for kind in ("top", "low", "random") for c in kinds.get(kind, [])[: cfg.n_prompts]]
+        if not rows:
+            inp.not_scored["unit without held-out prompts"] += 1
+            continue
+        shown = [("unit", None, e["text"])] + [
+            ("unit+head", head, prompts.UNIT_AND_HEAD.format(unit=e["text"].strip(), head=text.strip()))
+            for head, text in heads_of.get(unit_id, [])]
+        for task, head, text in shown:
+            for c in rows:
+                if task == "unit+head" and c["kind"] == "random":
+                    continue  # the head-versus-neuron table compares E and AUROC, which use top vs low
+                label = {"top": True, "low": False}.get(c["kind"])
+                j = Judgement(task, unit_id, head, unit_id if head is None else f"{unit_id}/{head}", c["kind"],
+                              c["rank"], label, c["activation"])
+                jobs.append((j, unit_judge_messages(text, c["text"])))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------
+
+
+def _counts(js: Sequence[Judgement]) -> dict[str, int]:
+    c = Counter(j.status for j in js)
+    return {"n_parsed": c["ok"], "n_unparsed": c["unparsed"], "n_failed": c["failed"]}
+
+
+def score_group(js: Sequence[Judgement], unit_id: str, head: str | None, scorer_prefix: str, control: bool,
+                cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
+    """E and AUROC of one group of judgements (one pair, or one unit), with bootstrap CIs over prompts."""
+    counts = _counts(js)
+    scored = [j for j in js if j.status == "ok" and j.label is not None]
+    y = np.array([j.label for j in scored], bool)
+    base = dict(unit_id=unit_id, head=head, control=control, n=len(scored), n_positive=int(y.sum()),
+                n_negative=int((~y).sum()), **counts)
+    out = []
+    single = cfg.single_class
+
+    def e_stat(labels, answers):
+        return balanced_accuracy(labels, answers, single)
+
+    answers = np.array([j.answer for j in scored], bool)
+    e = e_stat(y, answers)
+    lo, hi = bootstrap_ci(e_stat, (y, answers), cfg.bootstrap_resamples, cfg.confidence, seed) if e is not None \
+        else (None, None)
+    reason = None if e is not None else ("no parsed judgements" if not scored else "one class only")
+    out.append(ScoreRecord(scorer=f"{scorer_prefix}E", value=e, ci_low=lo, ci_high=hi, skipped=reason, **base))
+    with_p = [j for j in scored if j.p_yes is not None]
+    yp = np.array([j.label for j in with_p], bool)
+    pp = np.array([j.p_yes for j in with_p], float)
+    a = auroc(yp, pp) if with_p else None
+    lo, hi = bootstrap_ci(auroc, (yp, pp), cfg.bootstrap_resamples, cfg.confidence, seed) if a is not None \
+        else (None, None)
+    reason = None if a is not None else ("no parsed judgements" if not scored else
+                                         "no logprobs from the judge" if not with_p else "one class only")
+    out.append(ScoreRecord(scorer=f"{scorer_prefix}auroc", value=a, ci_low=lo, ci_high=hi, skipped=reason,
+                           **{**base, "n": len(with_p)}))
+    return out
+
+
+def simulation_score(js: Sequence[Judgement], unit_id: str, control: bool, cfg: ScoreConfig,
+                     seed: int) -> ScoreRecord:
+    """neuron-explainer's simulate-and-score correlation on the unit's held-out prompts (see module doc)."""
+    usable = [j for j in js if j.status == "ok"]
+    counts = _counts(js)
+    sim = [10.0 * (j.p_yes if j.p_yes is not None else float(j.answer)) for j in usable]
+    true = [j.activation for j in usable]
+    value = simulate_and_score_correlation(true, sim) if len(usable) > 1 else None
+    lo, hi = bootstrap_ci(pearson, (np.array(true), np.array(sim)), cfg.bootstrap_resamples, cfg.confidence,
+                          seed) if value is not None else (None, None)
+    reason = None if value is not None else "fewer than two judged prompts, or constant values"
+    return ScoreRecord(unit_id=unit_id, head=None, scorer="unit_sim_correlation", value=value, ci_low=lo,
+                       ci_high=hi, n=len(usable), control=control, skipped=reason, **counts)
+
+
+def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[float]) -> float | None:
+    """neuron-explainer's `simulate_and_score` on one-token records (one per prompt), with a simulator
+    that returns the judge's simulated activations: its `ev_correlation_score`, the correlation pooled
+    over every record."""
+    with _neuron_explainer_imports():
+        from neuron_explainer.activations.activations import ActivationRecord
+        from neuron_explainer.explanations.explanations import ActivationScale, SequenceSimulation
+        from neuron_explainer.explanations.scoring import simulate_and_score
+        from neuron_explainer.explanations.simulator import NeuronSimulator
+
+    class PrecomputedSimulator(NeuronSimulator):
+        """Returns the judge's answers computed beforehand (a record's one token is its index)."""
+
+        async def simulate(self, tokens: Sequence[str]) -> SequenceSimulation:
+            value = simulated[int(tokens[0])]
+            return SequenceSimulation(tokens=list(tokens), expected_activations=[value],
+                                      activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+                                      distribution_values=[], distribution_probabilities=[])
+
+    records = [ActivationRecord(tokens=[str(i)], activations=[float(a)]) for i, a in enumerate(true)]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # per-record correlations of one value are NaN, by design
+        scored = asyncio.run(simulate_and_score(PrecomputedSimulator(), records))
+    value = scored.ev_correlation_score
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+class _neuron_explainer_imports:
+    """neuron-explainer's api_client asserts OPENAI_API_KEY at import; a placeholder is set around it."""
+
+    def __enter__(self):
+        from .explain.units import _IMPORT_LOCK, _PLACEHOLDER_KEY
+
+        _IMPORT_LOCK.acquire()
+        self.had = "OPENAI_API_KEY" in os.environ
+        if not self.had:
+            os.environ["OPENAI_API_KEY"] = _PLACEHOLDER_KEY
+
+    def __exit__(self, *exc):
+        from .explain.units import _IMPORT_LOCK
+
+        if not self.had:
+            os.environ.pop("OPENAI_API_KEY", None)
+        _IMPORT_LOCK.release()
+
+
+def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg: ScoreConfig,
+                   seed: int) -> list[ScoreRecord]:
+    """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head."""
+    groups: dict[tuple, list[Judgement]] = defaultdict(list)
+    for j in judgements:
+        groups[(j.task, j.unit_id, j.head)].append(j)
+    prefix = {"head": "", "shuffled": "shuffled_", "unit": "unit_", "unit+head": "unit_plus_head_"}
+    records: list[ScoreRecord] = []
+    for (task, unit_id, head), js in groups.items():
+        control = bool(units.get(unit_id, {}).get("control", False))
+        records += score_group(js, unit_id, head, prefix[task], control, cfg, seed)
+        if task == "unit":
+            records.append(simulation_score(js, unit_id, control, cfg, seed))
+    return records
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool) -> list[float]:
+    return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None]
+
+
+def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool) -> tuple[list, list]:
+    by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control}
+    keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control]
+    return [by.get((*k, a)) for k in keys], [by.get((*k, b)) for k in keys]
+
+
+def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
+    """One row per unit with relevant heads: its own explanation's E/AUROC on its held-out top-vs-low
+    prompts, its head explanations' mean E/AUROC on head activity, and the best unit+head AUROC."""
+    by_unit: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for s in scores:
+        by_unit[s.unit_id][s.scorer].append(s.value)
+    rows = []
+    for unit_id, m in by_unit.items():
+        if not m.get("E"):
+            continue
+
+        def mean(name):
+            v = [x for x in m.get(name, []) if x is not None]
+            return float(np.mean(v)) if v else None
+
+        def best(name):
+            v = [x for x in m.get(name, []) if x is not None]
+            return float(max(v)) if v else None
+
+        unit_auc, joined = mean("unit_auroc"), best("unit_plus_head_auroc")
+        rows.append({"unit_id": unit_id, "n_heads": len(m["E"]), "unit_E": mean("unit_E"), "unit_auroc": unit_auc,
+                     "unit_sim_correlation": mean("unit_sim_correlation"), "head_E_mean": mean("E"),
+                     "head_auroc_mean": mean("auroc"), "unit_plus_head_E_best": best("unit_plus_head_E"),
+                     "unit_plus_head_auroc_best": joined,
+                     "heads_add_auroc": None if unit_auc is None or joined is None else joined - unit_auc})
+    return rows
+
+
+def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig,
+              seed: int, well_explained: float, llm_summary: dict) -> dict[str, Any]:
+    """summary.json: headline aggregates with their controls beside them, tests and counts."""
+    boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
+    headline: dict[str, Any] = {}
+    for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation", "unit_plus_head_auroc"):
+        headline[scorer] = {"real": aggregate(_values(scores, scorer, False), **boot),
+                            "random_units": aggregate(_values(scores, scorer, True), **boot)}
+        headline[scorer]["real_minus_random_units"] = compare(
+            _values(scores, scorer, False), _values(scores, scorer, True), **boot)
+    for scorer in ("E", "auroc"):
+        real, shuffled = _paired(scores, scorer, f"shuffled_{scorer}", False)
+        headline[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
+        headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
+    head_js = [j for j in judgements if j.task == "head" and j.status == "ok"]
+    labels = [j.label for j in head_js]
+    yes_rate = float(np.mean([j.answer for j in head_js])) if head_js else None
+    headline["constant_judges"] = {
+        "always_yes_E": 0.5, "always_no_E": 0.5,
+        "note": "a constant judge has TPR + TNR = 1 on every two-class pair: E = 0.5 exactly",
+        "class_balance_active": float(np.mean(labels)) if labels else None,
+        "judge_yes_rate": yes_rate,
+    }
+    rows = head_versus_neuron(scores)
+    counts = Counter(j.status for j in judgements)
+    by_scorer = Counter((s.scorer, s.skipped) for s in scores if s.skipped)
+    return {
+        "headline": headline,
+        "paper_statistics": {"real": paper_statistics(_values(scores, "E", False), well_explained),
+                             "random_units": paper_statistics(_values(scores, "E", True), well_explained)},
+        "head_versus_neuron": rows,
+        "counts": {"pairs_relevant": len(inp.pairs),
+                   "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None]),
+                   "not_scored": dict(inp.not_scored),
+                   "skipped_scores": {f"{k}: {r}": v for (k, r), v in sorted(by_scorer.items())},
+                   "judgements": len(judgements), "parsed": counts["ok"], "unparsed": counts["unparsed"],
+                   "failed": counts["failed"]},
+        "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs,
+                  **{k: llm_summary.get(k) for k in ("backend_calls", "cache_hits", "failed", "cost_usd")}},
+    }
+
+
+def summary_text(s: dict) -> str:
+    h, c = s["headline"], s["counts"]
+
+    def fmt(a: dict) -> str:
+        if a["mean"] is None:
+            return "n/a (n=0)"
+        ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["ci_low"] is not None else ""
+        return f"{a['mean']:.3f}{ci} (n={a['n']})"
+
+    lines = [f"scored {c['pairs_scored']}/{c['pairs_relevant']} relevant pairs from {c['judgements']} judgements "
+             f"({c['unparsed']} unparsed, {c['failed']} failed)"]
+    for scorer in ("E", "auroc", "unit_auroc", "unit_sim_correlation"):
+        lines.append(f"  {scorer:<21} real {fmt(h[scorer]['real'])}; random units {fmt(h[scorer]['random_units'])}")
+        lines.append(f"  {'':<21} vs random units: {h[scorer]['real_minus_random_units']['verdict']}")
+        if "real_minus_shuffled" in h[scorer]:
+            lines.append(f"  {'':<21} vs shuffled explanations: {h[scorer]['real_minus_shuffled']['verdict']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_stage(ctx: RunContext) -> None:
+    """`sae-lens-ctx score`: write `scores.jsonl`, `judgements.jsonl` and `summary.json`; print a summary."""
+    from .explain.llm import LLM
+
+    cfg = ctx.config.score
+    inp = read_inputs(ctx)
+    jobs = build_jobs(inp, cfg, ctx.config.seed)
+    start = time.perf_counter()
+    llm = LLM.from_config(ctx.config.explain, ctx.out)
+    try:
+        judgements = run_judgements(llm, jobs, cfg)
+    finally:
+        llm.close()
+    write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements])
+    scores = compute_scores(judgements, inp.units, cfg, ctx.config.seed)
+    write_jsonl(ctx.path("scores.jsonl"), scores)
+    summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained,
+                        llm.summary())
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+    print(summary_text(summary))

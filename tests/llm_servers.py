@@ -1,0 +1,183 @@
+"""LLM servers for the explain tests, all on 127.0.0.1.
+
+* `LlamaServer`: llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`) serving
+  the embedded SmolLM2 GGUF under the alias `smollm2-local`; started in a subprocess, ready when
+  `/v1/models` answers (bounded wait), terminated at teardown.
+* `FaultInjectionServer`: a small OpenAI-shaped HTTP server of the tests' own that injects faults
+  at the backend seam. The requested model name picks the behaviour:
+
+  ==================  ===========================================================================
+  model               answer
+  ==================  ===========================================================================
+  ``fault-429``       429 with ``retry-after-ms: 10`` (rate limited)
+  ``fault-500``       500 with ``retry-after-ms: 10`` (server error)
+  ``fault-malformed`` 200 whose body is not JSON
+  ``fault-empty``     200, a well-formed chat completion whose content is empty
+  ``fault-401``       401 whose message echoes the Authorization header it received
+  ``fault-hang``      holds the request without answering (until `hang_s` passes or the server
+                      stops), then closes it
+  ``ok``              200, ``"a fixed explanation"`` with logprobs and usage
+  other               404 "model not found" (as servers answer a model they do not serve)
+  ==================  ===========================================================================
+
+  Every request is counted per model (`counts`), so tests can check how often a call was retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOOPBACK = "127.0.0.1"
+SERVED_ALIAS = "smollm2-local"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+class LlamaServer:
+    """llama-cpp-python's OpenAI-compatible server on a free loopback port."""
+
+    def __init__(self, gguf: str, *, n_ctx: int = 4096, logits_all: bool = True, startup_s: float = 120.0,
+                 log_path: str | None = None):
+        self.port = free_port()
+        self.base_url = f"http://{LOOPBACK}:{self.port}/v1"
+        # The package's own command (python -m sae_lens_ctx.explain.serve), which execs llama_cpp.server.
+        cmd = [sys.executable, "-m", "sae_lens_ctx.explain.serve", "--model", gguf, "--model_alias", SERVED_ALIAS,
+               "--host", LOOPBACK, "--port", str(self.port), "--n_ctx", str(n_ctx), "--n_threads", "2",
+               "--logits_all", "true" if logits_all else "false"]
+        self._log = open(log_path or os.devnull, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:  # bounded readiness loop
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"llama_cpp.server exited with code {self.proc.returncode} (log: {log_path})")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"llama_cpp.server did not become ready within {startup_s:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+        self._log.close()
+
+
+def _completion(content: str) -> dict:
+    return {
+        "id": "chatcmpl-fault", "object": "chat.completion", "created": 0, "model": "ok",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": content},
+                     "logprobs": {"content": [{"token": w, "logprob": -0.5, "bytes": None,
+                                               "top_logprobs": [{"token": w, "logprob": -0.5, "bytes": None},
+                                                                {"token": "x", "logprob": -2.0, "bytes": None}]}
+                                              for w in content.split(" ") if w]}}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14},
+    }
+
+
+MODELS = ("ok", "fault-429", "fault-500", "fault-malformed", "fault-empty", "fault-hang", "fault-401")
+"""What the fault server lists at /v1/models."""
+
+
+class FaultInjectionServer:
+    """An OpenAI-shaped chat server on a free loopback port that fails on purpose (see module doc)."""
+
+    def __init__(self, hang_s: float = 10.0, ok_text: str = "a fixed explanation"):
+        self.counts: Counter[str] = Counter()
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.hang_s = hang_s
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                models = [{"id": m, "object": "model"} for m in MODELS]
+                self._send(200, json.dumps({"object": "list", "data": models}).encode())
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                model = str(body.get("model"))
+                with server._lock:
+                    server.counts[model] += 1
+                    server.requests.append(body)
+                    server.headers.append({k.lower(): v for k, v in self.headers.items()})
+                retry = {"retry-after-ms": "10"}
+                if model == "fault-429":
+                    self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}', retry)
+                elif model == "fault-500":
+                    self._send(500, b'{"error": {"message": "boom", "type": "server_error"}}', retry)
+                elif model == "fault-malformed":
+                    self._send(200, b'{"choices": [{"message": {"content": "half a json')
+                elif model == "fault-empty":
+                    self._send(200, json.dumps(_completion("")).encode())
+                elif model == "fault-401":  # echoes the key it got, as careless servers do
+                    auth = self.headers.get("Authorization", "")
+                    self._send(401, json.dumps({"error": {"message": f"Incorrect API key provided: {auth}",
+                                                          "type": "invalid_request_error"}}).encode())
+                elif model == "fault-hang":
+                    server._stopping.wait(server.hang_s)  # bounded: at most hang_s, or until stop()
+                    self.close_connection = True
+                elif model == "ok":
+                    self._send(200, json.dumps(_completion(ok_text)).encode())
+                else:
+                    self._send(404, json.dumps({"error": {"message": f"The model `{model}` does not exist",
+                                                          "type": "invalid_request_error",
+                                                          "code": "model_not_found"}}).encode())
+
+        self.httpd = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://{LOOPBACK}:{self.port}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.requests.clear()
+            self.headers.clear()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=10)

@@ -1,0 +1,135 @@
+"""The HTML report in a real headless browser (Debian's chromium, installed by .ci/run).
+
+The rendered DOM is read back (`--dump-dom`) and the planted unit's page is checked: its trigger
+contexts, its two planted heads, hostile text shown as text. Screenshots of the unit page and of the
+unit list are saved into the run directory (`report/screenshot-*.png`) as CI artifacts, and must
+differ: CSS `:target` shows one page at a time, with no JavaScript.
+"""
+
+import os
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import tracked_run
+from sae_lens_ctx.dashboard import context_html, unit_anchor
+from sae_lens_ctx.pipeline import RunDirectory, run_pipeline
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(args: list[str], profile: Path) -> str:
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed: .ci/run installs Debian's chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+class Dom(HTMLParser):
+    """Elements by id with their text, `<tr>` rows per section, and every tag seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack: list[tuple[str, str | None]] = []
+        self.text: dict[str, list[str]] = {}
+        self.ctx_text: dict[str, list[str]] = {}
+        self.rows: dict[str, list[list[str]]] = {}
+        self.tags: set[str] = set()
+        self.srcs: list[str] = []
+        self._section: str | None = None
+        self._in_ctx = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.add(tag)
+        if tag == "img":
+            self.srcs.append(attrs.get("src", ""))
+            return
+        if tag == "section":
+            self._section = attrs.get("id")
+        if "ctx" in (attrs.get("class") or "").split():
+            self._in_ctx += 1
+            self.ctx_text.setdefault(self._section, []).append("")
+        if tag == "tr" and self._section:
+            self.rows.setdefault(self._section, []).append([])
+        if tag == "td" and self._section and self.rows.get(self._section):
+            self.rows[self._section][-1].append("")
+        self.stack.append((tag, attrs.get("class")))
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            top, cls = self.stack.pop()
+            if "ctx" in (cls or "").split():
+                self._in_ctx -= 1
+            if top == tag:
+                break
+
+    def handle_data(self, data):
+        if self._section:
+            self.text.setdefault(self._section, []).append(data)
+            if self._in_ctx:
+                self.ctx_text[self._section][-1] += data
+            if any(tag == "td" for tag, _ in self.stack) and self.rows.get(self._section):
+                self.rows[self._section][-1][-1] += data
+
+
+def test_the_report_in_a_real_browser_shows_the_planted_unit(planted_gpt2, tmp_path_factory, tmp_path):
+    base = tracked_run.build(planted_gpt2, tmp_path_factory.mktemp("tracked"))
+    out = tracked_run.copy_run(base, tmp_path / "run")
+    cfg = RunDirectory(out).read_config()
+    cfg.logging.report_contexts = 100  # every train context, the hostile one (rank 99) included
+    run_pipeline(cfg, out, only="report")
+    index = out / "report" / "index.html"
+    unit = f"L{planted_gpt2.answer.neuron_layer}N{planted_gpt2.answer.neuron_index}"
+    page = unit_anchor(unit)
+
+    dom = Dom()
+    dom.feed(chromium(["--dump-dom", f"{index.as_uri()}#{page}"], tmp_path / "profile"))
+    assert {"units", page, "summary"} <= set(dom.text)
+    assert "script" not in dom.tags and "link" not in dom.tags and "iframe" not in dom.tags
+    assert dom.srcs and all(src.startswith("data:image/png;base64,") for src in dom.srcs)  # self-contained
+
+    # the unit list links to the unit page
+    assert any(row and row[0] == unit for row in dom.rows["units"])
+    # the unit page: its token, its trigger contexts, its two planted heads marked relevant, with ablation
+    text = "".join(dom.text[page])
+    assert planted_gpt2.answer.target_token in text
+    contexts = dom.ctx_text[page]
+    for trigger in planted_gpt2.answer.trigger_words.values():
+        assert sum(trigger in c for c in contexts) >= 3, trigger
+    heads = {row[0]: row for row in dom.rows[page] if len(row) == 8 and row[1] in ("relevant", "–")}  # heads table
+    for layer, head in planted_gpt2.answer.heads:
+        row = heads[f"L{layer}H{head}"]
+        assert row[1] == "relevant" and float(row[4]) > 0.5  # ablation effect on the token probability
+    assert sum(r[1] == "relevant" for r in heads.values()) == 2
+    # hostile corpus and LLM text: shown as text, exactly, never as markup
+    assert tracked_run.NASTY in contexts
+    assert tracked_run.NASTY in text and "b" not in dom.tags
+    # explanations and scores with their intervals
+    assert "Active after the word louvre." in text and "[0.7, 1]" in text
+
+    unit_png, list_png = out / "report" / "screenshot-unit.png", out / "report" / "screenshot-units.png"
+    chromium(["--window-size=1280,1600", f"--screenshot={unit_png}", f"{index.as_uri()}#{page}"], tmp_path / "p1")
+    chromium(["--window-size=1280,1600", f"--screenshot={list_png}", index.as_uri()], tmp_path / "p2")
+    from PIL import Image
+
+    with Image.open(unit_png) as shot:
+        assert shot.size == (1280, 1600) and len(shot.getcolors(1 << 24)) > 50  # a rendered page, not a blank one
+    assert unit_png.read_bytes() != list_png.read_bytes()  # `:target` shows the unit page, not the list
+
+
+def test_context_html_escapes_every_token():
+    pieces = ["<script>", "alert(1)", "</script>", " &amp;", ' "q"', " 'q'", " café ☕"]
+    html = context_html(pieces, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "".join(pieces), 6.0, peak=6.0)
+    assert "<script>" not in html and "&lt;script&gt;" in html and "&amp;amp;" in html
+    assert "&quot;q&quot;" in html and "&#x27;q&#x27;" in html and "café ☕" in html
+    assert html.count('class="tok') == len(pieces) and "rgba(255,140,0,1.00)" in html
+    whole = context_html(None, None, "<i>x</i>", None, peak=0.0)
+    assert "<i>" not in whole and "&lt;i&gt;x&lt;/i&gt;" in whole

@@ -1,0 +1,320 @@
+"""The score stage: the paper's E, AUROC from P(Yes), simulate-and-score, controls and intervals.
+
+A planted run directory (units, held-out contexts, heads with known held-out labels, explanations)
+is written by the tests in the stages' record formats. The judge is either `KeywordJudge`, an
+offline backend made for these tests (it answers Yes exactly when the explanation's last word occurs
+in the example, with fixed logprobs, so every score can be computed by hand), or the embedded SmolLM2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sae_lens_ctx import score
+from sae_lens_ctx.config import RunConfig
+from sae_lens_ctx.explain.llm import BACKENDS, Response, TokenLogprob, register_backend
+from sae_lens_ctx.pipeline import RunContext
+from sae_lens_ctx.records import iter_jsonl, write_jsonl
+
+UNIT, CONTROL = "L2N37", "L2N5"
+HEAD_A, HEAD_B, HEAD_ALL, HEAD_FAILED, CONTROL_HEAD = "L0H3", "L1H5", "L1H1", "L0H2", "L1H2"
+
+# The held-out 'top' prompts of UNIT, by rank, and on which of them each head was active.
+TOP = [" the city of france", " the old louvre", " new france market", " a louvre river",
+       " the small river", " france and the river"]
+ACTIVE = {HEAD_A: [0, 2, 4], HEAD_B: [1, 3], HEAD_ALL: [0, 1, 2, 3, 4, 5], HEAD_FAILED: [0, 1]}
+LOW = [" the old market", " a new city", " the small louvre"]  # held-out negatives of UNIT
+EXPLAINED = {HEAD_A: "the document mentions france", HEAD_B: "the document mentions louvre",
+             HEAD_ALL: "the document mentions city", CONTROL_HEAD: "the document mentions river"}
+P_YES, P_NO = 0.9, 0.2  # the keyword judge's P(Yes) when it answers Yes / No
+
+
+class KeywordJudge:
+    """Offline judge made for these tests: Yes iff the explanation's last word is in the example."""
+
+    backend, model = "keyword-judge-for-tests", "keyword"
+    reply_yes, reply_no = "Yes", "No"
+    logprobs = True
+
+    def generate(self, messages, **params):
+        text = messages[-1]["content"]
+        explanation = re.search(r"is active: (.*)\n", text).group(1)
+        example = text.split('"""\n')[1].split('\n"""')[0]
+        yes = explanation.split()[-1].strip(".") in example
+        p = P_YES if yes else P_NO
+        lps = [TokenLogprob("Yes" if yes else "No", math.log(p if yes else 1 - p),
+                            [("Yes", math.log(p)), ("No", math.log(1 - p))])] if self.logprobs else None
+        return Response(text=self.reply_yes if yes else self.reply_no, logprobs=lps, prompt_tokens=5,
+                        completion_tokens=1)
+
+
+class MumblingJudge(KeywordJudge):
+    """Offline judge made for these tests: never says Yes or No, and gives no logprobs."""
+
+    backend = "mumbling-judge-for-tests"
+    reply_yes = reply_no = "Perhaps."
+    logprobs = False
+
+
+for _judge in (KeywordJudge, MumblingJudge):
+    if _judge.backend not in BACKENDS:
+        register_backend(_judge.backend, lambda cfg, j=_judge: j())
+
+
+def _unit(unit_id, control):
+    return dict(unit_id=unit_id, kind="neuron", layer=2, index=int(unit_id.split("N")[1]), token=" paris",
+                token_id=4, congruence=8.0, control=control)
+
+
+def _ctx(unit_id, kind, rank, text, act):
+    return dict(unit_id=unit_id, split="test", kind=kind, rank=rank, doc_id=f"{unit_id}{kind}{rank}", context_index=0,
+                start=0, end=3, text=text, tokens=[1, 2, 3], activation=act, trimmed_activation=act,
+                next_token_id=None, next_token=None)
+
+
+def _head(unit_id, head, active, n=len(TOP)):
+    return dict(unit_id=unit_id, head=head, relevant=True, active_fraction=0.5, mean_attribution=1.0,
+                active_test_ranks=active, inactive_test_ranks=[r for r in range(n) if r not in active])
+
+
+def _explanation(unit_id, head, text, status="ok"):
+    return dict(unit_id=unit_id, head=head, explainer="paper-round2", text=text if status == "ok" else None,
+                status=status, error=None if status == "ok" else "timeout: slow", backend="b", model="m",
+                prompt_hash="", prompt_tokens=0, completion_tokens=0, cost_usd=0.0)
+
+
+def write_planted_run(out, unit_explanations=True):
+    out.mkdir(exist_ok=True)
+    write_jsonl(out / "units.jsonl", [_unit(UNIT, False), _unit(CONTROL, True)])
+    contexts = [_ctx(UNIT, "top", r, t, 10.0 - r) for r, t in enumerate(TOP)]
+    contexts += [_ctx(UNIT, "low", r, t, 0.5 * r) for r, t in enumerate(LOW)]
+    contexts += [_ctx(UNIT, "random", 0, " france again", 3.0)]
+    contexts += [_ctx(CONTROL, "top", r, t, 5.0) for r, t in enumerate(TOP[:4])]
+    contexts.append(dict(_ctx(UNIT, "top", 0, " a train prompt", 9.0), split="train"))
+    write_jsonl(out / "contexts.jsonl", contexts)
+    heads = [_head(UNIT, h, a) for h, a in ACTIVE.items()]
+    heads += [_head(CONTROL, CONTROL_HEAD, [0, 1], n=4), dict(_head(UNIT, "L0H0", [0]), relevant=False)]
+    write_jsonl(out / "heads.jsonl", heads)
+    expl = [_explanation(UNIT, h, t) for h, t in EXPLAINED.items() if h != CONTROL_HEAD]
+    expl += [_explanation(UNIT, HEAD_FAILED, None, status="failed"), _explanation(CONTROL, CONTROL_HEAD,
+                                                                                   EXPLAINED[CONTROL_HEAD])]
+    if unit_explanations:
+        expl += [_explanation(UNIT, None, "words like france"), _explanation(CONTROL, None, "words like zebra")]
+    write_jsonl(out / "explanations.jsonl", expl)
+
+
+def make_ctx(out, backend=KeywordJudge.backend, **score_cfg):
+    cfg = RunConfig.from_dict({"explain": {"backend": backend, "cache": False},
+                               "score": {"bootstrap_resamples": 200, **score_cfg}})
+    return RunContext(out=out, config=cfg)
+
+
+def scores_of(out) -> dict[tuple, dict]:
+    return {(s["unit_id"], s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")}
+
+
+# --------------------------------------------------------------------------------------------
+# Pure metrics
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, answer", [
+    ("Yes", True), ("yes.", True), ("**Yes**", True), ("Answer: No", False), (" NO!", False),
+    ("No, it is not", False), ("Maybe", None), ("", None), (None, None), ("I think yes", None)])
+def test_replies_are_parsed_robustly_and_the_rest_is_unparseable(reply, answer):
+    assert score.parse_answer(reply) is answer
+
+
+def test_p_yes_sums_variants_and_normalises_over_yes_and_no():
+    pos = TokenLogprob("Yes", math.log(0.5), [("Yes", math.log(0.5)), (" yes", math.log(0.1)), ("No", math.log(0.2)),
+                                               ("Maybe", math.log(0.2))])
+    assert score.p_yes([pos]) == pytest.approx(0.6 / 0.8)
+    assert score.p_yes(None) is None
+    assert score.p_yes([TokenLogprob("Hmm", -0.1, [("Hmm", -0.1)])]) is None
+
+
+def test_balanced_accuracy_auroc_and_constant_judges_by_hand():
+    y = [True, True, True, False, False, False]
+    p = [True, True, False, True, False, False]
+    assert score.balanced_accuracy(y, p) == pytest.approx(0.5 * (2 / 3 + 2 / 3))
+    assert score.balanced_accuracy(y, [True] * 6) == 0.5 and score.balanced_accuracy(y, [False] * 6) == 0.5
+    assert score.balanced_accuracy([True, True], [True, False]) is None
+    assert score.balanced_accuracy([True, True], [True, False], single_class="single-rate") == 0.5
+    assert score.balanced_accuracy([], []) is None
+    # positives .9 .9 .2 vs negatives .2 .2 .9: 4 wins, 2 + 2 ties of the 9 pairs → 6/9
+    assert score.auroc(y, [0.9, 0.9, 0.2, 0.2, 0.2, 0.9]) == pytest.approx(6 / 9)
+    assert score.auroc(y, [1.0] * 6) == 0.5
+    assert score.auroc([True, True], [0.1, 0.2]) is None
+
+
+def test_bootstrap_interval_is_the_percentile_interval_computed_by_hand():
+    y = np.array([True, False, True, False, True, False, True, True])
+    p = np.array([True, False, False, False, True, True, True, True])
+    lo, hi = score.bootstrap_ci(score.balanced_accuracy, (y, p), 500, 0.9, seed=3)
+    rng = np.random.default_rng(3)
+    vals = []
+    for idx in rng.integers(0, 8, size=(500, 8)):
+        yy, pp = y[idx], p[idx]
+        if yy.all() or not yy.any():
+            continue
+        vals.append(0.5 * ((pp & yy).sum() / yy.sum() + (~pp & ~yy).sum() / (~yy).sum()))
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(vals, [5, 95])))
+    assert lo <= score.balanced_accuracy(y, p) <= hi
+
+
+def test_aggregate_and_comparison_of_real_and_control():
+    real, control = [0.9, 0.8, 0.85, 0.95, 0.7, 0.9], [0.5, 0.45, 0.55, 0.5, 0.6, 0.4]
+    agg = score.aggregate(real, 1000, 0.95, seed=0)
+    ci = stats.bootstrap((np.array(real),), np.mean, n_resamples=1000, method="percentile",
+                         random_state=np.random.default_rng(0)).confidence_interval
+    assert agg["mean"] == pytest.approx(np.mean(real)) and agg["std"] == pytest.approx(np.std(real, ddof=1))
+    assert (agg["ci_low"], agg["ci_high"]) == pytest.approx((ci.low, ci.high))
+    apart = score.compare(real, control, 1000, 0.95, seed=0)
+    assert apart["distinguishable"] and apart["pvalue"] < 0.01 and apart["difference"] == pytest.approx(
+        np.mean(real) - np.mean(control))
+    same = score.compare(control, list(reversed(control)), 1000, 0.95, seed=0, paired=True)
+    assert not same["distinguishable"] and "cannot be told apart" in same["verdict"]
+    assert score.compare([], control, 100, 0.95, 0)["verdict"].startswith("cannot compare")
+
+
+def test_paper_statistics_histogram_skew_and_well_explained():
+    values = [0.25, 0.45, 0.55, 0.55, 0.65, 0.7, 0.8, 0.95, 1.0]
+    s = score.paper_statistics(values, 0.67)
+    assert s["histogram"]["counts"] == [0, 0, 1, 0, 1, 2, 1, 1, 1, 2] and sum(s["histogram"]["counts"]) == 9
+    assert s["well_explained_fraction"] == pytest.approx(4 / 9)
+    assert s["skew"] == pytest.approx(stats.skew(values))
+    assert s["skewtest_pvalue"] == pytest.approx(stats.skewtest(values, alternative="greater").pvalue)
+    assert score.paper_statistics([0.5, 0.6], 0.67)["skewtest_pvalue"] is None
+
+
+def test_shuffled_partners_never_give_a_pair_its_own_explanation():
+    pairs = [("U1", "H1"), ("U1", "H2"), ("U2", "H1"), ("U3", "H4"), ("U3", "H5")]
+    for seed in range(20):
+        partner = score.shuffled_partner(pairs, seed)
+        assert sorted(partner) == sorted(pairs) and sorted(partner.values()) == sorted(pairs)
+        assert all(partner[k] != k for k in pairs)
+    assert score.shuffled_partner([("U1", "H1")], 0) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# The stage, with the keyword judge
+# --------------------------------------------------------------------------------------------
+
+
+def test_stage_scores_equal_hand_computed_values(tmp_path):
+    write_planted_run(tmp_path)
+    score.run_stage(make_ctx(tmp_path))
+    s = scores_of(tmp_path)
+    # HEAD_A: active on 0, 2, 4; the judge says Yes on 0, 2, 5 ("france") → TPR 2/3, TNR 2/3
+    a = s[(UNIT, HEAD_A, "E")]
+    assert a["value"] == pytest.approx(2 / 3) and a["n"] == 6 and (a["n_positive"], a["n_negative"]) == (3, 3)
+    assert a["ci_low"] <= a["value"] <= a["ci_high"]
+    assert s[(UNIT, HEAD_A, "auroc")]["value"] == pytest.approx(6 / 9)
+    # HEAD_B ("louvre" on 1 and 3): perfect, with a degenerate interval
+    b = s[(UNIT, HEAD_B, "E")]
+    assert (b["value"], b["ci_low"], b["ci_high"]) == (1.0, 1.0, 1.0)
+    assert s[(UNIT, HEAD_B, "auroc")]["value"] == 1.0
+    # active on every held-out prompt: one class, skipped (round 2) and said so, never 0.5
+    everywhere = s[(UNIT, HEAD_ALL, "E")]
+    assert everywhere["value"] is None and everywhere["skipped"] == "one class only"
+    # a failed explanation is not scored at all
+    assert not any(k[1] == HEAD_FAILED for k in s)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"]["not_scored"] == {"explanation failed": 1}
+    assert summary["counts"]["pairs_relevant"] == 5 and summary["counts"]["pairs_scored"] == 3
+    # the unit's own explanation ("france"): top prompts 0, 2, 5 say Yes, no low prompt does
+    u = s[(UNIT, None, "unit_E")]
+    assert u["value"] == pytest.approx(0.5 * (3 / 6 + 3 / 3)) and (u["n_positive"], u["n_negative"]) == (6, 3)
+    assert s[(UNIT, None, "unit_auroc")]["value"] == pytest.approx((3 * 3 + 0.5 * 3 * 3) / 18)
+    # simulate-and-score: Pearson over top, low and random prompts of 10·P(Yes) against activation
+    acts = [10.0 - r for r in range(6)] + [0.0, 0.5, 1.0] + [3.0]
+    sim = [10 * (P_YES if "france" in t else P_NO) for t in TOP + LOW + [" france again"]]
+    assert s[(UNIT, None, "unit_sim_correlation")]["value"] == pytest.approx(np.corrcoef(acts, sim)[0, 1])
+    # unit + head: the joined explanation's last word is the head's keyword
+    assert s[(UNIT, HEAD_B, "unit_plus_head_E")]["value"] == pytest.approx(0.5 * (2 / 6 + 2 / 3))
+    # the control unit and its head are scored through the same path, marked as control
+    assert s[(CONTROL, CONTROL_HEAD, "E")]["control"] and not a["control"]
+    assert s[(CONTROL, CONTROL_HEAD, "E")]["value"] == pytest.approx(0.5 * (0 / 2 + 1 / 2))
+
+
+def test_summary_holds_controls_with_intervals_and_the_head_versus_neuron_table(tmp_path):
+    write_planted_run(tmp_path)
+    score.run_stage(make_ctx(tmp_path))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    e = summary["headline"]["E"]
+    assert e["real"]["n"] == 2 and e["real"]["mean"] == pytest.approx((2 / 3 + 1) / 2)
+    assert e["random_units"]["n"] == 1
+    assert "verdict" in e["real_minus_random_units"] and "verdict" in e["real_minus_shuffled"]
+    assert not e["real_minus_random_units"]["distinguishable"]  # one control pair: no interval, said plainly
+    assert "cannot be told apart" in e["real_minus_random_units"]["verdict"]
+    assert summary["headline"]["constant_judges"]["always_yes_E"] == 0.5
+    rows = {r["unit_id"]: r for r in summary["head_versus_neuron"]}
+    assert rows[UNIT]["unit_E"] == pytest.approx(0.75) and rows[UNIT]["head_E_mean"] == pytest.approx(5 / 6)
+    stats_real = summary["paper_statistics"]["real"]
+    assert stats_real["n"] == 2 and stats_real["mean"] == pytest.approx(5 / 6)
+
+
+def test_shuffled_control_judges_every_pair_with_another_pairs_explanation(tmp_path):
+    write_planted_run(tmp_path)
+    score.run_stage(make_ctx(tmp_path))
+    shuffled = [j for j in iter_jsonl(tmp_path / "judgements.jsonl") if j["task"] == "shuffled"]
+    own = {(j["unit_id"], j["head"]) for j in iter_jsonl(tmp_path / "judgements.jsonl") if j["task"] == "head"}
+    assert {(j["unit_id"], j["head"]) for j in shuffled} == own
+    assert all(j["explanation_of"] != f"{j['unit_id']}/{j['head']}" for j in shuffled)
+    assert len({j["explanation_of"] for j in shuffled}) == len(own)  # a permutation of the explanations
+
+
+def test_a_judge_that_never_answers_is_counted_never_scored(tmp_path):
+    write_planted_run(tmp_path, unit_explanations=False)
+    score.run_stage(make_ctx(tmp_path, backend=MumblingJudge.backend, shuffled_control=False))
+    s = scores_of(tmp_path)
+    a = s[(UNIT, HEAD_A, "E")]
+    assert a["value"] is None and a["n_unparsed"] == 6 and a["n_parsed"] == 0 and a["skipped"] == "no parsed judgements"
+    assert s[(UNIT, HEAD_A, "auroc")]["skipped"] == "no parsed judgements"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"]["unparsed"] == summary["counts"]["judgements"] > 0
+    assert summary["headline"]["E"]["real"]["mean"] is None
+
+
+def test_round_one_rule_scores_single_class_pairs_with_the_one_rate(tmp_path):
+    write_planted_run(tmp_path)
+    score.run_stage(make_ctx(tmp_path, single_class="single-rate", unit_scores=False, shuffled_control=False))
+    everywhere = scores_of(tmp_path)[(UNIT, HEAD_ALL, "E")]
+    assert everywhere["value"] == pytest.approx(1 / 6)  # "city" occurs in one of the six active prompts: TPR
+
+
+def test_missing_inputs_are_a_user_error(tmp_path):
+    from sae_lens_ctx.errors import UserError
+
+    write_planted_run(tmp_path)
+    (tmp_path / "explanations.jsonl").unlink()
+    with pytest.raises(UserError, match="run the explain stage first"):
+        score.run_stage(make_ctx(tmp_path))
+
+
+@pytest.mark.embedded
+def test_embedded_judge_scores_every_pair_offline_with_intervals_and_controls(tmp_path):
+    write_planted_run(tmp_path)
+    ctx = make_ctx(tmp_path, backend="embedded", n_prompts=4)
+    score.run_stage(ctx)
+    s = scores_of(tmp_path)
+    judgements = list(iter_jsonl(tmp_path / "judgements.jsonl"))
+    assert judgements and all(j["status"] in ("ok", "unparsed") for j in judgements)
+    assert all(j["p_yes"] is not None and 0.0 <= j["p_yes"] <= 1.0 for j in judgements if j["status"] == "ok")
+    for pair in [(UNIT, HEAD_A), (UNIT, HEAD_B), (CONTROL, CONTROL_HEAD)]:
+        for scorer in ("E", "auroc", "shuffled_E", "shuffled_auroc"):
+            rec = s[(*pair, scorer)]
+            assert rec["value"] is not None or rec["skipped"], rec
+            assert rec["n_parsed"] + rec["n_unparsed"] + rec["n_failed"] == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for scorer in ("E", "auroc"):
+        for side in ("real", "random_units", "shuffled_explanations"):
+            assert set(summary["headline"][scorer][side]) >= {"mean", "ci_low", "ci_high", "n"}
+        assert summary["headline"][scorer]["real_minus_random_units"]["verdict"]
+    assert summary["judge"]["backend_calls"] == len(judgements)
