@@ -444,7 +444,7 @@ def run_stage(ctx: RunContext) -> None:
     units = read_jsonl(ctx.path("units.jsonl"), UnitRecord)
     prompts = _top_prompts(read_jsonl(ctx.path("contexts.jsonl"), ContextRecord))
     bos = [view.tokenizer.bos_token_id] if ctx.config.corpus.prepend_bos and view.tokenizer.bos_token_id is not None else []
-    saes = {s.sae_id: s for s in (SaeSource.load(spec, ctx.config.model.device) for spec in ctx.config.discover.saes)}
+    saes = {s.sae_id: s for s in ctx.sae_sources()}
     mean_z = None
     if cfg.ablation == "mean":
         sample = [list(c.tokens) for c in ctx.corpus.split("train")[:64]]

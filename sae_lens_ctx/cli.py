@@ -2,6 +2,8 @@
 
     sae-lens-ctx run [CONFIG.yaml] [--model NAME_OR_PATH] [--corpus NAME_OR_PATH] [--out DIR] [overrides...]
     sae-lens-ctx <stage> --out DIR [overrides...]
+    sae-lens-ctx mine --out DIR --shard i/n      (then: sae-lens-ctx merge --out DIR)
+    sae-lens-ctx bench [--shape S | --model NAME] [--out FILE]
 
 Every config field is an option with a dotted name (`--corpus.context_size 128`,
 `--corpus.context_size=128`, or `corpus.context_size=128`), so W&B sweeps (`--param=value`) work.
@@ -103,7 +105,13 @@ def cmd_stage(name: str, args: list[str]) -> int:
     stage = STAGES[name]
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--out", type=Path)
+    if name == "mine":
+        pre.add_argument("--shard", default=None)
     known, _ = pre.parse_known_args(args)
+    shard = getattr(known, "shard", None)
+    if shard is not None:  # `--shard` is not a config field: take it out before the config parser sees it
+        args = [a for i, a in enumerate(args) if not (a == "--shard" or a.startswith("--shard=")
+                                                      or (i > 0 and args[i - 1] == "--shard"))]
     wants_help = any(a in ("-h", "--help") for a in args)
     defaults = RunDirectory(known.out).read_config() if known.out and not wants_help else RunConfig()
     parser = _config_parser(f"sae-lens-ctx {name}", f"{stage.summary}.\n\nRuns this stage alone on an existing "
@@ -113,8 +121,28 @@ def cmd_stage(name: str, args: list[str]) -> int:
         raise UserError(f"`sae-lens-ctx {name}` needs --out DIR, the run directory to work on")
     if stage.run is None:
         raise UserError(f"stage '{name}' is not built yet")
+    if shard is not None:
+        from .shard import parse_shard, run_shard
+
+        run_shard(ns.config, ns.out, parse_shard(shard))
+        return 0
     results = run_pipeline(ns.config, ns.out, only=name, force=ns.force)
     _print_results(ns.out, results)
+    return 0
+
+
+def cmd_merge(args: list[str]) -> int:
+    """`merge --out DIR`: merge the mining shards in DIR into the single-process result (then trim and write)."""
+    parser = argparse.ArgumentParser(prog="sae-lens-ctx merge", description="Merge the shards written by "
+                                     "`sae-lens-ctx mine --out DIR --shard i/n` (every i of n) into exactly the "
+                                     "single-process result, trim, and write the mine stage's files.")
+    parser.add_argument("--out", type=Path, required=True, help="the run directory holding the shards")
+    parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
+    ns = parser.parse_args(args)
+    from .shard import merge_run
+
+    merge_run(ns.out, keep_shards=ns.keep_shards)
+    print(f"  {'mine':<10} merged\nresults in {ns.out}")
     return 0
 
 
@@ -143,6 +171,10 @@ def _top_parser() -> argparse.ArgumentParser:
     for stage in STAGES.values():
         built = "" if stage.run else " [not built yet]"
         sub.add_parser(stage.name, help=f"{stage.summary}{built}", add_help=False)
+    sub.add_parser("merge", help="merge mining shards (mine --shard i/n) into the single-process result",
+                   add_help=False)
+    sub.add_parser("bench", help="throughput against in-process baselines (scan, attribution, trimming, memory)",
+                   add_help=False)
     return parser
 
 
@@ -160,7 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(rest)
         if command in STAGES:
             return cmd_stage(command, rest)
-        raise UserError(f"unknown command '{command}'{did_you_mean(command, ['run', *STAGES])}: "
+        if command == "merge":
+            return cmd_merge(rest)
+        if command == "bench":
+            from .bench import bench_cli
+
+            return bench_cli(rest)
+        raise UserError(f"unknown command '{command}'{did_you_mean(command, ['run', *STAGES, 'merge', 'bench'])}: "
                         "see `sae-lens-ctx --help`")
     except UserError as e:
         if debug:

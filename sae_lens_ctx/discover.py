@@ -186,6 +186,8 @@ class UnitGroup:
     hook_name: str
     write: torch.Tensor
     sae_id: str | None = None
+    sae_release: str | None = None
+    neuronpedia_id: str | None = None
 
     def unit_id(self, index: int) -> str:
         return neuron_id(self.layer, index) if self.kind == "neuron" else f"{self.sae_id}:{index}"
@@ -208,7 +210,8 @@ def neuron_groups(view: ModelView, layers: list[int]) -> list[UnitGroup]:
 
 
 def sae_groups(view: ModelView, saes: list[SaeSource]) -> list[UnitGroup]:
-    return [UnitGroup(s.sae_id, "sae_latent", s.layer, s.hook_name, s.write_directions(view), sae_id=s.sae_id)
+    return [UnitGroup(s.sae_id, "sae_latent", s.layer, s.hook_name, s.write_directions(view), sae_id=s.sae_id,
+                      sae_release=s.release, neuronpedia_id=s.neuronpedia_id)
             for s in saes]
 
 
@@ -259,6 +262,7 @@ def _group_records(group: UnitGroup, stats: CongruenceStats, texts: list[str], d
             top_tokens=[[texts[int(t)], round(float(v), 6)] for t, v in zip(best_t[i], best_v[i])],
             min_token=texts[int(other_t[i, 0])], min_value=float(other_v[i, 0]),
             kurtosis=float(stats.kurtosis[i]), skew=float(stats.skew[i]), sae_id=group.sae_id,
+            sae_release=group.sae_release, neuronpedia_id=group.neuronpedia_id,
         )
         for i in range(len(strength))
     ]
@@ -309,7 +313,7 @@ def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx discover`: write `units.jsonl` and `vocab_filter.jsonl`; print a summary."""
     cfg = ctx.config.discover
     view = ctx.model
-    saes = [SaeSource.load(spec, device=ctx.config.model.device) for spec in cfg.saes]
+    saes = ctx.sae_sources()
     corpus_ids = None
     if cfg.corpus_filter:
         corpus_ids = {t for c in ctx.corpus.split("train") for t in c.tokens}

@@ -235,6 +235,8 @@ class ScanResult:
     """Tokens this process scanned (fewer than `n_tokens` after a resume)."""
     resumed_at: int = 0
     """Contexts already done in the checkpoint it resumed from (0: a fresh scan)."""
+    identity: str = ""
+    """What the result depends on (`scan_identity`); shards of one scan share it (`shard.py`)."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -242,11 +244,15 @@ class ScanResult:
 
 
 def batches(contexts: Sequence[TokenContext], batch_size: int, window: int = SORT_WINDOW,
-            begin: int = 0) -> Iterator[tuple[list[int], int | None]]:
+            begin: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[list[int], int | None]]:
     """(context indices, contexts done after this batch or None): each window of `window` batches is
-    sorted longest first; the second item is set on a window's last batch (where checkpoints go)."""
+    sorted longest first; the second item is set on a window's last batch (where checkpoints go).
+    With `shard=(i, n)` only the windows whose number is i modulo n (`shard.py`): every batch is the
+    one the unsharded scan forms, so the shards' values are bit-identical to it."""
     size = batch_size * window
     for w0 in range(begin, len(contexts), size):
+        if (w0 // size) % shard[1] != shard[0]:
+            continue
         w1 = min(w0 + size, len(contexts))
         order = sorted(range(w0, w1), key=lambda i: -len(contexts[i].tokens))
         for b0 in range(0, len(order), batch_size):
@@ -257,12 +263,14 @@ def batches(contexts: Sequence[TokenContext], batch_size: int, window: int = SOR
 def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str, int], *, bos: int = 1,
          seed: int = 0, batch_size: int = 32, window: int = SORT_WINDOW, checkpoint: Path | None = None,
          checkpoint_every: int = 50, identity: str = "", on_batch: Callable[[int], None] | None = None,
-         desc: str = "mine") -> ScanResult:
+         desc: str = "mine", shard: tuple[int, int] = (0, 1)) -> ScanResult:
     """Stream `contexts` once and keep, per unit, the k best contexts of each track (`{"top": k, ...}`).
 
     `bos` is how many leading tokens of each context are BOS (not scored). With `checkpoint`, the
     tracks are saved there every `checkpoint_every` batches (and at the end) and resumed from there
     when the file matches this scan (`identity` plus every argument that changes the result).
+    `shard=(i, n)` scans only shard i of n (see `batches`); `shard.merge_results` merges the n results
+    into exactly the unsharded one.
     """
     view, n_units = reader.view, reader.n_units
     width, total = 0, 0
@@ -271,7 +279,8 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
     if width > view.n_ctx:
         raise UserError(f"a context of {width} tokens is longer than the model's n_ctx={view.n_ctx}: "
                         f"set corpus.context_size to {view.n_ctx} or less")
-    ident = _digest([identity, reader.unit_ids, tracks, bos, seed, batch_size, window, len(contexts), total, width])
+    base = scan_identity(identity, reader.unit_ids, tracks, bos, seed, batch_size, window, contexts)
+    ident = base if tuple(shard) == (0, 1) else _digest([base, list(shard)])
     state = {name: Track.empty(n_units, k, width, name == "top", view.device) for name, k in tracks.items()}
     done = n_skipped = n_batches = tokens_done = 0
     if checkpoint is not None and checkpoint.exists():
@@ -291,7 +300,7 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
 
     pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
     bar = tqdm(total=total, initial=tokens_done, unit="tok", unit_scale=True, desc=desc, disable=None)
-    for idxs, window_end in batches(contexts, batch_size, window, begin=done):
+    for idxs, window_end in batches(contexts, batch_size, window, begin=done, shard=shard):
         rows = [contexts[i].tokens for i in idxs]
         lengths = torch.tensor([len(r) for r in rows], device=view.device)
         acts = reader(pad_batch(rows, pad_id).to(view.device))                  # [B, T, U]
@@ -328,7 +337,15 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
     if checkpoint is not None:
         save()
     return ScanResult({k: Track.from_tensors(t.tensors(k), k, t.largest) for k, t in state.items()},
-                      len(contexts), total, n_skipped, time.perf_counter() - start, scanned, resumed_at)
+                      len(contexts), total, n_skipped, time.perf_counter() - start, scanned, resumed_at, base)
+
+
+def scan_identity(identity: str, unit_ids: Sequence[str], tracks: dict[str, int], bos: int, seed: int,
+                  batch_size: int, window: int, contexts: Sequence[TokenContext]) -> str:
+    """Digest of everything a scan's result depends on (a checkpoint or a shard must match it)."""
+    width = max((len(c.tokens) for c in contexts), default=0)
+    total = sum(len(c.tokens) for c in contexts)
+    return _digest([identity, list(unit_ids), tracks, bos, seed, batch_size, window, len(contexts), total, width])
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -397,28 +414,84 @@ def load_units(path: Path) -> list[UnitRecord]:
 
 
 def run_stage(ctx: RunContext) -> None:
-    """`sae-lens-ctx mine`: write `contexts.jsonl`, `context_acts.safetensors` and `mine.json`."""
-    cfg, run = ctx.config.mine, ctx.config
+    """`sae-lens-ctx mine`: write `contexts.jsonl`, `context_acts.safetensors` and `mine.json`.
+
+    Under torchrun (WORLD_SIZE > 1) each process scans its shard and rank 0 merges and writes
+    (`shard.py`); `sae-lens-ctx mine --shard i/n` and `sae-lens-ctx merge` do it in separate jobs."""
+    from .shard import Distributed
+
+    dist = Distributed.from_env()  # before the model loads (it picks this rank's GPU)
+    units, reader, splits = prepare_stage(ctx)
+    if dist is None:
+        finish_stage(ctx, units, reader, splits, scan_splits(ctx, reader, splits))
+        return
+    with dist:
+        results = dist.gather(scan_splits(ctx, reader, splits, shard=dist.shard))
+        if results is not None:
+            finish_stage(ctx, units, reader, splits, results)
+        dist.barrier()
+        remove_checkpoints(ctx, dist.shard)
+
+
+def prepare_stage(ctx: RunContext) -> tuple[list[UnitRecord], UnitReader, dict[str, list[TokenContext]]]:
+    """The units, their reader and the corpus splits, checked."""
+    cfg = ctx.config.mine
     units = load_units(ctx.path("units.jsonl"))
-    saes = {s.sae_id: s for s in (SaeSource.load(spec, device=run.model.device) for spec in run.discover.saes)}
+    saes = {s.sae_id: s for s in ctx.sae_sources()}
     reader = UnitReader(ctx.model, units, saes)
     splits = {name: ctx.corpus.split(name) for name in SPLITS}
     for name, need, key in (("train", cfg.top_k, "top_k"), ("test", cfg.n_test_prompts, "n_test_prompts")):
         if len(splits[name]) < need:
             raise UserError(f"the {name} side of the corpus has {len(splits[name])} contexts, fewer than "
                             f"mine.{key}={need}: lower mine.{key} or give a larger corpus")
+    return units, reader, splits
+
+
+def _scan_args(ctx: RunContext) -> tuple[int, dict[str, dict[str, int]], str]:
+    cfg, run = ctx.config.mine, ctx.config
     bos = 1 if run.corpus.prepend_bos else 0
-    bos_ids = [int(ctx.model.tokenizer.bos_token_id)] if bos and cfg.trim_with_bos else []
     sizes = {"train": {"top": cfg.top_k, "random": cfg.n_random},
              "test": {"top": cfg.n_test_prompts, "low": cfg.n_test_prompts, "random": cfg.n_test_prompts}}
-    identity = _digest([run.model.__dict__, run.corpus.__dict__])
-    results, prompts = {}, []
+    return bos, sizes, _digest([run.model.__dict__, run.corpus.__dict__])
+
+
+def scan_identities(ctx: RunContext, reader: UnitReader, splits: dict[str, list[TokenContext]]) -> dict[str, str]:
+    """Per split, the identity `scan_splits` gives its results (what shards must match to be merged)."""
+    bos, sizes, identity = _scan_args(ctx)
+    return {name: scan_identity(identity, reader.unit_ids, sizes[name], bos, ctx.config.seed,
+                                ctx.config.mine.batch_size, SORT_WINDOW, splits[name]) for name in SPLITS}
+
+
+def scan_splits(ctx: RunContext, reader: UnitReader, splits: dict[str, list[TokenContext]],
+                shard: tuple[int, int] = (0, 1)) -> dict[str, ScanResult]:
+    """Scan every split (or shard i of n of each), with checkpoints in the run directory."""
+    cfg = ctx.config.mine
+    bos, sizes, identity = _scan_args(ctx)
+    tag = "" if tuple(shard) == (0, 1) else f".shard{shard[0]}of{shard[1]}"
+    results = {}
     for name in SPLITS:
         seam = _fault_injection_after_batch
-        results[name] = scan(reader, splits[name], sizes[name], bos=bos, seed=run.seed, batch_size=cfg.batch_size,
-                             checkpoint=ctx.path(f"mine.ckpt.{name}.safetensors"),
-                             checkpoint_every=cfg.checkpoint_every, identity=identity, desc=f"mine {name}",
-                             on_batch=(lambda n, s=name, f=seam: f(s, n)) if seam else None)
+        results[name] = scan(reader, splits[name], sizes[name], bos=bos, seed=ctx.config.seed,
+                             batch_size=cfg.batch_size, checkpoint=ctx.path(f"mine.ckpt.{name}{tag}.safetensors"),
+                             checkpoint_every=cfg.checkpoint_every, identity=identity, desc=f"mine {name}{tag}",
+                             on_batch=(lambda n, s=name, f=seam: f(s, n)) if seam else None, shard=shard)
+    return results
+
+
+def remove_checkpoints(ctx: RunContext, shard: tuple[int, int] = (0, 1)) -> None:
+    tag = "" if tuple(shard) == (0, 1) else f".shard{shard[0]}of{shard[1]}"
+    for name in SPLITS:
+        ctx.path(f"mine.ckpt.{name}{tag}.safetensors").unlink(missing_ok=True)
+
+
+def finish_stage(ctx: RunContext, units: list[UnitRecord], reader: UnitReader,
+                 splits: dict[str, list[TokenContext]], results: dict[str, ScanResult]) -> None:
+    """From the scans' tracks: prompts, batched trimming, records; write the stage's files."""
+    cfg, run = ctx.config.mine, ctx.config
+    bos = 1 if run.corpus.prepend_bos else 0
+    bos_ids = [int(ctx.model.tokenizer.bos_token_id)] if bos and cfg.trim_with_bos else []
+    prompts = []
+    for name in SPLITS:
         prompts += collect_prompts(results[name], name, splits[name], bos, cfg.max_prompt_tokens)
     width = max(len(c.tokens) for c in ctx.corpus.contexts)
     trim = trim_prompts(reader, prompts, cfg, bos, bos_ids, width)
@@ -428,8 +501,7 @@ def run_stage(ctx: RunContext) -> None:
     _save_safetensors(ctx.path("context_acts.safetensors"), {f"row{i}": a for i, a in enumerate(acts)})
     report = mine_report(units, records, results, {**trim, "n_dropped_long": dropped})
     atomic_write(ctx.path("mine.json"), json.dumps(report, indent=2) + "\n")
-    for name in SPLITS:
-        ctx.path(f"mine.ckpt.{name}.safetensors").unlink(missing_ok=True)
+    remove_checkpoints(ctx)
     print(summary_text(report))
 
 

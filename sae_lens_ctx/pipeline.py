@@ -104,16 +104,26 @@ class StageResult:
 class RunContext:
     """Everything a stage may use: the run directory, the resolved config, and lazily loaded inputs.
 
-    A model object passed in from Python (`model=`) is used instead of loading `config.model`.
+    A model object passed in from Python (`model=`) is used instead of loading `config.model`, and SAE
+    objects passed in from Python (`sae_objects`, keyed by their `discover.saes` spec `object:...`) are
+    used instead of loading those specs from disk or a registry.
     """
 
     out: Path
     config: RunConfig
     model_object: Any = None
     _manifest: dict = field(default_factory=dict, repr=False)
+    sae_objects: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def path(self, name: str) -> Path:
         return self.out / name
+
+    def sae_sources(self) -> list:
+        """The `SaeSource` of every SAE in `discover.saes`: an in-memory one where given, else loaded."""
+        from .units import SaeSource
+
+        return [self.sae_objects[spec] if spec in self.sae_objects
+                else SaeSource.load(spec, device=self.config.model.device) for spec in self.config.discover.saes]
 
     @cached_property
     def model(self) -> ModelView:
@@ -219,8 +229,11 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
 
 
 def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False, only: str | None = None,
-                 force: bool = False, model: Any = None) -> list[StageResult]:
-    """Run every built stage in order (or just `only`) over the run directory `out`."""
+                 force: bool = False, model: Any = None, saes: dict[str, Any] | None = None,
+                 until: str | None = None) -> list[StageResult]:
+    """Run every built stage in order (or just `only`, or those up to and including `until`) over the run
+    directory `out`. `model` is a model object to use instead of loading `config.model`; `saes` maps
+    `discover.saes` specs to in-memory `SaeSource`s (the Python API's SAEs without a file)."""
     config.validate()
     if model is None:
         from .model import check_model_name
@@ -228,9 +241,11 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         check_model_name(config.model)  # fail on a bad name before touching the run directory
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
-    ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest)
+    ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest, sae_objects=dict(saes or {}))
     prints = stage_fingerprints(config)
     names = list(STAGES)
+    if until is not None:
+        names = names[: names.index(get_stage(until).name) + 1]
     if only is not None:
         if not get_stage(only).reads_what_exists:
             _require_upstream(only, manifest, prints)
@@ -262,7 +277,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     if config.logging.log_to_wandb:
         from .track import log_run
 
-        log_run(ctx, results, job_type=only or "run")  # one W&B run per invocation: tables, plots, artifact
+        log_run(ctx, results, job_type=only or (until if until not in (None, list(STAGES)[-1]) else "run"))  # one W&B run per invocation: tables, plots, artifact
     return results
 
 

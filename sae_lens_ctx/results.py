@@ -62,6 +62,10 @@ TABLES: tuple[TableSpec, ...] = (
 )
 TABLE_BY_NAME = {t.name: t for t in TABLES}
 
+UNIT_SCORERS = {"unit_E": "E", "unit_auroc": "auroc"}
+"""A unit's own scorers and the head scorers they compare with (score.py): the unit's explanation
+predicting the unit, its heads' predicting their own activity, by the same judge and metric."""
+
 SIDE_FILES = ("model.json", "corpus.json", "mine.json", "attribute.json", "explain.json", "summary.json")
 """Per-stage JSON summaries shown beside the tables when present."""
 
@@ -152,7 +156,10 @@ class RunResults:
         for s in self.rows("scores"):
             if _number(s.get("value")) is None:
                 continue
-            key = (s.get("unit_id"), str(s.get("scorer")))
+            scorer = str(s.get("scorer"))
+            if s.get("head") is None and scorer in UNIT_SCORERS:
+                scorer = UNIT_SCORERS[scorer]  # the unit's own score beside its heads' score of the same kind
+            key = (s.get("unit_id"), scorer)
             entry = per.setdefault(key, {"unit": None, "heads": []})
             if s.get("head") is None:
                 entry["unit"] = s

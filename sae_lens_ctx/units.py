@@ -21,6 +21,9 @@ from .model import ModelView
 _NEURON_ID = re.compile(r"^L(\d+)N(\d+)$")
 _HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
+OBJECT_PREFIX = "object:"
+"""`discover.saes` entries of SAEs passed as Python objects (the API), not loaded from a path or registry."""
+
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 """Hooks whose activations live in the residual basis (d_model): an SAE there writes W_dec directly."""
 
@@ -71,6 +74,10 @@ class UnitRecord:
     """Skew of write · W_U over the vocabulary (positive: prediction; negative: suppression)."""
     sae_id: str | None = None
     """For SAE latents: the SAE's id (`release/sae_id`, or the directory name for a local SAE)."""
+    sae_release: str | None = None
+    """For SAE latents: the SAE-Lens release the SAE came from (its metadata's `release`), when known."""
+    neuronpedia_id: str | None = None
+    """For SAE latents: the SAE's Neuronpedia id (`model/source`, its metadata's `neuronpedia_id`), when known."""
 
 
 @dataclass
@@ -82,12 +89,20 @@ class SaeSource:
     hook_name: str
     layer: int
     hook_kind: str
+    release: str | None = None
+    """SAE-Lens metadata `release`, when the SAE has one."""
+    neuronpedia_id: str | None = None
+    """SAE-Lens metadata `neuronpedia_id`, when the SAE has one."""
 
     @classmethod
     def load(cls, spec: str, device: str = "cpu") -> SaeSource:
         """`spec` is a directory written by `SAE.save_model`, or `release:sae_id` for SAE-Lens's registry / HF."""
         from sae_lens import SAE
 
+        if spec.startswith(OBJECT_PREFIX):
+            raise UserError(f"SAE '{spec}' was passed as a Python object, not a file: pass the same SAE again "
+                            "(sae_lens_ctx.run(..., saes=[sae]) or attached to the HookedSAETransformer), or save "
+                            "it with SAE.save_model and list the directory in discover.saes")
         path = Path(spec).expanduser()
         if path.exists() or spec.startswith((".", "/", "~")):
             if not (path / "cfg.json").is_file():
@@ -119,8 +134,22 @@ class SaeSource:
         m = _HOOK.match(hook_name)
         if not m:
             raise UserError(f"the SAE's hook {hook_name} is not a per-layer hook (blocks.L.*)")
-        sae_id = sae_id or meta.get("neuronpedia_id") or hook_name
-        return cls(sae_id=sae_id, sae=sae, hook_name=hook_name, layer=int(m.group(1)), hook_kind=m.group(2))
+        release, np_id = meta.get("release"), meta.get("neuronpedia_id")
+        registry_id = f"{release}/{meta.get('sae_id')}" if release and meta.get("sae_id") else None
+        sae_id = sae_id or registry_id or np_id or hook_name
+        return cls(sae_id=sae_id, sae=sae, hook_name=hook_name, layer=int(m.group(1)), hook_kind=m.group(2),
+                   release=release, neuronpedia_id=np_id)
+
+    def object_spec(self) -> str:
+        """The `discover.saes` entry of an in-memory SAE: `object:{sae_id}#{digest of its weights}`, so a
+        changed SAE gives the stages that read it a new fingerprint."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.sae.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return f"{OBJECT_PREFIX}{self.sae_id}#{h.hexdigest()[:12]}"
 
     def write_directions(self, view: ModelView) -> torch.Tensor:
         """Each latent's write into the residual stream, `[d_sae, d_model]`."""

@@ -7,6 +7,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 import pytest  # noqa: E402
 
+import offline_llm  # noqa: E402,F401  (registers the offline-test-llm backend)
 from planted import make_planted_gpt2, make_planted_llama  # noqa: E402
 
 

@@ -22,7 +22,16 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     assert (model["source"], model["n_layers"], model["d_mlp"]) == ("embedded-gguf", 30, 1536)
     corpus = json.loads((out / "corpus.json").read_text())
     assert corpus["train"]["n_tokens"] > corpus["test"]["n_tokens"] > 0
-    assert "not built yet" in proc.stdout and "load" in proc.stdout
+    for name in ("units.jsonl", "contexts.jsonl", "heads.jsonl", "explanations.jsonl", "scores.jsonl",
+                 "judgements.jsonl", "report/index.html"):
+        assert (out / name).stat().st_size > 0, name
+    units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
+    assert any(u["control"] for u in units) and any(not u["control"] for u in units)
+    summary = json.loads((out / "summary.json").read_text())
+    for side in ("real", "random_units"):
+        assert set(summary["headline"]["E"][side]) >= {"mean", "ci_low", "ci_high", "n"}
+    assert summary["headline"]["E"]["real_minus_random_units"]["verdict"]
+    assert "not built yet" not in proc.stdout and "scored" in proc.stdout
     again = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
                            env=env, timeout=600)
     assert again.returncode == 0 and "skipped" in again.stdout

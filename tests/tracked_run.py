@@ -1,8 +1,8 @@
 """A run directory on the planted GPT-2 for the tracking and report tests, built once per session.
 
 load, discover, mine and attribute are the real stages. explain and score files are written here in
-their record formats (`ExplanationRecord`; ARCHITECTURE §4 for scores, whose stage is not built):
-the explain stage needs an LLM, and these tests are about showing records, not making them. The
+their record formats (`ExplanationRecord`, `ScoreRecord`): these tests are about showing records, not
+making them (tests/test_explain.py and tests/test_score.py make them). The
 records carry hostile text (markup, entities, quotes, non-ASCII) so that escaping is tested end to end;
 one extra context line does too (its tokens do not spell its text, so it is shown as plain text).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, ModelConfig, RunConfig
 from sae_lens_ctx.pipeline import run_pipeline
-from sae_lens_ctx.records import ExplanationRecord, write_jsonl
+from sae_lens_ctx.records import ExplanationRecord, ScoreRecord, write_jsonl
 
 NASTY = "<script>alert(1)</script> &amp; \"double\" 'single' café ☕ 日本語 </span><b>"
 """Hostile text: must render inert and readable everywhere."""
@@ -102,8 +102,8 @@ def explanations(control: str) -> list[ExplanationRecord]:
     ]
 
 
-def scores(control: str) -> list[dict]:
-    """Score rows as ARCHITECTURE §4 defines them (`unit_id, head, scorer, value, ci_low, ci_high, n`)."""
+def scores(control: str) -> list[ScoreRecord]:
+    """Score rows in the score stage's record format (`ScoreRecord`), a unit's own beside its heads'."""
     rows = []
     for scorer, shift in (("E", 0.0), ("auroc", 0.05)):
         for unit_id, head, value, low, high in (("L2N37", "L0H3", 0.9 + shift, 0.7, 1.0),
@@ -111,6 +111,7 @@ def scores(control: str) -> list[dict]:
                                                 ("L2N37", None, 0.6 + shift, 0.4, 0.8),
                                                 (control, "L0H0", 0.5, 0.3, 0.7),
                                                 (control, None, 0.45, 0.3, 0.6)):
-            rows.append({"unit_id": unit_id, "head": head, "scorer": scorer, "value": value, "ci_low": low,
-                         "ci_high": high, "n": 10})
+            rows.append(ScoreRecord(unit_id=unit_id, head=head, scorer=scorer if head else f"unit_{scorer}",
+                                    value=value, ci_low=low, ci_high=high, n=10, control=unit_id == control,
+                                    n_positive=5, n_negative=5, n_parsed=10))
     return rows

@@ -1,0 +1,165 @@
+"""Sharded mining equals one process exactly: `--shard i/n` + `merge`, and 2 torchrun processes on gloo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from planted import planted_corpus
+from sae_lens_ctx import cli, mine
+from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
+from sae_lens_ctx.errors import UserError
+from sae_lens_ctx.pipeline import run_pipeline
+from sae_lens_ctx.shard import load_shard, merge_results, parse_shard
+
+TIMING = {"seconds", "tokens_per_s", "resumed_at_context"}
+
+
+def config(plant, docs):
+    # batch_size 4 × window 8 = 32 contexts a window: the train split has several windows, so every shard scans some
+    return RunConfig(model=ModelConfig(model_name=str(plant.directory)),
+                     corpus=CorpusConfig(dataset_path=str(docs), context_size=16, min_documents=10),
+                     discover=DiscoverConfig(n_last_layers=1, top_k=1),
+                     mine=MineConfig(top_k=6, n_test_prompts=3, n_random=3, batch_size=4))
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def assert_same_mine(a: Path, b: Path):
+    assert (a / "contexts.jsonl").read_bytes() == (b / "contexts.jsonl").read_bytes()
+    acts_a, acts_b = load_file(a / "context_acts.safetensors"), load_file(b / "context_acts.safetensors")
+    assert acts_a.keys() == acts_b.keys() and len(acts_a) > 0
+    for key in acts_a:
+        assert torch.equal(acts_a[key], acts_b[key]), key
+    ra, rb = json.loads((a / "mine.json").read_text()), json.loads((b / "mine.json").read_text())
+    assert strip_timing(ra) == strip_timing(rb)
+    for name in ("train", "test"):
+        assert ra["splits"][name]["n_contexts"] == rb["splits"][name]["n_contexts"]
+    assert ra["tokens_scanned"] == rb["tokens_scanned"] > 0
+
+
+@pytest.fixture(scope="module")
+def prepared(planted_gpt2, tmp_path_factory):
+    """A run directory after load + discover, and the single-process mine result beside it."""
+    root = tmp_path_factory.mktemp("shard")
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(planted_gpt2, n_docs=120)))
+    base = root / "base"
+    cfg = config(planted_gpt2, docs)
+    run_pipeline(cfg, base, until="discover")
+    single = root / "single"
+    _copy_run(base, single)
+    run_pipeline(config(planted_gpt2, docs), single, only="mine")
+    return planted_gpt2, docs, base, single
+
+
+def _copy_run(src: Path, dst: Path):
+    import shutil
+
+    shutil.copytree(src, dst)
+
+
+def test_parse_shard():
+    assert parse_shard("0/1") == (0, 1) and parse_shard(" 2 / 3 ") == (2, 3)
+    for bad in ("3/3", "1", "-1/2", "a/b", "0/0"):
+        with pytest.raises(UserError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_shards_cover_every_context_once_in_the_unsharded_batches():
+    from sae_lens_ctx.corpus import TokenContext
+
+    contexts = [TokenContext(f"d{i}", "train", 0, 0, tuple(range(1 + (i * 7) % 13))) for i in range(200)]
+    whole = [idxs for idxs, _ in mine.batches(contexts, 4)]
+    for n in (1, 2, 3):
+        parts = [[idxs for idxs, _ in mine.batches(contexts, 4, shard=(i, n))] for i in range(n)]
+        assert all(parts) and sorted(b for p in parts for b in p) == sorted(whole)  # the very same batches
+
+
+def test_shard_and_merge_equal_one_process(prepared, tmp_path, capsys):
+    plant, docs, base, single = prepared
+    out = tmp_path / "sharded"
+    _copy_run(base, out)
+    n = 3
+    for i in range(n):  # through the CLI, as separate jobs would
+        assert cli.main(["mine", "--out", str(out), "--shard", f"{i}/{n}"]) == 0
+    files = sorted(out.glob("mine.shard*of3.safetensors"))
+    assert len(files) == n and not list(out.glob("mine.ckpt*"))
+    parts = [load_shard(f)[0] for f in files]
+    # each shard scanned only part of the corpus, together all of it
+    scanned = [p["train"].tokens_scanned for p in parts]
+    assert all(0 < s < parts[0]["train"].n_tokens for s in scanned) and sum(scanned) == parts[0]["train"].n_tokens
+    # the merged tracks are exactly the single-process scan's
+    merged = merge_results(parts)
+    reference = merge_results([load_shard(_one_shard(plant, docs, base, tmp_path))[0]])
+    for split in ("train", "test"):
+        for key, track in reference[split].tracks.items():
+            for field in ("values", "index", "pos", "rows"):
+                torch.testing.assert_close(getattr(merged[split].tracks[key], field), getattr(track, field),
+                                           rtol=0, atol=0, equal_nan=True)
+    assert cli.main(["merge", "--out", str(out)]) == 0
+    assert_same_mine(out, single)
+    assert not list(out.glob("mine.shard*"))
+    manifest = json.loads((out / "stages.json").read_text())
+    assert manifest["stages"]["mine"]["fingerprint"] == json.loads((single / "stages.json").read_text())["stages"]["mine"]["fingerprint"]
+    # the next stage sees mine as done
+    assert "mine" in capsys.readouterr().out
+
+
+def _one_shard(plant, docs, base, tmp_path) -> Path:
+    """The whole scan as shard 0/1 (the unsharded scan, saved in the shard format)."""
+    from sae_lens_ctx.shard import run_shard
+
+    out = tmp_path / "one"
+    _copy_run(base, out)
+    return run_shard(config(plant, docs), out, (0, 1))
+
+
+def test_merge_refuses_missing_and_foreign_shards(prepared, tmp_path):
+    plant, docs, base, _ = prepared
+    out = tmp_path / "partial"
+    _copy_run(base, out)
+    with pytest.raises(UserError, match="no mining shards"):
+        cli_merge(out)
+    assert cli.main(["mine", "--out", str(out), "--shard", "1/2"]) == 0
+    with pytest.raises(UserError, match="shards 0/2 are missing"):
+        cli_merge(out)
+    # a shard scanned under another mine config is refused
+    assert cli.main(["mine", "--out", str(out), "--shard", "0/2", "mine.top_k=5"]) == 0
+    with pytest.raises(UserError, match="another config"):
+        cli_merge(out)
+    assert cli.main(["mine", "--out", str(out), "--shard", "3/2"]) == 2
+
+
+def cli_merge(out):
+    from sae_lens_ctx.shard import merge_run
+
+    return merge_run(out)
+
+
+def test_two_gloo_processes_under_torchrun_equal_one_process(prepared, tmp_path):
+    plant, docs, base, single = prepared
+    out = tmp_path / "torchrun"
+    _copy_run(base, out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "sae_lens_ctx", "mine", "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_same_mine(out, single)
+    assert not list(out.glob("mine.ckpt*")) and not list(out.glob("mine.shard*"))
+    report = json.loads((out / "mine.json").read_text())
+    assert report["splits"]["train"]["n_contexts"] > 64  # several windows: both ranks scanned part of it
+    assert json.loads((out / "stages.json").read_text())["stages"]["mine"]
