@@ -65,6 +65,8 @@ class _Session:
     """The model object the run used (None: loaded from `config.model`)."""
     saes: dict[str, SaeSource] = field(default_factory=dict)
     """In-memory SAEs by their `discover.saes` spec."""
+    stages: list[StageResult] = field(default_factory=list)
+    """What the call that made this session ran or skipped."""
 
 
 # -- results -----------------------------------------------------------------------------------------
@@ -231,7 +233,7 @@ def open_run(out: str | Path) -> RunResult:
     >>> open_run("/nonexistent/run")
     Traceback (most recent call last):
     ...
-    sae_lens_ctx.errors.UserError: /nonexistent/run is not a sae-lens-ctx run directory (no config.yaml): run `sae-lens-ctx run --out DIR` first
+    sae_lens_ctx.errors.UserError: /nonexistent/run is not a sae-lens-ctx run directory (no config.yaml): ...
     """
     return RunResult(out)
 
@@ -450,7 +452,9 @@ def _unit_ids(units: Any) -> list[str] | None:
         units = [units]
     ids = []
     for u in units:
-        uid = u if isinstance(u, str) else getattr(u, "unit_id", None) or (u.get("unit_id") if isinstance(u, Mapping) else None)
+        uid = u if isinstance(u, str) else getattr(u, "unit_id", None)
+        if uid is None and isinstance(u, Mapping):
+            uid = u.get("unit_id")
         if not isinstance(uid, str):
             raise UserError(f"units should be unit ids (L27N1093, my-sae:17), UnitRecords or a Units result, "
                             f"got {type(u).__name__}")
@@ -487,9 +491,7 @@ def _execute(until: str, *, model: Any, corpus: Any, config: Any, out: str | Pat
     with _saes_detached(model_obj):
         results = run_pipeline(cfg, out, overwrite=overwrite, force=force, model=model_obj, saes=objects,
                                until=None if until == list(STAGES)[-1] else until)
-    session = _Session(Path(out), cfg, model_obj, objects)
-    session.stages = results  # type: ignore[attr-defined]
-    return session
+    return _Session(Path(out), cfg, model_obj, objects, list(results))
 
 
 # -- the API ------------------------------------------------------------------------------------------
@@ -520,7 +522,7 @@ def run(model: Any = None, corpus: Any = None, config: RunConfig | str | Path | 
     """
     s = _execute(list(STAGES)[-1], model=model, corpus=corpus, config=config, out=out, saes=saes, prior=None,
                  overwrite=overwrite, force=force, overrides=overrides)
-    return RunResult(s.out, s.stages, s)  # type: ignore[attr-defined]
+    return RunResult(s.out, s.stages, s)
 
 
 def _split(model: Any, data: Any) -> tuple[Any, Any]:

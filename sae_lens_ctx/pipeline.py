@@ -241,7 +241,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         check_model_name(config.model)  # fail on a bad name before touching the run directory
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
-    ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest, sae_objects=dict(saes or {}))
+    ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest,
+                     sae_objects=dict(saes or {}))
     prints = stage_fingerprints(config)
     names = list(STAGES)
     if until is not None:
@@ -277,7 +278,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     if config.logging.log_to_wandb:
         from .track import log_run
 
-        log_run(ctx, results, job_type=only or (until if until not in (None, list(STAGES)[-1]) else "run"))  # one W&B run per invocation: tables, plots, artifact
+        job_type = only or (until if until not in (None, list(STAGES)[-1]) else "run")
+        log_run(ctx, results, job_type=job_type)  # one W&B run per invocation: tables, plots, artifact
     return results
 
 
