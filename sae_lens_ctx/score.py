@@ -10,7 +10,8 @@ backend and cache):
 * **units**: the unit's own explanation against its held-out 'top' (positive) and 'low' (negative)
   prompts: E and AUROC, and neuron-explainer's `simulate_and_score` correlation over top, low and
   random held-out prompts (each prompt one record, the simulated activation at its last token
-  10·P(Yes)); and the unit explanation joined with each head explanation, for the head-versus-neuron table.
+  10·P(Yes)); and the unit explanation joined with its best head's explanation (highest E), for the
+  head-versus-neuron table.
 
 Metrics are pure functions of labels and judge outputs (`balanced_accuracy`, `auroc`, `parse_answer`,
 `p_yes`, `bootstrap_ci`, `compare`, `paper_statistics`) so that they are checked by hand in tests.
@@ -327,6 +328,8 @@ class Inputs:
     head_explanations: dict[tuple[str, str], dict]
     unit_explanations: dict[str, dict]
     not_scored: Counter = field(default_factory=Counter)
+    scorable: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(unit, head) → explanation text of every pair that is judged (filled by `build_jobs`)."""
 
 
 def read_inputs(ctx: RunContext) -> Inputs:
@@ -370,23 +373,30 @@ def shuffled_partner(pairs: Sequence[tuple[str, str]], seed: int) -> dict[tuple[
     return {k: keys[(i + 1) % len(keys)] for i, k in enumerate(keys)}
 
 
-def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[tuple[Judgement, list[dict[str, str]]]]:
-    jobs: list[tuple[Judgement, list[dict[str, str]]]] = []
+Job = tuple[Judgement, list[dict[str, str]]]
+
+
+def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Job]:
+    """Phase 1: every scorable pair with its own explanation (and another pair's, for the shuffled
+    control), and every unit with its own explanation."""
+    jobs: list[Job] = []
     scorable = []
     for h in inp.pairs:
         key = (h["unit_id"], h["head"])
         e = inp.head_explanations.get(key)
         prompts_top = inp.test.get(h["unit_id"], {}).get("top", [])[: cfg.n_prompts]
-        if e is None or e["status"] != "ok":
-            inp.not_scored["explanation " + (e["status"] if e else "missing")] += 1
+        if e is None:
+            inp.not_scored["not explained (explain.max_heads_per_unit)"] += 1
+            continue
+        if e["status"] != "ok":
+            inp.not_scored["explanation " + e["status"]] += 1
             continue
         if not prompts_top:
             inp.not_scored["no held-out prompts"] += 1
             continue
         scorable.append((h, e, prompts_top))
-    partner = shuffled_partner([(h["unit_id"], h["head"]) for h, _, _ in scorable], seed) \
-        if cfg.shuffled_control else {}
-    texts = {(h["unit_id"], h["head"]): e["text"] for h, e, _ in scorable}
+    inp.scorable = {(h["unit_id"], h["head"]): e["text"] for h, e, _ in scorable}
+    partner = shuffled_partner(list(inp.scorable), seed) if cfg.shuffled_control else {}
     for h, e, rows in scorable:
         token = inp.units[h["unit_id"]]["token"]
         active = set(h["active_test_ranks"])
@@ -396,32 +406,59 @@ def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[tuple[Judgement
             for whose, task in shown:
                 j = Judgement(task, h["unit_id"], h["head"], "/".join(whose), c["kind"], c["rank"],
                               c["rank"] in active, c["activation"])
-                jobs.append((j, prompts.judge_messages(texts[whose], c["text"], token, cfg.judge_prompt)))
+                jobs.append((j, prompts.judge_messages(inp.scorable[whose], c["text"], token, cfg.judge_prompt)))
     if not cfg.unit_scores:
         return jobs
-    heads_of = defaultdict(list)
-    for h, e, _ in scorable:
-        heads_of[h["unit_id"]].append((h["head"], e["text"]))
     for unit_id, e in inp.unit_explanations.items():
         if e["status"] != "ok":
             inp.not_scored["unit explanation " + e["status"]] += 1
             continue
-        kinds = inp.test.get(unit_id, {})
-        rows = [c for kind in ("top", "low", "random") for c in kinds.get(kind, [])[: cfg.n_prompts]]
+        rows = unit_prompts(inp, unit_id, cfg, kinds=("top", "low", "random"))
         if not rows:
             inp.not_scored["unit without held-out prompts"] += 1
             continue
-        shown = [("unit", None, e["text"])] + [
-            ("unit+head", head, prompts.UNIT_AND_HEAD.format(unit=e["text"].strip(), head=text.strip()))
-            for head, text in heads_of.get(unit_id, [])]
-        for task, head, text in shown:
-            for c in rows:
-                if task == "unit+head" and c["kind"] == "random":
-                    continue  # the head-versus-neuron table compares E and AUROC, which use top vs low
-                label = {"top": True, "low": False}.get(c["kind"])
-                j = Judgement(task, unit_id, head, unit_id if head is None else f"{unit_id}/{head}", c["kind"],
-                              c["rank"], label, c["activation"])
-                jobs.append((j, unit_judge_messages(text, c["text"])))
+        jobs += [unit_job("unit", unit_id, None, e["text"], c) for c in rows]
+    return jobs
+
+
+def unit_prompts(inp: Inputs, unit_id: str, cfg: ScoreConfig, kinds: Sequence[str]) -> list[dict]:
+    per_kind = inp.test.get(unit_id, {})
+    return [c for kind in kinds for c in per_kind.get(kind, [])[: cfg.n_prompts]]
+
+
+def unit_job(task: str, unit_id: str, head: str | None, explanation: str, c: dict) -> Job:
+    label = {"top": True, "low": False}.get(c["kind"])
+    j = Judgement(task, unit_id, head, unit_id if head is None else f"{unit_id}/{head}", c["kind"], c["rank"],
+                  label, c["activation"])
+    return j, unit_judge_messages(explanation, c["text"])
+
+
+def build_joined_jobs(inp: Inputs, phase1: Sequence[Judgement], cfg: ScoreConfig) -> list[Job]:
+    """Phase 2, for the head-versus-neuron table: each unit's explanation joined with its best head's
+    (the highest E on its own prompts, then AUROC), judged on the unit's top vs low prompts."""
+    if not cfg.unit_scores:
+        return []
+    by_pair: dict[tuple[str, str], list[Judgement]] = defaultdict(list)
+    for j in phase1:
+        if j.task == "head":
+            by_pair[(j.unit_id, j.head)].append(j)
+    best: dict[str, tuple[tuple, str]] = {}
+    for (unit_id, head), js in by_pair.items():
+        ok = [j for j in js if j.status == "ok"]
+        e = balanced_accuracy([j.label for j in ok], [j.answer for j in ok]) if ok else None
+        a = auroc([j.label for j in ok if j.p_yes is not None], [j.p_yes for j in ok if j.p_yes is not None]) \
+            if ok else None
+        rank = (-1.0 if e is None else e, -1.0 if a is None else a)
+        if unit_id not in best or rank > best[unit_id][0]:
+            best[unit_id] = (rank, head)
+    jobs: list[Job] = []
+    for unit_id, (_, head) in best.items():
+        e = inp.unit_explanations.get(unit_id)
+        if e is None or e["status"] != "ok":
+            continue
+        joined = prompts.UNIT_AND_HEAD.format(unit=e["text"].strip(), head=inp.scorable[(unit_id, head)].strip())
+        jobs += [unit_job("unit+head", unit_id, head, joined, c)
+                 for c in unit_prompts(inp, unit_id, cfg, kinds=("top", "low"))]
     return jobs
 
 
@@ -649,6 +686,18 @@ def summary_text(s: dict) -> str:
     return "\n".join(lines)
 
 
+def run_cost(ctx: RunContext, judge: dict) -> dict[str, Any]:
+    """The run's LLM cost beside the scores: the explanations' (explain.json) and the judge's calls."""
+    explained = json.loads(ctx.path("explain.json").read_text()) if ctx.path("explain.json").is_file() else {}
+    out = {"explain_usd": explained.get("cost_usd"), "explain_prompt_tokens": explained.get("prompt_tokens"),
+           "explain_completion_tokens": explained.get("completion_tokens"),
+           "judge_usd_this_run": judge.get("cost_usd"), "judge_prompt_tokens_this_run": judge.get("prompt_tokens"),
+           "judge_completion_tokens_this_run": judge.get("completion_tokens")}
+    known = [v for k, v in out.items() if k.endswith("usd") or k.endswith("usd_this_run")]
+    out["total_usd"] = round(sum(v for v in known if v is not None), 6)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -665,6 +714,7 @@ def run_stage(ctx: RunContext) -> None:
     llm = LLM.from_config(ctx.config.explain, ctx.out)
     try:
         judgements = run_judgements(llm, jobs, cfg)
+        judgements += run_judgements(llm, build_joined_jobs(inp, judgements, cfg), cfg)
     finally:
         llm.close()
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements])
@@ -672,6 +722,7 @@ def run_stage(ctx: RunContext) -> None:
     write_jsonl(ctx.path("scores.jsonl"), scores)
     summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained,
                         llm.summary())
+    summary["cost"] = run_cost(ctx, llm.summary())
     summary["seconds"] = round(time.perf_counter() - start, 1)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     print(summary_text(summary))

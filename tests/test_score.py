@@ -227,6 +227,7 @@ def test_stage_scores_equal_hand_computed_values(tmp_path):
     assert not any(k[1] == HEAD_FAILED for k in s)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["counts"]["not_scored"] == {"explanation failed": 1}
+    assert {(k[1], k[2]) for k in s if k[0] == UNIT and k[2].startswith("unit_plus_head")} == {(HEAD_B, "unit_plus_head_E"), (HEAD_B, "unit_plus_head_auroc")}
     assert summary["counts"]["pairs_relevant"] == 5 and summary["counts"]["pairs_scored"] == 3
     # the unit's own explanation ("france"): top prompts 0, 2, 5 say Yes, no low prompt does
     u = s[(UNIT, None, "unit_E")]
@@ -318,3 +319,4 @@ def test_embedded_judge_scores_every_pair_offline_with_intervals_and_controls(tm
             assert set(summary["headline"][scorer][side]) >= {"mean", "ci_low", "ci_high", "n"}
         assert summary["headline"][scorer]["real_minus_random_units"]["verdict"]
     assert summary["judge"]["backend_calls"] == len(judgements)
+    assert summary["cost"]["judge_usd_this_run"] == 0.0 and summary["cost"]["total_usd"] == 0.0

@@ -358,7 +358,7 @@ def test_the_embedded_preset_runs_and_logs_offline(tmp_path, embedded_view):
     assert info["mode"] == "offline" and info["job_type"] == "report"
     run = Offline(info["wandb_dir"])
     assert_tables_match(run, out, {"units"})
-    assert (out / "report" / "index.html").is_file() and run.summary["units/n_units"] == 12
+    assert (out / "report" / "index.html").is_file() and run.summary["units/n_units"] == cfg.discover.top_k * cfg.discover.n_last_layers
 
 
 def test_the_sweep_is_valid_for_wandb_and_our_parser():

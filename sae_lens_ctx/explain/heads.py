@@ -46,12 +46,13 @@ def explainer_name(cfg: ExplainConfig) -> str:
 
 def build_jobs(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[dict], cfg: ExplainConfig,
                count_tokens: Callable[[str], int] | None, seed: int = 0) -> list[HeadJob]:
-    """A job per relevant pair, in the order of `heads.jsonl`."""
+    """A job per relevant pair (at most `explain.max_heads_per_unit` per unit), in the order of `heads.jsonl`."""
     token_of = {u["unit_id"]: u["token"] for u in units}
     text_of = {(c["unit_id"], c["rank"]): c["text"] for c in contexts if c["split"] == "train" and c["kind"] == "top"}
+    chosen = explained_heads(heads, cfg.max_heads_per_unit)
     jobs = []
     for h in heads:
-        if not h.get("relevant") or h["unit_id"] not in token_of:
+        if (h["unit_id"], h["head"]) not in chosen or h["unit_id"] not in token_of:
             continue
         unit_id, token = h["unit_id"], token_of[h["unit_id"]]
 
@@ -66,6 +67,20 @@ def build_jobs(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[
             rng.shuffle(inactive)
         jobs.append(_fit(HeadJob(unit_id, h["head"], token, active, inactive, None), cfg, count_tokens))
     return jobs
+
+
+def explained_heads(heads: Sequence[dict], max_per_unit: int) -> set[tuple[str, str]]:
+    """The relevant (unit, head) pairs to explain: per unit, the `max_per_unit` with the largest mean
+    attribution (every relevant pair when 0)."""
+    by_unit: dict[str, list[dict]] = {}
+    for h in heads:
+        if h.get("relevant"):
+            by_unit.setdefault(h["unit_id"], []).append(h)
+    chosen = set()
+    for rows in by_unit.values():
+        rows = sorted(rows, key=lambda h: -h["mean_attribution"])
+        chosen |= {(h["unit_id"], h["head"]) for h in (rows[:max_per_unit] if max_per_unit else rows)}
+    return chosen
 
 
 def _fit(job: HeadJob, cfg: ExplainConfig, count_tokens: Callable[[str], int] | None) -> HeadJob:
