@@ -188,7 +188,7 @@ def test_discover_stage_writes_units_and_vocab_filter(planted_gpt2, tmp_path):
 
 @pytest.mark.embedded
 def test_embedded_discovery_finds_readable_tokens(embedded_view):
-    units, flagged = discover_units(embedded_view, DiscoverConfig())
+    units, flagged = discover_units(embedded_view, DiscoverConfig(top_k=4))
     real = [u for u in units if not u.control]
     assert len(real) == 3 * 4 and len(units) == 2 * len(real)
     for u in real:

@@ -54,6 +54,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
+
 from ..errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -374,8 +376,9 @@ class LlamaCppClient:
     """A GGUF model in this process. Calls are serialised (one model, one sequence); consecutive calls
     that share a prompt prefix reuse its evaluation. A deadline (`timeout_s`) stops generation.
 
-    Logprobs need llama-cpp-python's `logits_all`, which makes every call much slower; the model is
-    loaded a second time with it only when a call asks for `top_logprobs`."""
+    Logprobs (`top_logprobs`) are given for the first answer token only, which is what the Yes/No judge
+    needs: they are read from the logits the sampler sees at that position, so no second model with
+    llama-cpp-python's `logits_all` (logits at every prompt position, about twice the cost) is needed."""
 
     def __init__(self, backend: str, path: Path, model: str, *, n_ctx: int, timeout_s: float):
         if not path.is_file():
@@ -392,16 +395,17 @@ class LlamaCppClient:
         from llama_cpp import LogitsProcessorList
 
         top = int(params.get("top_logprobs") or 0)
-        llm, lock = load_llama(self.path, self.context_window, logits_all=top > 0)
+        llm, lock = load_llama(self.path, self.context_window)
         kwargs = {k: v for k, v in params.items() if k in ("max_tokens", "temperature", "top_p", "stop", "seed")
                   and v is not None}
-        if top > 0:
-            kwargs.update(logprobs=True, top_logprobs=top)
+        first: list[Any] = []  # the logits at the first answer position, when logprobs are asked for
         with lock:
             deadline = time.monotonic() + self.timeout_s
             eos = llm.token_eos()
 
             def end_at_deadline(input_ids: Any, scores: Any) -> Any:  # past the deadline, only EOS is possible
+                if top and not first:
+                    first.append(np.array(scores, dtype=np.float64))
                 if time.monotonic() > deadline:
                     scores[:] = -float("inf")
                     scores[eos] = 0.0
@@ -418,17 +422,27 @@ class LlamaCppClient:
         if timed_out:
             raise LLMError("timeout", f"generation passed explain.timeout_s ({self.timeout_s}s)", transient=True)
         choice = out["choices"][0]
-        lps = None
-        content = (choice.get("logprobs") or {}).get("content") if top > 0 else None
-        if content:
-            lps = [TokenLogprob(t["token"], float(t["logprob"]),
-                                [(a["token"], float(a["logprob"])) for a in t.get("top_logprobs") or []])
-                   for t in content]
+        text = choice["message"].get("content") or ""
+        lps = [self._first_token_logprobs(llm, first[0], text, top)] if first else None
         usage = out.get("usage") or {}
-        return Response(text=choice["message"].get("content") or "", logprobs=lps,
+        return Response(text=text, logprobs=lps,
                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
                         completion_tokens=int(usage.get("completion_tokens", 0)),
                         finish_reason=choice.get("finish_reason"))
+
+
+    @staticmethod
+    def _first_token_logprobs(llm: Any, logits: np.ndarray, text: str, top: int) -> TokenLogprob:
+        """The answer's first token and the `top` most likely tokens at its position, log-softmaxed."""
+        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+        best = np.argsort(-logprobs)[:top]
+
+        def piece(i: int) -> str:
+            return llm.detokenize([int(i)]).decode("utf-8", errors="replace")
+
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
+        chosen = int(ids[0]) if ids else int(best[0])
+        return TokenLogprob(piece(chosen), float(logprobs[chosen]), [(piece(i), float(logprobs[i])) for i in best])
 
 
 _VOCAB: list[Any] = []
