@@ -320,3 +320,14 @@ def test_embedded_judge_scores_every_pair_offline_with_intervals_and_controls(tm
         assert summary["headline"][scorer]["real_minus_random_units"]["verdict"]
     assert summary["judge"]["backend_calls"] == len(judgements)
     assert summary["cost"]["judge_usd_this_run"] == 0.0 and summary["cost"]["total_usd"] == 0.0
+
+
+def test_explanations_with_template_markers_are_data_in_the_judge_prompts():
+    from sae_lens_ctx.explain import prompts
+
+    hostile = 'active on {example} and {0} and """fenced""" text {explanation}'
+    for variant in prompts.JUDGE_TEMPLATES:
+        text = prompts.judge_messages(hostile, " the city", " paris", variant)[0]["content"]
+        assert hostile in text and " the city paris" in text
+    unit_text = score.unit_judge_messages(hostile, " the city")[0]["content"]
+    assert hostile in unit_text and unit_text.count(" the city") == 1
