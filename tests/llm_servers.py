@@ -17,16 +17,24 @@
   ``fault-hang``      holds the request without answering (until `hang_s` passes or the server
                       stops), then closes it
   ``ok``              200, ``"a fixed explanation"`` with logprobs and usage
+  ``slow-ok``         the same after 20 ms (to hold many calls in flight at once)
+  ``fault-mix``       per request, from a seeded draw: 10 % 429, 5 % 500, 5 % hang, 5 % malformed;
+                      otherwise a keyword Yes/No judge (Yes when the explanation's last word is in
+                      the fenced example), with logprobs
   other               404 "model not found" (as servers answer a model they do not serve)
   ==================  ===========================================================================
 
-  Every request is counted per model (`counts`), so tests can check how often a call was retried.
+  Every request is counted per model (`counts`), so tests can check how often a call was retried, and
+  `max_in_flight` records the most requests the server held at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
+import re
 import socket
 import subprocess
 import sys
@@ -97,18 +105,36 @@ def _completion(content: str) -> dict:
     }
 
 
-MODELS = ("ok", "fault-429", "fault-500", "fault-malformed", "fault-empty", "fault-hang", "fault-401")
+def _judge(prompt: str) -> dict:
+    """A keyword Yes/No judge's chat completion (see `fault-mix`)."""
+    explanation = re.search(r"active[^:\n]*: (.*)\n", prompt)
+    word = explanation.group(1).split()[-1].strip(".") if explanation and explanation.group(1).split() else ""
+    example = prompt.split('"""')[1] if prompt.count('"""') >= 2 else ""
+    answer = "Yes" if word and word in example else "No"
+    out = _completion(answer)
+    p = 0.9 if answer == "Yes" else 0.2
+
+    out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [
+        {"token": "Yes", "logprob": math.log(p), "bytes": None}, {"token": "No", "logprob": math.log(1 - p), "bytes": None}]
+    return out
+
+
+MODELS = ("ok", "slow-ok", "fault-mix", "fault-429", "fault-500", "fault-malformed", "fault-empty", "fault-hang",
+          "fault-401")
 """What the fault server lists at /v1/models."""
 
 
 class FaultInjectionServer:
     """An OpenAI-shaped chat server on a free loopback port that fails on purpose (see module doc)."""
 
-    def __init__(self, hang_s: float = 10.0, ok_text: str = "a fixed explanation"):
+    def __init__(self, hang_s: float = 10.0, ok_text: str = "a fixed explanation", seed: int = 0):
         self.counts: Counter[str] = Counter()
+        self.in_flight = self.max_in_flight = 0
+        self._rng = random.Random(seed)
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.hang_s = hang_s
+        self.ok_text = ok_text
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         server = self
@@ -133,6 +159,16 @@ class FaultInjectionServer:
                 self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
             def do_POST(self):
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 model = str(body.get("model"))
@@ -141,7 +177,17 @@ class FaultInjectionServer:
                     server.requests.append(body)
                     server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 retry = {"retry-after-ms": "10"}
-                if model == "fault-429":
+                if model == "fault-mix":
+                    with server._lock:
+                        draw = server._rng.random()
+                    model = ("fault-429" if draw < 0.10 else "fault-500" if draw < 0.15 else "fault-hang"
+                             if draw < 0.20 else "fault-malformed" if draw < 0.25 else "judge")
+                if model == "judge":
+                    self._send(200, json.dumps(_judge(body["messages"][-1]["content"])).encode())
+                elif model == "slow-ok":
+                    time.sleep(0.02)
+                    self._send(200, json.dumps(_completion(server.ok_text)).encode())
+                elif model == "fault-429":
                     self._send(429, b'{"error": {"message": "rate limited", "type": "rate_limit"}}', retry)
                 elif model == "fault-500":
                     self._send(500, b'{"error": {"message": "boom", "type": "server_error"}}', retry)
@@ -157,7 +203,7 @@ class FaultInjectionServer:
                     server._stopping.wait(server.hang_s)  # bounded: at most hang_s, or until stop()
                     self.close_connection = True
                 elif model == "ok":
-                    self._send(200, json.dumps(_completion(ok_text)).encode())
+                    self._send(200, json.dumps(_completion(server.ok_text)).encode())
                 else:
                     self._send(404, json.dumps({"error": {"message": f"The model `{model}` does not exist",
                                                           "type": "invalid_request_error",
