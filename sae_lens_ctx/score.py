@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import re
 import time
@@ -524,7 +523,9 @@ def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[fl
     """neuron-explainer's `simulate_and_score` on one-token records (one per prompt), with a simulator
     that returns the judge's simulated activations: its `ev_correlation_score`, the correlation pooled
     over every record."""
-    with _neuron_explainer_imports():
+    from .explain.units import neuron_explainer_imports
+
+    with neuron_explainer_imports():
         from neuron_explainer.activations.activations import ActivationRecord
         from neuron_explainer.explanations.explanations import ActivationScale, SequenceSimulation
         from neuron_explainer.explanations.scoring import simulate_and_score
@@ -545,25 +546,6 @@ def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[fl
         scored = asyncio.run(simulate_and_score(PrecomputedSimulator(), records))
     value = scored.ev_correlation_score
     return None if value is None or not np.isfinite(value) else float(value)
-
-
-class _neuron_explainer_imports:
-    """neuron-explainer's api_client asserts OPENAI_API_KEY at import; a placeholder is set around it."""
-
-    def __enter__(self):
-        from .explain.units import _IMPORT_LOCK, _PLACEHOLDER_KEY
-
-        _IMPORT_LOCK.acquire()
-        self.had = "OPENAI_API_KEY" in os.environ
-        if not self.had:
-            os.environ["OPENAI_API_KEY"] = _PLACEHOLDER_KEY
-
-    def __exit__(self, *exc):
-        from .explain.units import _IMPORT_LOCK
-
-        if not self.had:
-            os.environ.pop("OPENAI_API_KEY", None)
-        _IMPORT_LOCK.release()
 
 
 def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg: ScoreConfig,

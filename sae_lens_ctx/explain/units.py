@@ -68,17 +68,32 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @contextlib.contextmanager
+def _placeholder_key() -> Iterator[None]:
+    """neuron-explainer's `api_client` asserts a non-empty OPENAI_API_KEY at import: a placeholder is
+    set for the import and removed after it (a user's own key is left alone)."""
+    had = "OPENAI_API_KEY" in os.environ
+    if not had:
+        os.environ["OPENAI_API_KEY"] = _PLACEHOLDER_KEY
+    try:
+        yield
+    finally:
+        if not had:
+            os.environ.pop("OPENAI_API_KEY", None)
+
+
+@contextlib.contextmanager
+def neuron_explainer_imports() -> Iterator[None]:
+    """Import neuron-explainer modules inside this block: no key left behind, one thread at a time."""
+    with _IMPORT_LOCK, _placeholder_key():
+        yield
+
+
+@contextlib.contextmanager
 def neuron_explainer(count_tokens: Callable[[str], int]) -> Iterator[types.ModuleType]:
     """neuron-explainer's `explainer` module, imported without a key left behind, counting tokens locally."""
     with _IMPORT_LOCK:
-        had = "OPENAI_API_KEY" in os.environ
-        if not had:
-            os.environ["OPENAI_API_KEY"] = _PLACEHOLDER_KEY
-        try:
+        with _placeholder_key():
             from neuron_explainer.explanations import explainer, prompt_builder
-        finally:
-            if not had:
-                os.environ.pop("OPENAI_API_KEY", None)
         saved = prompt_builder.tiktoken
         encoding = types.SimpleNamespace(encode=lambda text, allowed_special=None: [0] * count_tokens(text))
         prompt_builder.tiktoken = types.SimpleNamespace(get_encoding=lambda name: encoding)
