@@ -494,20 +494,24 @@ def finish_stage(ctx: RunContext, units: list[UnitRecord], reader: UnitReader,
     for name in SPLITS:
         prompts += collect_prompts(results[name], name, splits[name], bos, cfg.max_prompt_tokens)
     width = max(len(c.tokens) for c in ctx.corpus.contexts)
+    t0 = time.perf_counter()
     trim = trim_prompts(reader, prompts, cfg, bos, bos_ids, width)
+    trim_seconds = round(time.perf_counter() - t0, 3)
     records, acts, dropped = build_records(prompts, units, ctx.model.tokenizer, ctx.corpus.text, bos,
                                            cfg.max_prompt_tokens)
     write_jsonl(ctx.path("contexts.jsonl"), records)
     _save_safetensors(ctx.path("context_acts.safetensors"), {f"row{i}": a for i, a in enumerate(acts)})
     report = mine_report(units, records, results, {**trim, "n_dropped_long": dropped})
     atomic_write(ctx.path("mine.json"), json.dumps(report, indent=2) + "\n")
+    ctx.this_run.update(scan_log(results), trim_seconds=trim_seconds)
     remove_checkpoints(ctx)
-    print(summary_text(report))
+    print(summary_text(report, ctx.this_run))
 
 
 def mine_report(units: Sequence[UnitRecord], records: Sequence[ContextRecord], results: dict[str, ScanResult],
                 trim: dict) -> dict:
-    """`mine.json`: per-unit counts, units that never fired, the scans' and the trimming's cost."""
+    """`mine.json`: per-unit counts, units that never fired, the scans' sizes and the trimming's work (what
+    the scan took in time and where it resumed is `scan_log`, kept in `stages.json`)."""
     counts: dict[str, dict[str, int]] = {u.unit_id: {} for u in units}
     for r in records:
         key = f"{r.split}_{r.kind}"
@@ -517,24 +521,30 @@ def mine_report(units: Sequence[UnitRecord], records: Sequence[ContextRecord], r
                  "max_train_activation": best[j] if np.isfinite(best[j]) else None,
                  **{f"{s}_{k}": counts[u.unit_id].get(f"{s}_{k}", 0) for s in SPLITS for k in results[s].tracks}}
                 for j, u in enumerate(units)]
-    scanned = sum(r.tokens_scanned for r in results.values())
-    seconds = sum(r.seconds for r in results.values())
     return {
         "n_units": len(units), "n_records": len(records),
         "never_fired": [u["unit_id"] for u in per_unit if not u["fired"]],
-        "tokens_scanned": scanned, "tokens_per_s": round(scanned / seconds, 1) if seconds else None,
-        "splits": {name: {"n_contexts": r.n_contexts, "n_tokens": r.n_tokens, "n_skipped_contexts": r.n_skipped,
-                          "seconds": round(r.seconds, 3), "tokens_per_s": round(r.tokens_per_s, 1),
-                          "resumed_at_context": r.resumed_at} for name, r in results.items()},
+        "splits": {name: {"n_contexts": r.n_contexts, "n_tokens": r.n_tokens, "n_skipped_contexts": r.n_skipped}
+                   for name, r in results.items()},
         "trim": trim, "per_unit": per_unit,
     }
 
 
-def summary_text(report: dict) -> str:
+def scan_log(results: dict[str, ScanResult]) -> dict:
+    """What the scans did in this process: tokens scanned, seconds, tokens/s, where each resumed."""
+    scanned = sum(r.tokens_scanned for r in results.values())
+    seconds = sum(r.seconds for r in results.values())
+    return {"tokens_scanned": scanned, "tokens_per_s": round(scanned / seconds, 1) if seconds else None,
+            "splits": {name: {"seconds": round(r.seconds, 3), "tokens_scanned": r.tokens_scanned,
+                              "tokens_per_s": round(r.tokens_per_s, 1), "resumed_at_context": r.resumed_at}
+                       for name, r in results.items()}}
+
+
+def summary_text(report: dict, this_run: dict) -> str:
     """One screen: what was kept, what it cost, and the units that never fired."""
     t, tr = report["trim"], report["splits"]["train"]
     lines = [f"mined {report['n_records']} prompts for {report['n_units']} units; scanned "
-             f"{report['tokens_scanned']:,} tokens at {report['tokens_per_s']} tokens/s",
+             f"{this_run['tokens_scanned']:,} tokens at {this_run['tokens_per_s']} tokens/s",
              f"trimmed {t['n_prompts']} top prompts in {t['rounds']} batched rounds ({t['candidates']} candidates): "
              f"{t['mean_tokens_before']} -> {t['mean_tokens_after']} tokens on average; "
              f"{t['n_dropped_long']} dropped as too long",

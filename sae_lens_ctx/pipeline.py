@@ -4,7 +4,14 @@ The run directory is the only state shared between stages. `stages.json` records
 stage, a fingerprint of what it depends on (its config sections, the upstream stages' fingerprints,
 the results format) and the files it wrote. A stage whose fingerprint is unchanged and whose files
 exist is skipped; a changed config gives new fingerprints to that stage and every stage after it,
-so they re-run. `finished_at` in `stages.json` is the only timestamp a run writes.
+so they re-run.
+
+Results are a function of the config, the seed and the inputs: two runs of the same config write the
+same bytes (on CPU), and so does a run killed anywhere and run again. What depends on the clock or on
+the history of the directory (timestamps, seconds, tokens/s, LLM calls made versus answered from the
+cache, where a scan resumed) is kept in one place: each stage's entry in `stages.json`
+(`finished_at`, `seconds`, `this_run`). Files are written atomically (`records.atomic_write`); the
+temporary files a killed process leaves behind are removed by the next `run_pipeline`.
 
 Stages are registered with `register_stage` (SAE-Lens style: an explicit registry that refuses
 duplicates). A stage whose issue has not landed yet is registered with `run=None` and reported as
@@ -16,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -114,6 +122,9 @@ class RunContext:
     model_object: Any = None
     _manifest: dict = field(default_factory=dict, repr=False)
     sae_objects: dict[str, Any] = field(default_factory=dict, repr=False)
+    this_run: dict[str, Any] = field(default_factory=dict, repr=False)
+    """What the running stage did in this invocation (timings, throughput, LLM calls made and cache hits,
+    where a scan resumed): stored under the stage in `stages.json`, never in its results files."""
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -212,6 +223,18 @@ class RunDirectory:
             else:
                 p.unlink(missing_ok=True)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the `.NAME.*.tmp` files (`records.atomic_write`) a killed process left behind.
+
+        Called when a single-process run starts, not by shards or torchrun ranks: those write into the
+        directory at the same time (`shard.py`), while one `run` per run directory at a time is the rule."""
+        stale = [p for p in self.out.rglob(".*.tmp") if p.is_file() and "wandb" not in p.relative_to(self.out).parts]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %d temporary file(s) left by an interrupted run", len(stale))
+        return stale
+
     def write_manifest(self, manifest: dict) -> None:
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
@@ -241,6 +264,8 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         check_model_name(config.model)  # fail on a bad name before touching the run directory
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun's ranks share the directory: none may clean it
+        rundir.remove_stale_temporaries()
     ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest,
                      sae_objects=dict(saes or {}))
     prints = stage_fingerprints(config)
@@ -266,15 +291,17 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
             continue
         manifest["stages"].pop(name, None)
         rundir.write_manifest(manifest)
-        start = time.perf_counter()
+        start, ctx.this_run = time.perf_counter(), {}
         stage.run(ctx)
         missing = [o for o in stage.outputs if not ctx.path(o).exists()]
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {missing}")
+        seconds = time.perf_counter() - start
         manifest["stages"][name] = {"fingerprint": prints[name], "outputs": list(stage.outputs),
-                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                    "seconds": round(seconds, 3), "this_run": ctx.this_run}
         rundir.write_manifest(manifest)
-        results.append(StageResult(name, "ran", time.perf_counter() - start))
+        results.append(StageResult(name, "ran", seconds))
     if config.logging.log_to_wandb:
         from .track import log_run
 

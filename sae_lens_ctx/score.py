@@ -271,6 +271,11 @@ class Judgement:
     """'ok', 'unparsed' (no Yes/No in the reply) or 'failed' (the call failed)."""
     reply: str | None = None
     error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = None
+    """USD of the call (0 in-process; None when the judge model has no price), whether this run made it or
+    read its answer from the cache: what the judgement costs, the same on every re-run."""
 
 
 def unit_judge_messages(explanation: str, prompt_text: str) -> list[dict[str, str]]:
@@ -303,6 +308,8 @@ def _fill(j: Judgement, result: CallResult) -> Judgement:
         j.status, j.error = "failed", result.error
         return j
     j.reply = result.text
+    j.prompt_tokens, j.completion_tokens = result.response.prompt_tokens, result.response.completion_tokens
+    j.cost_usd = result.cost_usd
     j.answer = parse_answer(result.text)
     j.p_yes = p_yes(result.response.logprobs)
     if j.answer is None and j.p_yes is not None:
@@ -608,7 +615,7 @@ def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
 
 
 def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig,
-              seed: int, well_explained: float, llm_summary: dict) -> dict[str, Any]:
+              seed: int, well_explained: float) -> dict[str, Any]:
     """summary.json: headline aggregates with their controls beside them, tests and counts."""
     boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
     headline: dict[str, Any] = {}
@@ -644,8 +651,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
                    "skipped_scores": {f"{k}: {r}": v for (k, r), v in sorted(by_scorer.items())},
                    "judgements": len(judgements), "parsed": counts["ok"], "unparsed": counts["unparsed"],
                    "failed": counts["failed"]},
-        "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs,
-                  **{k: llm_summary.get(k) for k in ("backend_calls", "cache_hits", "failed", "cost_usd")}},
+        "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs},
     }
 
 
@@ -668,15 +674,18 @@ def summary_text(s: dict) -> str:
     return "\n".join(lines)
 
 
-def run_cost(ctx: RunContext, judge: dict) -> dict[str, Any]:
-    """The run's LLM cost beside the scores: the explanations' (explain.json) and the judge's calls."""
+def run_cost(ctx: RunContext, judgements: Sequence[Judgement]) -> dict[str, Any]:
+    """What the run's results cost in LLM calls: the explanations' (explain.json) and the judgements'.
+    Calls answered from the cache count at their price (what this invocation paid is in `stages.json`)."""
     explained = json.loads(ctx.path("explain.json").read_text()) if ctx.path("explain.json").is_file() else {}
+    ok = [j for j in judgements if j.status != "failed"]
     out = {"explain_usd": explained.get("cost_usd"), "explain_prompt_tokens": explained.get("prompt_tokens"),
            "explain_completion_tokens": explained.get("completion_tokens"),
-           "judge_usd_this_run": judge.get("cost_usd"), "judge_prompt_tokens_this_run": judge.get("prompt_tokens"),
-           "judge_completion_tokens_this_run": judge.get("completion_tokens")}
-    known = [v for k, v in out.items() if k.endswith("usd") or k.endswith("usd_this_run")]
-    out["total_usd"] = round(sum(v for v in known if v is not None), 6)
+           "judge_usd": round(sum(j.cost_usd or 0.0 for j in ok), 6),
+           "judge_unpriced": sum(j.cost_usd is None for j in ok),
+           "judge_prompt_tokens": sum(j.prompt_tokens for j in ok),
+           "judge_completion_tokens": sum(j.completion_tokens for j in ok)}
+    out["total_usd"] = round(sum(v for k, v in out.items() if k.endswith("usd") and v is not None), 6)
     return out
 
 
@@ -702,9 +711,8 @@ def run_stage(ctx: RunContext) -> None:
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements])
     scores = compute_scores(judgements, inp.units, cfg, ctx.config.seed)
     write_jsonl(ctx.path("scores.jsonl"), scores)
-    summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained,
-                        llm.summary())
-    summary["cost"] = run_cost(ctx, llm.summary())
-    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained)
+    summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
+    ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1))
     print(summary_text(summary))

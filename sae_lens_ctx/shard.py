@@ -173,7 +173,8 @@ def merge_run(out: str | Path, model=None, keep_shards: bool = False) -> dict[st
     rundir.write_manifest(manifest)
     finish_stage(ctx, units, reader, splits, merged)
     manifest["stages"]["mine"] = {"fingerprint": prints["mine"], "outputs": list(stage.outputs),
-                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                  "this_run": {**ctx.this_run, "merged_shards": n}}
     rundir.write_manifest(manifest)
     if not keep_shards:
         for path in files.values():

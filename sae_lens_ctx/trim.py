@@ -23,7 +23,6 @@ and the recorded trimmed activation is the one at the returned start (the author
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -212,7 +211,6 @@ def trim_prompts(reader: Reader, prompts: list[Prompt], cfg: MineConfig, bos: in
     tokens = [list(p.context.tokens[bos:p.end + 1]) for p in top]
     evaluate = suffix_evaluator(reader, tokens, [p.unit for p in top], bos_ids, cfg.batch_size * width)
     lookahead = cfg.trim_lookahead or (1 if reader.view.device.type == "cpu" else 3)
-    t0 = time.perf_counter()
     with tqdm(total=len(top), desc="trim", unit="prompt", disable=None) as bar:
         res = trim_batched(evaluate, [len(t) for t in tokens], [p.activation for p in top], cfg.trim_ratio,
                            lookahead, progress=bar.update)
@@ -226,7 +224,6 @@ def trim_prompts(reader: Reader, prompts: list[Prompt], cfg: MineConfig, bos: in
         if p.kind != "top":
             p.acts = p.row[bos:p.end + 1]
     return {"n_prompts": len(top), "rounds": res.rounds, "candidates": res.evaluated, "lookahead": lookahead,
-            "seconds": round(time.perf_counter() - t0, 3),
             "mean_tokens_before": _mean([len(t) for t in tokens]),
             "mean_tokens_after": _mean([len(t) - s for t, s in zip(tokens, res.starts)])}
 

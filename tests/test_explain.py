@@ -295,6 +295,7 @@ def test_faults_are_retried_then_recorded_as_failed(tmp_path, tokenizer, faults,
     extra = {"timeout_s": 0.5} if model == "fault-hang" else {}
     ctx = make_ctx(tmp_path, tokenizer, **_compatible(faults, model, max_retries=retries, **extra))
     run_stage(ctx)
+    this_run = ctx.this_run["llm"]  # what this invocation did (stages.json in a pipeline run)
     assert faults.counts[model] == N_ITEMS * (1 + retries)  # every item retried exactly as configured
     records = explanations(tmp_path)
     assert len(records) == N_ITEMS
@@ -303,8 +304,8 @@ def test_faults_are_retried_then_recorded_as_failed(tmp_path, tokenizer, faults,
     summary = explain_json(tmp_path)
     assert summary["explanations"]["ok"] == 0 and summary["explanations"]["failed"] == N_ITEMS
     assert summary["failures"] == {reason: N_ITEMS}
-    assert summary["this_run"]["failures"] == {reason: N_ITEMS} and summary["this_run"]["failed"] == N_ITEMS
-    assert summary["this_run"]["http_requests"] == N_ITEMS * (1 + retries) + 1  # + one model-list check
+    assert this_run["failures"] == {reason: N_ITEMS} and this_run["failed"] == N_ITEMS
+    assert this_run["http_requests"] == N_ITEMS * (1 + retries) + 1  # + one model-list check
     con = sqlite3.connect(tmp_path / "llm_cache.sqlite")
     assert con.execute("SELECT COUNT(*) FROM responses").fetchone()[0] == 0  # failures are never cached
 
@@ -324,17 +325,17 @@ def test_second_run_makes_no_calls_and_writes_identical_output(tmp_path, tokeniz
     run_stage(ctx)
     first = (tmp_path / "explanations.jsonl").read_bytes()
     s1 = explain_json(tmp_path)
-    assert s1["explanations"]["ok"] == N_ITEMS and s1["this_run"]["backend_calls"] == N_ITEMS
+    assert s1["explanations"]["ok"] == N_ITEMS and ctx.this_run["llm"]["backend_calls"] == N_ITEMS
     assert s1["cost_usd"] == pytest.approx(N_ITEMS * (11 * 1000 + 3 * 2000) / 1e6)  # 11 + 3 tokens per call
     assert all(r["text"] == "a fixed explanation" for r in explanations(tmp_path))
     calls = sum(faults.counts.values())
-    run_stage(make_ctx(tmp_path, tokenizer, **_compatible(faults, "ok", prices=["ok=1000,2000"])))
+    ctx2 = make_ctx(tmp_path, tokenizer, **_compatible(faults, "ok", prices=["ok=1000,2000"]))
+    run_stage(ctx2)
     assert sum(faults.counts.values()) == calls  # not even the model-list check
-    s2 = explain_json(tmp_path)
-    assert s2["this_run"]["backend_calls"] == 0 and s2["this_run"]["cache_hits"] == N_ITEMS
-    assert s2["this_run"].get("http_requests", 0) == 0
+    assert ctx2.this_run["llm"]["backend_calls"] == 0 and ctx2.this_run["llm"]["cache_hits"] == N_ITEMS
+    assert ctx2.this_run["llm"].get("http_requests", 0) == 0
     assert (tmp_path / "explanations.jsonl").read_bytes() == first
-    assert {k: v for k, v in s2.items() if k != "this_run"} == {k: v for k, v in s1.items() if k != "this_run"}
+    assert explain_json(tmp_path) == s1
 
 
 def test_keys_go_only_where_they_belong(faults, monkeypatch):
@@ -470,8 +471,9 @@ def test_embedded_backend_explains_every_relevant_pair_and_every_unit_offline(tm
                                        "units": {"total": 2, "ok": 2, "failed": 0, "skipped": 0}}
     assert "OPENAI_API_KEY" not in os.environ
     first = (tmp_path / "explanations.jsonl").read_bytes()
-    run_stage(make_ctx(tmp_path, tokenizer))
-    again = explain_json(tmp_path)["this_run"]
+    ctx = make_ctx(tmp_path, tokenizer)
+    run_stage(ctx)
+    again = ctx.this_run["llm"]
     assert again["backend_calls"] == 0 and again["cache_hits"] == 5
     assert (tmp_path / "explanations.jsonl").read_bytes() == first
 

@@ -338,7 +338,7 @@ def test_stage_writes_contexts_acts_and_summary(planted_gpt2, tmp_path):
     counts = {u["unit_id"]: u for u in report["per_unit"]}
     assert counts[target]["train_top"] == 10 and counts[target]["test_top"] == 5
     assert counts[target]["test_low"] == counts[target]["test_random"] == 5 and counts[target]["train_random"] == 4
-    assert report["never_fired"] == [] and report["tokens_scanned"] > 0
+    assert report["never_fired"] == [] and report["splits"]["train"]["n_tokens"] > 0
 
     # held-out split: no test document in any train prompt, by id and by text
     train = [r for r in records if r["split"] == "train"]
@@ -364,8 +364,10 @@ def test_stage_killed_and_resumed_writes_the_uninterrupted_files(planted_gpt2, t
     monkeypatch.setattr(mine, "_fault_injection_after_batch", None)
     resumed = run_mine(planted_gpt2, mine_config(docs, batch_size=4, checkpoint_every=1), out)
     assert resumed == whole
+    assert (out / "mine.json").read_bytes() == (tmp_path / "whole" / "mine.json").read_bytes()
+    scan = json.loads((out / "stages.json").read_text())["stages"]["mine"]["this_run"]["splits"]
     report = json.loads((out / "mine.json").read_text())
-    assert report["splits"]["train"]["resumed_at_context"] == report["splits"]["train"]["n_contexts"]
+    assert scan["train"]["resumed_at_context"] == report["splits"]["train"]["n_contexts"]  # train was done
     for key in load_file(tmp_path / "whole" / "context_acts.safetensors"):
         assert torch.equal(load_file(out / "context_acts.safetensors")[key],
                            load_file(tmp_path / "whole" / "context_acts.safetensors")[key])

@@ -4,7 +4,8 @@
 * The score stage under a fault mix (10 % 429, 5 % 500, 5 % hangs, 5 % malformed bodies) completes;
   every faulted call is retried, then either succeeds or is recorded as failed and counted; scores
   rest on the successful judgements only, and the counts in summary.json match judgements.jsonl.
-* The LLM layer holds its concurrency limit with 1,000 calls queued, and loses none.
+* The LLM layer holds its concurrency limit with 1,000 calls queued, and loses none; identical requests
+  in flight together reach the backend once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from llm_servers import FaultInjectionServer
 from sae_lens_ctx import score
 from sae_lens_ctx.config import ExplainConfig, RunConfig
-from sae_lens_ctx.explain.llm import LLM, make_client
+from sae_lens_ctx.explain.llm import LLM, ResponseCache, make_client
 from sae_lens_ctx.pipeline import RunContext
 from sae_lens_ctx.records import iter_jsonl
 from test_score import write_planted_run
@@ -70,3 +71,16 @@ def test_llm_layer_holds_its_concurrency_limit_with_a_thousand_queued_calls(serv
     assert server.counts["slow-ok"] == 1000  # none lost, none sent twice
     assert 2 <= server.max_in_flight <= 4
     assert llm.stats.ok == 1000 and llm.stats.failed == 0
+
+
+def test_identical_requests_in_flight_together_reach_the_backend_once(server, tmp_path):
+    cfg = ExplainConfig(backend="openai-compatible", base_url=server.base_url, model="slow-ok", check_server=False)
+    llm = LLM(make_client(cfg), max_concurrency=8, max_retries=0, cache=ResponseCache(tmp_path / "cache.sqlite"))
+    requests = [([{"role": "user", "content": f"call {i % 10}"}], {"max_tokens": 4}) for i in range(40)]
+    before = server.counts["slow-ok"]
+    results = llm.map(requests)
+    assert all(r.ok for r in results) and server.counts["slow-ok"] - before == 10  # one call per distinct request
+    assert llm.stats.backend_calls == 10 and llm.stats.cache_hits == 30
+    for i, r in enumerate(results):
+        assert r.text == results[i % 10].text
+    llm.close()

@@ -17,9 +17,6 @@ from sae_lens_ctx.errors import UserError
 from sae_lens_ctx.pipeline import run_pipeline
 from sae_lens_ctx.shard import load_shard, merge_results, parse_shard
 
-TIMING = {"seconds", "tokens_per_s", "resumed_at_context"}
-
-
 def config(plant, docs):
     # batch_size 4 × window 8 = 32 contexts a window: the train split has several windows, so every shard scans some
     return RunConfig(model=ModelConfig(model_name=str(plant.directory)),
@@ -28,25 +25,15 @@ def config(plant, docs):
                      mine=MineConfig(top_k=6, n_test_prompts=3, n_random=3, batch_size=4))
 
 
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
 def assert_same_mine(a: Path, b: Path):
     assert (a / "contexts.jsonl").read_bytes() == (b / "contexts.jsonl").read_bytes()
     acts_a, acts_b = load_file(a / "context_acts.safetensors"), load_file(b / "context_acts.safetensors")
     assert acts_a.keys() == acts_b.keys() and len(acts_a) > 0
     for key in acts_a:
         assert torch.equal(acts_a[key], acts_b[key]), key
-    ra, rb = json.loads((a / "mine.json").read_text()), json.loads((b / "mine.json").read_text())
-    assert strip_timing(ra) == strip_timing(rb)
-    for name in ("train", "test"):
-        assert ra["splits"][name]["n_contexts"] == rb["splits"][name]["n_contexts"]
-    assert ra["tokens_scanned"] == rb["tokens_scanned"] > 0
+    assert (a / "mine.json").read_bytes() == (b / "mine.json").read_bytes()  # timings live in stages.json
+    ra = json.loads((a / "mine.json").read_text())
+    assert all(ra["splits"][name]["n_tokens"] > 0 for name in ("train", "test"))
 
 
 @pytest.fixture(scope="module")

@@ -58,9 +58,10 @@ def run_stage(ctx: RunContext) -> None:
         llm.close()
     records = ordered(units, head_records, unit_records)
     write_jsonl(ctx.path("explanations.jsonl"), records)
-    summary = summarize(records, llm, seconds=time.perf_counter() - start)
+    summary = summarize(records, llm)
     atomic_write(ctx.path("explain.json"), json.dumps(summary, indent=2) + "\n")
-    print(summary_text(summary))
+    ctx.this_run.update(llm=llm.summary(), seconds=round(time.perf_counter() - start, 1))
+    print(summary_text(summary, ctx.this_run))
 
 
 def ordered(units: list[dict], head_records: list[ExplanationRecord],
@@ -72,8 +73,9 @@ def ordered(units: list[dict], head_records: list[ExplanationRecord],
     return [r for rs in by_unit.values() for r in rs]
 
 
-def summarize(records: list[ExplanationRecord], llm, seconds: float) -> dict:
-    """explain.json: what the explanations hold (stable across re-runs) and what this run did."""
+def summarize(records: list[ExplanationRecord], llm) -> dict:
+    """explain.json: what the explanations hold, the same on every re-run (what this invocation did, calls
+    made versus answered from the cache, is the stage's `this_run` in `stages.json`)."""
 
     def counts(rs: list[ExplanationRecord]) -> dict:
         c = Counter(r.status for r in rs)
@@ -94,12 +96,11 @@ def summarize(records: list[ExplanationRecord], llm, seconds: float) -> dict:
         "cut_off": sum(r.finish_reason == "length" for r in ok),
         "prompts_with_dropped_examples": sum(r.n_dropped > 0 for r in records),
         "dropped_examples": sum(r.n_dropped for r in records),
-        "this_run": {**llm.summary(), "seconds": round(seconds, 1)},
     }
 
 
-def summary_text(s: dict) -> str:
-    e, run = s["explanations"], s["this_run"]
+def summary_text(s: dict, this_run: dict) -> str:
+    e, run = s["explanations"], {**this_run["llm"], "seconds": this_run["seconds"]}
     lines = [f"explained {e['ok']}/{e['total']} ({e['heads']['ok']} head pairs, {e['units']['ok']} units) with "
              f"{s['backend']} ({s['model']}); {e['failed']} failed, {e['skipped']} skipped",
              f"  tokens {s['prompt_tokens']} prompt + {s['completion_tokens']} completion, cost ${s['cost_usd']:.4f}"

@@ -625,6 +625,8 @@ class LLM:
         self.max_concurrency = max_concurrency
         self._slots = threading.BoundedSemaphore(max_concurrency)
         self._lock = threading.Lock()
+        self._in_flight: dict[str, threading.Event] = {}
+        """Requests being made now, by cache key: an identical request waits for the first one's answer."""
         self._secret = os.environ.get(secret_env) if secret_env else None
 
     @classmethod
@@ -656,18 +658,37 @@ class LLM:
         return round((response.prompt_tokens * price[0] + response.completion_tokens * price[1]) / 1e6, 8)
 
     def call(self, messages: Sequence[Message], **params: Any) -> CallResult:
-        """One call: from the cache if it was answered before, else from the backend (retried)."""
+        """One call: from the cache if it was answered before, else from the backend (retried). Identical
+        requests made at the same time reach the backend once: the others wait for its cached answer."""
         params = {k: v for k, v in sorted(params.items()) if v is not None}
         messages = [dict(m) for m in messages]
         phash = prompt_hash(messages)
         key = request_key(self.backend, self.model, messages, params)
-        if self.cache is not None:
+        if self.cache is None:
+            return self._call_backend(messages, params, key, phash)
+        while True:
             hit = self.cache.get(key)
             if hit is not None:
                 with self._lock:
                     self.stats.cache_hits += 1
                     self.stats.ok += 1
                 return CallResult(True, hit, None, phash, self.cost(hit), cached=True)
+            with self._lock:
+                first = self._in_flight.get(key)
+                if first is None:
+                    done = self._in_flight[key] = threading.Event()
+            if first is None:
+                break
+            first.wait()  # the same request is in flight: its answer lands in the cache (if it failed: try again)
+        try:
+            return self._call_backend(messages, params, key, phash)
+        finally:
+            with self._lock:
+                self._in_flight.pop(key, None)
+            done.set()
+
+    def _call_backend(self, messages: list[dict], params: dict[str, Any], key: str, phash: str) -> CallResult:
+        """The backend call with retries; a success goes into the cache."""
         attempts, error = 0, None
         with self._slots:
             for attempt in range(self.max_retries + 1):
