@@ -199,8 +199,8 @@ class RunDirectory:
         # (answers already paid for; keyed by the whole prompt, so never stale).
         ours = {MANIFEST, CONFIG_FILE, "wandb"}
         cache = Path(config.explain.cache_path).name
-        kept = [p for p in self.out.iterdir() if p.name not in ours and not p.name.startswith(cache)] \
-            if self.out.is_dir() else []
+        kept = [p for p in self.out.iterdir() if p.name not in ours and not p.name.startswith(cache)
+                and not _is_temporary(p)] if self.out.is_dir() else []
         if not manifest and kept:
             raise UserError(f"{self.out} is not empty and holds no sae-lens-ctx run: use a new --out, "
                             "or pass --overwrite to write into it")
@@ -228,7 +228,7 @@ class RunDirectory:
 
         Called when a single-process run starts, not by shards or torchrun ranks: those write into the
         directory at the same time (`shard.py`), while one `run` per run directory at a time is the rule."""
-        stale = [p for p in self.out.rglob(".*.tmp") if p.is_file() and "wandb" not in p.relative_to(self.out).parts]
+        stale = [p for p in self.out.rglob(".*.tmp") if _is_temporary(p) and "wandb" not in p.relative_to(self.out).parts]
         for p in stale:
             p.unlink(missing_ok=True)
         if stale:
@@ -237,6 +237,11 @@ class RunDirectory:
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _is_temporary(path: Path) -> bool:
+    """A temporary file of `records.atomic_write` / `atomic_path` (`.NAME.RANDOM.tmp`)."""
+    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:

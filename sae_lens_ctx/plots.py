@@ -25,15 +25,16 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from .records import atomic_path  # noqa: E402
 from .results import RunResults, _number, safe_name  # noqa: E402
 
 REAL, CONTROL, MARK = "#1f77b4", "#999999", "#d62728"
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write a figure as a PNG without the metadata that would make identical plots differ."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
+    """Write a figure as a PNG (atomically, without the metadata that would make identical plots differ)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path
 
