@@ -25,7 +25,7 @@ from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, Nested
 
 from . import __version__
 from .config import EMBEDDED, RunConfig, field_paths
-from .errors import EXIT_USER_ERROR, UserError, did_you_mean
+from .errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
 from .pipeline import STAGES, RunDirectory, StageResult, run_pipeline
 from . import stages as _stages  # noqa: F401  (registers the stages)
 
@@ -208,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sae-lens-ctx: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk or an unreadable file, from any layer: the user's to fix
+        problem = environment_error(e)
+        if problem is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"sae-lens-ctx: error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

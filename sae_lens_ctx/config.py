@@ -61,6 +61,11 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the model's weights and activations."""
 
+    allow_pickle: bool = False
+    """Load a local model directory whose weights are pickle-based (`pytorch_model.bin`, `.pt`) rather
+    than safetensors. Unpickling can run code, so such a checkpoint is refused unless this is set; even
+    then it is read with `torch.load(weights_only=True)`. Only for checkpoints you trust."""
+
     def validate(self) -> None:
         if not self.model_name.strip():
             raise UserError("model.model_name is empty: give 'embedded', a hub id, a directory or a .gguf path")

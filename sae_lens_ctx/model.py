@@ -296,7 +296,7 @@ def load_model(cfg: ModelConfig) -> ModelView:
         label = EMBEDDED_MODEL_ID if source == "embedded-gguf" else Path(where).stem
         model = _boot_bridge(label, cfg, dtype, hf_model=hf, tokenizer=tok)
     elif source == "hf-directory":
-        hf, tok = _load_hf_directory(Path(where), dtype)
+        hf, tok = _load_hf_directory(Path(where), dtype, allow_pickle=cfg.allow_pickle)
         model = _boot_bridge(str(where), cfg, dtype, hf_model=hf, tokenizer=tok)
     else:
         model = _boot_bridge(_hub_id(cfg.model_name), cfg, dtype)
@@ -400,8 +400,25 @@ def _check_gguf_header(path: Path) -> None:
                         "download it again") from e
 
 
-def _load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_no_pickle(path: Path, allow_pickle: bool) -> None:
+    """Refuse a directory whose weights exist only as pickle files, unless `model.allow_pickle` is set."""
+    names = [p.name for p in path.iterdir() if p.is_file()]
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES) and "training_args" not in n)
+    if pickled and not any(n.endswith(".safetensors") for n in names) and not allow_pickle:
+        raise UserError(f"model directory {path} holds pickle-based weights only ({pickled[0]}), and unpickling can "
+                        "run code: convert them to safetensors (model.save_pretrained(dir, safe_serialization=True)), "
+                        "or for a checkpoint you trust pass model.allow_pickle=true")
+
+
+def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[Any, Any]:
+    """A `save_pretrained` directory: safetensors weights, or pickle ones (torch.load(weights_only=True),
+    transformers' default) when `allow_pickle`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_no_pickle(path, allow_pickle)
 
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -409,7 +426,7 @@ def _load_hf_directory(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         raise UserError(f"model directory {path} has no usable tokenizer ({type(e).__name__}): "
                         "save the tokenizer next to the model (tokenizer.save_pretrained)") from e
     try:
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True)
     except Exception as e:
         raise UserError(f"model directory {path} could not be loaded ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}): check that its weights are complete") from e

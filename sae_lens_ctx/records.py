@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import UserError
+
 R = TypeVar("R")
 
 
@@ -76,9 +78,13 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> int:
 def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
     """The records of a JSONL file as dicts."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {number} is not valid JSON ({e.msg}): the file was edited or damaged; "
+                                    "re-run the stage that writes it (`sae-lens-ctx <stage> --out DIR --force`)") from e
 
 
 def read_jsonl(path: str | os.PathLike, cls: type[R]) -> list[R]:

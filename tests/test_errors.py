@@ -1,5 +1,11 @@
-"""Bad input: a one-line error naming the problem, exit code 2, no traceback (unless --debug)."""
+"""Bad input: a one-line error naming the problem and the fix, exit code 2, no traceback (unless --debug).
 
+Model names and files, corpora, config files and values, commands, and the machine and the run directory:
+a full disk, an unreadable or unwritable path, a damaged results file, a corrupt or incompatible
+stages.json, another run's directory, a foreign directory, a pickle-only checkpoint. (Ctrl-C: exit 130
+and resumable, in test_crash_resume.py.)"""
+
+import contextlib
 import json
 import os
 import shutil
@@ -108,3 +114,96 @@ def test_console_script_exit_code_and_debug_traceback(tmp_path):
     assert debug.returncode == 2 and "Traceback" in debug.stderr
     helped = subprocess.run([sys.executable, "-m", "sae_lens_ctx", "run", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--corpus.context_size" in helped.stdout and "Tokens per context" in helped.stdout
+
+
+# -- the machine and the run directory -------------------------------------------------------------
+
+
+def small_run(planted_gpt2, docs, out):
+    return ["run", "--model", str(planted_gpt2.directory), "--corpus", str(docs), "corpus.context_size=16",
+            "corpus.max_tokens=4000", "corpus.min_documents=10", "explain.backend=offline-test-llm", "--out", str(out)]
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_resumes(tmp_path, capsys, planted_gpt2, docs):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    try:
+        args = small_run(planted_gpt2, docs, disk / "run")
+        assert_one_line_error(*run_cli(capsys, *args), "no space left on the disk", "run the same command again")
+        assert not [p for p in (disk / "run").rglob(".*.tmp")]  # nothing half-written left behind
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        assert main(args) == 0
+        assert (disk / "run" / "report" / "index.html").is_file()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Root reads and writes anything: act as 'nobody' for a permission check (restored after)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys):
+    locked = tmp_path / "locked.yaml"
+    locked.write_text("seed: 1\n")
+    locked.chmod(0)
+    with unprivileged():
+        config_error = run_cli(capsys, "run", str(locked))
+        out_error = run_cli(capsys, "run", "--model", "gpt2", "--out", str(tmp_path / "closed" / "run"))
+    (tmp_path / "closed").mkdir(exist_ok=True)
+    assert_one_line_error(*config_error, "permission denied", "locked.yaml")
+    assert_one_line_error(*out_error, "permission denied", "closed")
+
+
+def test_run_directory_problems(tmp_path, capsys, planted_gpt2, docs):
+    out = tmp_path / "run"
+    assert main(small_run(planted_gpt2, docs, out)) == 0
+    manifest = json.loads((out / "stages.json").read_text())
+    # a damaged results file (edited by hand, or copied half-way)
+    units = (out / "units.jsonl").read_text()
+    (out / "units.jsonl").write_text(units[: len(units) // 2])
+    assert_one_line_error(*run_cli(capsys, "mine", "--out", str(out), "--force"), "units.jsonl line", "not valid JSON",
+                          "--force")
+    (out / "units.jsonl").write_text(units)
+    # a corrupt manifest, then one from an incompatible version
+    (out / "stages.json").write_text("{")
+    assert_one_line_error(*run_cli(capsys, *small_run(planted_gpt2, docs, out)), "stages.json is corrupt")
+    (out / "stages.json").write_text(json.dumps({**manifest, "results_format": 99}))
+    assert_one_line_error(*run_cli(capsys, *small_run(planted_gpt2, docs, out)), "incompatible version",
+                          "--overwrite")
+    (out / "stages.json").write_text(json.dumps(manifest))
+    # another model's results, and a directory that is not ours
+    assert_one_line_error(*run_cli(capsys, "run", "--model", "embedded", "--out", str(out)), "different run",
+                          "--overwrite")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "cat.jpg").write_bytes(b"\xff\xd8")
+    assert_one_line_error(*run_cli(capsys, *small_run(planted_gpt2, docs, foreign)), "not empty", "new --out")
+
+
+def test_a_pickle_checkpoint_is_refused_unless_allowed(tmp_path, capsys, planted_gpt2):
+    import torch
+
+    from sae_lens_ctx.config import ModelConfig
+    from sae_lens_ctx.model import load_model
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(planted_gpt2.directory, pickled)
+    for weights in pickled.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(planted_gpt2.hf_model.state_dict(), pickled / "pytorch_model.bin")
+    assert_one_line_error(*run_cli(capsys, "run", "--model", str(pickled), "--out", str(tmp_path / "r")),
+                          "pickle-based weights only", "pytorch_model.bin", "model.allow_pickle=true")
+    view = load_model(ModelConfig(model_name=str(pickled), allow_pickle=True))  # torch.load(weights_only=True)
+    reference = load_model(ModelConfig(model_name=str(planted_gpt2.directory)))
+    assert torch.equal(view.W_U, reference.W_U)
