@@ -25,7 +25,7 @@ import sae_lens_ctx as slc
 from sae_lens_ctx import api
 from sae_lens_ctx.errors import UserError
 
-TIMING_KEYS = {"seconds", "tokens_per_s", "finished_at"}
+TIMING_KEYS = {"seconds", "finished_at", "this_run"}  # stages.json: the one place for these
 
 
 def planted_config(plant, docs=None, **sections) -> slc.RunConfig:

@@ -131,6 +131,32 @@ def test_result_does_not_depend_on_batching_and_stops_early(planted_gpt2, tmp_pa
     assert not torch.equal(again[0], again[1])
 
 
+HALF_PRECISION_TOLERANCE = {"bfloat16": 0.02, "float16": 0.003}
+"""Relative to a unit's top fp32 activation: how far half-precision values may be from fp32, and how close to
+the k-th fp32 value a context must be to enter or leave the top-k (the README states the same)."""
+
+
+@pytest.mark.parametrize("dtype", list(HALF_PRECISION_TOLERANCE))
+def test_half_precision_top_k_agrees_with_float32_up_to_near_ties(planted, tmp_path, dtype):
+    fp32 = load_model(ModelConfig(model_name=str(planted.directory)))
+    half = load_model(ModelConfig(model_name=str(planted.directory), dtype=dtype))
+    assert half.dtype == getattr(torch, dtype)
+    contexts = corpus_of(fp32, write_docs(tmp_path / "docs.jsonl", planted_corpus(planted, n_docs=120))).split("train")
+    units, k, tol = planted_units(planted), 12, HALF_PRECISION_TOLERANCE[dtype]
+    wide = scan(UnitReader(fp32, units), contexts, {"top": 3 * k}).tracks["top"]  # fp32 values beyond the k-th
+    ours = scan(UnitReader(half, units), contexts, {"top": k}).tracks["top"]
+    assert ours.values.dtype == wide.values.dtype  # activations come back as float32 whatever the model's dtype
+    for j in range(len(units)):
+        fp32_value = dict(zip(wide.index[j].tolist(), wide.values[j].tolist()))
+        scale = abs(float(wide.values[j, 0]))
+        kth = float(wide.values[j, k - 1])
+        assert (ours.values[j] - wide.values[j, :k]).abs().max() <= tol * scale
+        reference, got = set(wide.index[j, :k].tolist()), set(ours.index[j].tolist())
+        for i in got ^ reference:  # a context that trades places is a near-tie with the k-th
+            assert i in fp32_value and abs(fp32_value[i] - kth) <= tol * scale, (j, i)
+        assert len(got & reference) >= k - 2
+
+
 def test_sae_latents_are_encoded_on_the_fly(planted_gpt2, tmp_path):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
