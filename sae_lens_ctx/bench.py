@@ -64,8 +64,9 @@ from .units import SaeSource, UnitRecord
 
 def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequence[UnitRecord], *,
                saes: dict[str, SaeSource] | None = None, k: int = 20, batch_size: int = 32, bos: int = 1,
-               repeats: int = 3) -> dict:
-    """Tokens/s of the scan and its baselines over `contexts` (see the module docstring)."""
+               repeats: int = 3, compile: bool = False) -> dict:
+    """Tokens/s of the scan and its baselines over `contexts` (see the module docstring); with `compile`,
+    also `scan_compiled` (`mine.compile`: the reader under `torch.compile`) and the compilation's seconds."""
     reader = UnitReader(view, units, saes)
     pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
     plan = [[contexts[i].tokens for i in idxs] for idxs, _ in batches(contexts, batch_size)]
@@ -105,6 +106,14 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
 
     methods = {"scan": mining_scan, "forward": forward, "forward_until_hooks": forward_until_hooks,
                "run_with_cache_topk": run_with_cache_topk}
+    compile_seconds = None
+    if compile:
+        compiled = UnitReader(view, units, saes, compile=True)
+        start = time.perf_counter()
+        for t in {tuple(t.shape): t for t in tokens}.values():  # compile (and specialise) on every batch shape
+            compiled(t)
+        compile_seconds = round(time.perf_counter() - start, 1)
+        methods["scan_compiled"] = lambda: scan(compiled, contexts, {"top": k}, bos=bos, batch_size=batch_size)
     times: dict[str, list[float]] = {name: [] for name in methods}
     forward_until_hooks()  # warm-up (lazy initialisation, allocator)
     for _ in range(repeats):
@@ -123,6 +132,8 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
         "scan_vs_forward": round(rates["scan"] / rates["forward"], 3),
         "scan_vs_forward_until_hooks": round(rates["scan"] / rates["forward_until_hooks"], 3),
         "scan_vs_run_with_cache_topk": round(rates["scan"] / rates["run_with_cache_topk"], 3),
+        **({"compiled_vs_scan": round(rates["scan_compiled"] / rates["scan"], 3), "compile_seconds": compile_seconds}
+           if compile else {}),
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
     }
 
@@ -384,7 +395,8 @@ def bench_discover(view: ModelView, n_layers: int = 1) -> dict:
 def bench_model(view: ModelView, *, n_contexts: int = 12, context_len: int = 64, n_units: int = 64, k: int = 8,
                 batch_size: int = 16, repeats: int = 2, paper_contexts: int = 2, attr_units: int = 2,
                 n_prompts: int = 8, paper_pairs: int = 2, trim_prompts_n: int = 6, serial_prompts: int = 2,
-                memory_tokens: int = 512, discover_layers: int = 1, seed: int = 0, log=print) -> dict:
+                memory_tokens: int = 512, discover_layers: int = 1, seed: int = 0, compile: bool = False,
+                log=print) -> dict:
     """Every measurement of `sae-lens-ctx bench` on one model; returns its JSON record."""
     from .mine import collect_prompts
 
@@ -400,7 +412,7 @@ def bench_model(view: ModelView, *, n_contexts: int = 12, context_len: int = 64,
                  "n_layers": view.n_layers, "d_model": view.d_model, "d_mlp": view.d_mlp, "d_vocab": view.d_vocab}
 
     log(f"[{view.name}] scan vs forward vs run_with_cache+topk: {len(contexts)} contexts, {n_units} units, k={k}")
-    scan_figs = bench_scan(view, contexts, units, k=k, batch_size=batch_size, repeats=repeats)
+    scan_figs = bench_scan(view, contexts, units, k=k, batch_size=batch_size, repeats=repeats, compile=compile)
     log(f"[{view.name}] paper-style scan (batch 1, per-neuron hooks) on {paper_contexts} contexts")
     paper = bench_paper_scan(view, contexts[:max(1, paper_contexts)], units, k=k)
     rates = {**scan_figs["tokens_per_s"], "paper_scan": paper["tokens_per_s"]}
@@ -530,6 +542,7 @@ def bench_cli(argv: list[str]) -> int:
     p.add_argument("--memory-tokens", type=int, default=512, help="N: memory is measured at N and 10 N tokens")
     p.add_argument("--discover-layers", type=int, default=1, help="last layers whose neurons discovery scores")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="also time the scan under torch.compile (mine.compile)")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -543,7 +556,7 @@ def bench_cli(argv: list[str]) -> int:
     sizes = dict(n_contexts=a.contexts, context_len=a.context_len, n_units=a.units, k=a.k, batch_size=a.batch_size,
                  repeats=a.repeats, paper_contexts=a.paper_contexts, attr_units=a.attr_units, n_prompts=a.prompts,
                  paper_pairs=a.paper_pairs, trim_prompts_n=a.trim_prompts, serial_prompts=a.serial_prompts,
-                 memory_tokens=a.memory_tokens, discover_layers=a.discover_layers, seed=a.seed)
+                 memory_tokens=a.memory_tokens, discover_layers=a.discover_layers, seed=a.seed, compile=a.compile)
     result = run_bench(makers, out=a.out, **sizes)
     print("ratios (worst across models): " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()))
     print(f"memory growth N -> 10 N: {result['memory']['growth']:+.2%}; wall {result['wall_s']}s")

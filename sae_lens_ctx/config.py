@@ -231,6 +231,12 @@ class MineConfig:
     checkpoint_every: int = 50
     """Save the running top-k every this many batches, so a killed scan resumes where it stopped."""
 
+    compile: bool = False
+    """Run the scan's forward through `torch.compile` (dynamic shapes). Off by default because it does not
+    pay on a CPU: the first batch waits for the compilation (about a minute even for a tiny model on 2
+    cores) and the hooks break the graph; `sae-lens-ctx bench --compile` measures it on your hardware.
+    Results agree with eager to float round-off."""
+
     def validate(self) -> None:
         for name in ("top_k", "n_test_prompts", "n_random", "batch_size", "checkpoint_every"):
             _positive(f"mine.{name}", getattr(self, name))

@@ -77,7 +77,8 @@ class UnitReader:
     canonical names).
     """
 
-    def __init__(self, view: ModelView, units: Sequence[UnitRecord], saes: dict[str, SaeSource] | None = None):
+    def __init__(self, view: ModelView, units: Sequence[UnitRecord], saes: dict[str, SaeSource] | None = None,
+                 compile: bool = False):
         saes = saes or {}
         self.view, self.unit_ids, self.n_units = view, [u.unit_id for u in units], len(units)
         groups: dict[tuple[str, str | None], tuple[list[int], list[int]]] = {}
@@ -104,6 +105,7 @@ class UnitReader:
                 (saes.get(sae_id) if sae_id else None, torch.tensor(index, device=dev), torch.tensor(cols, device=dev)))
         self.stop_at_layer = max(layers, default=-1) + 1
         """The first layer the forward never reaches (it stops inside the layer before)."""
+        self._forward = torch.compile(self._read, dynamic=True) if compile else self._read
 
     @property
     def hook_names(self) -> list[str]:
@@ -111,6 +113,9 @@ class UnitReader:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._forward(tokens)
+
+    def _read(self, tokens: torch.Tensor) -> torch.Tensor:
         out = torch.full((*tokens.shape, self.n_units), float("nan"), device=self.view.device)
 
         def make(name: str):
@@ -438,7 +443,7 @@ def prepare_stage(ctx: RunContext) -> tuple[list[UnitRecord], UnitReader, dict[s
     cfg = ctx.config.mine
     units = load_units(ctx.path("units.jsonl"))
     saes = {s.sae_id: s for s in ctx.sae_sources()}
-    reader = UnitReader(ctx.model, units, saes)
+    reader = UnitReader(ctx.model, units, saes, compile=cfg.compile)
     splits = {name: ctx.corpus.split(name) for name in SPLITS}
     for name, need, key in (("train", cfg.top_k, "top_k"), ("test", cfg.n_test_prompts, "n_test_prompts")):
         if len(splits[name]) < need:

@@ -157,6 +157,18 @@ def test_half_precision_top_k_agrees_with_float32_up_to_near_ties(planted, tmp_p
         assert len(got & reference) >= k - 2
 
 
+def test_compiled_scan_equals_eager(planted_gpt2, tmp_path):
+    """`mine.compile`: the reader under torch.compile (graph breaks at the hooks) gives eager's top-k."""
+    view = load_model(ModelConfig(model_name=str(planted_gpt2.directory)))
+    contexts = corpus_of(view, write_docs(tmp_path / "d.jsonl", planted_corpus(planted_gpt2, n_docs=40))).split("train")
+    units = planted_units(planted_gpt2)
+    eager = scan(UnitReader(view, units), contexts, {"top": 6}, batch_size=16).tracks["top"]
+    compiled = scan(UnitReader(view, units, compile=True), contexts, {"top": 6}, batch_size=16).tracks["top"]
+    assert torch.equal(compiled.index, eager.index) and torch.equal(compiled.pos, eager.pos)
+    assert torch.allclose(compiled.values, eager.values, atol=1e-5)
+    assert torch.allclose(compiled.rows, eager.rows, atol=1e-5, equal_nan=True)
+
+
 def test_sae_latents_are_encoded_on_the_fly(planted_gpt2, tmp_path):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
