@@ -132,8 +132,8 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
         "scan_vs_forward": round(rates["scan"] / rates["forward"], 3),
         "scan_vs_forward_until_hooks": round(rates["scan"] / rates["forward_until_hooks"], 3),
         "scan_vs_run_with_cache_topk": round(rates["scan"] / rates["run_with_cache_topk"], 3),
-        **({"compiled_vs_scan": round(rates["scan_compiled"] / rates["scan"], 3), "compile_seconds": compile_seconds}
-           if compile else {}),
+        **({"compiled_vs_scan": round(rates["scan_compiled"] / rates["scan"], 3), "compile_seconds": compile_seconds,
+            "compile_error": compiled.compile_error} if compile else {}),
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
     }
 

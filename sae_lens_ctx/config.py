@@ -235,7 +235,8 @@ class MineConfig:
     """Run the scan's forward through `torch.compile` (dynamic shapes). Off by default because it does not
     pay on a CPU: the first batch waits for the compilation (about a minute even for a tiny model on 2
     cores) and the hooks break the graph; `sae-lens-ctx bench --compile` measures it on your hardware.
-    Results agree with eager to float round-off."""
+    Results agree with eager to float round-off. Where torch.compile fails on a model (HookedTransformer's
+    numpy `attn_scale` trips Dynamo in torch 2.13), the scan warns once and runs eagerly."""
 
     def validate(self) -> None:
         for name in ("top_k", "n_test_prompts", "n_random", "batch_size", "checkpoint_every"):

@@ -105,7 +105,9 @@ class UnitReader:
                 (saes.get(sae_id) if sae_id else None, torch.tensor(index, device=dev), torch.tensor(cols, device=dev)))
         self.stop_at_layer = max(layers, default=-1) + 1
         """The first layer the forward never reaches (it stops inside the layer before)."""
-        self._forward = torch.compile(self._read, dynamic=True) if compile else self._read
+        self._compiled = torch.compile(self._read, dynamic=True) if compile else None
+        self.compile_error: str | None = None
+        """Why `torch.compile` failed on this model, when it did (the reader then runs eagerly)."""
 
     @property
     def hook_names(self) -> list[str]:
@@ -113,7 +115,14 @@ class UnitReader:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._forward(tokens)
+        if self._compiled is not None:
+            try:
+                return self._compiled(tokens)
+            except Exception as e:  # torch.compile does not handle every model (HookedTransformer's numpy attn_scale)
+                self._compiled, self.compile_error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                log.warning("mine.compile: torch.compile failed on this model (%s); scanning eagerly",
+                            self.compile_error)
+        return self._read(tokens)
 
     def _read(self, tokens: torch.Tensor) -> torch.Tensor:
         out = torch.full((*tokens.shape, self.n_units), float("nan"), device=self.view.device)

@@ -169,6 +169,21 @@ def test_compiled_scan_equals_eager(planted_gpt2, tmp_path):
     assert torch.allclose(compiled.rows, eager.rows, atol=1e-5, equal_nan=True)
 
 
+def test_compile_failure_falls_back_to_eager(planted_gpt2, tmp_path, caplog):
+    view = load_model(ModelConfig(model_name=str(planted_gpt2.directory)))
+    contexts = corpus_of(view, write_docs(tmp_path / "d.jsonl", planted_corpus(planted_gpt2, n_docs=20))).split("train")
+    units = planted_units(planted_gpt2)
+    reader = UnitReader(view, units, compile=True)
+
+    def broken(tokens):  # a fault injected at the seam: what Dynamo raises on a model it cannot trace
+        raise AssertionError("Guard failed on the same frame it was created (fault injected by the test)")
+    reader._compiled = broken
+    fallen_back = scan(reader, contexts, {"top": 4}, batch_size=16).tracks["top"]
+    eager = scan(UnitReader(view, units), contexts, {"top": 4}, batch_size=16).tracks["top"]
+    assert torch.equal(fallen_back.index, eager.index) and torch.equal(fallen_back.values, eager.values)
+    assert reader.compile_error.startswith("AssertionError: Guard failed") and "scanning eagerly" in caplog.text
+
+
 def test_sae_latents_are_encoded_on_the_fly(planted_gpt2, tmp_path):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
