@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -239,9 +240,13 @@ class RunDirectory:
         atomic_write(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
+_TEMPORARY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+"""`tempfile.mkstemp(prefix=".NAME.", suffix=".tmp")`'s names, as `records.atomic_write` makes them."""
+
+
 def _is_temporary(path: Path) -> bool:
     """A temporary file of `records.atomic_write` / `atomic_path` (`.NAME.RANDOM.tmp`)."""
-    return path.is_file() and path.name.startswith(".") and path.name.endswith(".tmp")
+    return bool(_TEMPORARY.fullmatch(path.name)) and path.is_file()
 
 
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:

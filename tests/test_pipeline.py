@@ -77,6 +77,12 @@ def test_foreign_and_incompatible_directories_are_refused(tmp_path, planted_gpt2
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="not empty"):
         run_pipeline(cfg, foreign)
+    hidden = tmp_path / "hidden"  # a user's own dot-file is not one of our temporary files: refused, kept
+    hidden.mkdir()
+    (hidden / ".notes.tmp").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        run_pipeline(cfg, hidden)
+    assert (hidden / ".notes.tmp").read_text() == "mine"
     old = tmp_path / "old"
     run_pipeline(cfg, old)
     manifest = json.loads((old / MANIFEST).read_text())
