@@ -383,11 +383,11 @@ def _top_prompts(contexts: list[ContextRecord]) -> dict[tuple[str, str], list[Co
     return {k: sorted(v, key=lambda c: c.rank) for k, v in grouped.items()}
 
 
-def _ks_pvalue(a, b) -> float:
-    """Two-sample KS p-value (scipy's exact method, or its asymptotic one where exact fails, silently)."""
+def _ks_2samp(a, b):
+    """Two-sample KS test (scipy's exact method, or its asymptotic one where exact fails, silently)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return float(scipy_stats.ks_2samp(a, b).pvalue)
+        return scipy_stats.ks_2samp(a, b)
 
 
 def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test: list[list[int]],
@@ -419,7 +419,7 @@ def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test
                             act_drop_active=_mean(act, on), act_drop_inactive=_mean(act, ~on))
             if on.any() and (~on).any():
                 ablation["ablation_effect"] = ablation["prob_drop_active"] - ablation["prob_drop_inactive"]
-                ablation["ablation_pvalue"] = _ks_pvalue(prob[on].numpy(), prob[~on].numpy())
+                ablation["ablation_pvalue"] = float(_ks_2samp(prob[on].numpy(), prob[~on].numpy()).pvalue)
         records.append(HeadRecord(
             unit_id=read.unit.unit_id, head=label, layer=heads[j][0], head_index=heads[j][1],
             active_fraction=float(fraction[j]), mean_attribution=float(a_train[branch][:, j].mean()),
@@ -500,9 +500,7 @@ def attribution_summary(records: list[HeadRecord], per_unit: list[dict], skipped
     measured = [r for r in relevant if r.prob_drop_active is not None and r.prob_drop_inactive is not None]
     ks = None
     if len(measured) >= 2:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # scipy falls back to the asymptotic p-value, and says so
-            test = scipy_stats.ks_2samp([r.prob_drop_active for r in measured], [r.prob_drop_inactive for r in measured])
+        test = _ks_2samp([r.prob_drop_active for r in measured], [r.prob_drop_inactive for r in measured])
         ks = {"n_pairs": len(measured), "statistic": float(test.statistic), "pvalue": float(test.pvalue),
               "mean_drop_active": float(np.mean([r.prob_drop_active for r in measured])),
               "mean_drop_inactive": float(np.mean([r.prob_drop_inactive for r in measured]))}

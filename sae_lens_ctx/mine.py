@@ -34,8 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ from .corpus import SPLITS, TokenContext
 from .errors import UserError
 from .model import ModelView
 from .pipeline import RunContext
-from .records import ContextRecord, atomic_write, read_jsonl, write_jsonl
+from .records import ContextRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
 from .trim import Prompt, pad_batch, trim_prompts
 from .units import SaeSource, UnitRecord
 
@@ -590,14 +588,8 @@ def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     """safetensors written to a temporary file and renamed over `path` (never half-written)."""
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -249,6 +249,13 @@ def _is_temporary(path: Path) -> bool:
     return bool(_TEMPORARY.fullmatch(path.name)) and path.is_file()
 
 
+def finished_stage(stage: Stage, fingerprint: str, seconds: float, this_run: dict[str, Any]) -> dict[str, Any]:
+    """A finished stage's entry in `stages.json` (the clock and `this_run` live here, and only here)."""
+    return {"fingerprint": fingerprint, "outputs": list(stage.outputs),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 3),
+            "this_run": this_run}
+
+
 def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     """Each stage's fingerprint: its config sections plus every upstream stage's fingerprint."""
     cfg = asdict(config)
@@ -307,9 +314,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         if missing:
             raise RuntimeError(f"stage {name} finished without writing {missing}")
         seconds = time.perf_counter() - start
-        manifest["stages"][name] = {"fingerprint": prints[name], "outputs": list(stage.outputs),
-                                    "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                    "seconds": round(seconds, 3), "this_run": ctx.this_run}
+        manifest["stages"][name] = finished_stage(stage, prints[name], seconds, ctx.this_run)
         rundir.write_manifest(manifest)
         results.append(StageResult(name, "ran", seconds))
     if config.logging.log_to_wandb:

@@ -37,7 +37,8 @@ from .config import RunConfig
 from .errors import UserError
 from .mine import (ScanResult, Track, _load_safetensors, _save_safetensors, finish_stage, prepare_stage,
                    remove_checkpoints, scan_identities, scan_splits)
-from .pipeline import RunContext, RunDirectory, _require_upstream, get_stage, stage_fingerprints
+from .pipeline import (RunContext, RunDirectory, _require_upstream, finished_stage, get_stage,
+                       stage_fingerprints)
 
 log = logging.getLogger(__name__)
 
@@ -171,10 +172,10 @@ def merge_run(out: str | Path, model=None, keep_shards: bool = False) -> dict[st
     stage = get_stage("mine")
     manifest["stages"].pop("mine", None)
     rundir.write_manifest(manifest)
+    start = time.perf_counter()
     finish_stage(ctx, units, reader, splits, merged)
-    manifest["stages"]["mine"] = {"fingerprint": prints["mine"], "outputs": list(stage.outputs),
-                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                  "this_run": {**ctx.this_run, "merged_shards": n}}
+    manifest["stages"]["mine"] = finished_stage(stage, prints["mine"], time.perf_counter() - start,
+                                                {**ctx.this_run, "merged_shards": n})
     rundir.write_manifest(manifest)
     if not keep_shards:
         for path in files.values():

@@ -34,7 +34,6 @@ import json
 import math
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
@@ -43,6 +42,8 @@ import time
 import urllib.request
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from offline_llm import keyword_says_yes
 
 LOOPBACK = "127.0.0.1"
 SERVED_ALIAS = "smollm2-local"
@@ -106,14 +107,10 @@ def _completion(content: str) -> dict:
 
 
 def _judge(prompt: str) -> dict:
-    """A keyword Yes/No judge's chat completion (see `fault-mix`)."""
-    explanation = re.search(r"active[^:\n]*: (.*)\n", prompt)
-    word = explanation.group(1).split()[-1].strip(".") if explanation and explanation.group(1).split() else ""
-    example = prompt.split('"""')[1] if prompt.count('"""') >= 2 else ""
-    answer = "Yes" if word and word in example else "No"
+    """A keyword Yes/No judge's chat completion (see `fault-mix`; the judge of tests/offline_llm.py)."""
+    answer = "Yes" if keyword_says_yes(prompt) else "No"
     out = _completion(answer)
     p = 0.9 if answer == "Yes" else 0.2
-
     out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [
         {"token": "Yes", "logprob": math.log(p), "bytes": None}, {"token": "No", "logprob": math.log(1 - p), "bytes": None}]
     return out

@@ -29,10 +29,7 @@ class OfflineTestLLM:
     def generate(self, messages, **params):
         text = messages[-1]["content"]
         if "(Yes/No)" in text:
-            explanation = re.search(r"active[^:\n]*: (.*)\n", text)
-            word = (explanation.group(1).split() or [""])[-1].strip(".").lower() if explanation else ""
-            example = text.split('"""')[1].lower() if text.count('"""') >= 2 else ""
-            yes = bool(word) and word in example
+            yes = keyword_says_yes(text)
             p = 0.9 if yes else 0.2
             lps = [TokenLogprob("Yes" if yes else "No", math.log(p if yes else 1 - p),
                                 [("Yes", math.log(p)), ("No", math.log(1 - p))])]
@@ -48,6 +45,14 @@ class OfflineTestLLM:
             word = max(words, key=len)
         answer = f"the document mentions {word}"
         return Response(text=answer, prompt_tokens=len(text.split()), completion_tokens=4, finish_reason="stop")
+
+
+def keyword_says_yes(prompt: str) -> bool:
+    """The keyword judge: Yes when the explanation's last word occurs in the fenced example."""
+    explanation = re.search(r"active[^:\n]*: (.*)\n", prompt)
+    word = (explanation.group(1).split() or [""])[-1].strip(".").lower() if explanation else ""
+    example = prompt.split('"""')[1].lower() if prompt.count('"""') >= 2 else ""
+    return bool(word) and word in example
 
 
 def _examples(block: str) -> list[set[str]]:

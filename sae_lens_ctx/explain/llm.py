@@ -430,7 +430,6 @@ class LlamaCppClient:
                         completion_tokens=int(usage.get("completion_tokens", 0)),
                         finish_reason=choice.get("finish_reason"))
 
-
     @staticmethod
     def _first_token_logprobs(llm: Any, logits: np.ndarray, text: str, top: int) -> TokenLogprob:
         """The answer's first token and the `top` most likely tokens at its position, log-softmaxed."""
