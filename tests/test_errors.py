@@ -153,10 +153,15 @@ def unprivileged():
         os.seteuid(0)
 
 
-def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys):
+def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys, monkeypatch):
     locked = tmp_path / "locked.yaml"
     locked.write_text("seed: 1\n")
     locked.chmod(0)
+    monkeypatch.chdir("/")  # a working directory 'nobody' may enter (the model name is first tried as a path)
+    from sae_lens_ctx.model import check_model_name
+    from sae_lens_ctx.config import ModelConfig
+
+    check_model_name(ModelConfig(model_name="gpt2"))  # imports TransformerLens while root may still read it
     with unprivileged():
         config_error = run_cli(capsys, "run", str(locked))
         out_error = run_cli(capsys, "run", "--model", "gpt2", "--out", str(tmp_path / "closed" / "run"))
