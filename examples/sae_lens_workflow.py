@@ -28,8 +28,8 @@ from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sae_lens_ctx as slc
-from sae_lens_ctx.corpus import embedded_documents
-from sae_lens_ctx.embedded import embedded_gguf_path
+from sae_lens_ctx.inputs.corpus import embedded_documents
+from sae_lens_ctx.core.embedded import embedded_gguf_path
 
 LAYER = 12  # mid-depth of 30 layers: mining and attribution stop at the SAE's layer
 HOOK = f"blocks.{LAYER}.hook_resid_post"

@@ -5,30 +5,40 @@ TransformerLens users.
 
 The public API (see `api.py`): `run` for the whole pipeline and one function per stage, on model and
 SAE objects or names, returning typed records with `.to_pandas()`; the same config dataclasses as the CLI.
+The names below are imported when first used, so `import sae_lens_ctx` (and the CLI's start) does not
+import torch.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
 
-from .config import (  # noqa: E402
-    AttributeConfig, CorpusConfig, DiscoverConfig, ExplainConfig, LoggingConfig, MineConfig, ModelConfig, RunConfig,
-    ScoreConfig,
-)
-from .errors import UserError  # noqa: E402
-from .model import ModelView, load_model  # noqa: E402
-from .pipeline import run_pipeline  # noqa: E402
-from . import stages as _stages  # noqa: E402,F401  (registers the pipeline's stages)
-from .records import ContextRecord, ExplanationRecord, HeadRecord, ScoreRecord  # noqa: E402
-from .units import SaeSource, UnitRecord  # noqa: E402
-from .api import (  # noqa: E402
-    Contexts, Explanations, Heads, Records, RunResult, Scores, Units, attribute_heads, explain_units,
-    find_next_token_units, latent_explanations, mine_contexts, open_run, run, score_explanations, to_neuronpedia,
-)
+from .core.version import __version__
 
-__all__ = [
-    "AttributeConfig", "ContextRecord", "Contexts", "CorpusConfig", "DiscoverConfig", "ExplainConfig",
-    "ExplanationRecord", "Explanations", "HeadRecord", "Heads", "LoggingConfig", "MineConfig", "ModelConfig",
-    "ModelView", "Records", "RunConfig", "RunResult", "SaeSource", "ScoreConfig", "ScoreRecord", "Scores",
-    "UnitRecord", "Units", "UserError", "attribute_heads", "explain_units", "find_next_token_units",
-    "latent_explanations", "load_model", "mine_contexts", "open_run", "run", "run_pipeline",
-    "score_explanations", "to_neuronpedia", "__version__",
-]
+_EXPORTS = {
+    "core.config": ("AttributeConfig", "CorpusConfig", "DiscoverConfig", "ExplainConfig", "LoggingConfig",
+                    "MineConfig", "ModelConfig", "RunConfig", "ScoreConfig"),
+    "core.errors": ("UserError",),
+    "core.records": ("ContextRecord", "ExplanationRecord", "HeadRecord", "ScoreRecord", "UnitRecord"),
+    "inputs.model": ("ModelView", "load_model"),
+    "inputs.sae": ("SaeSource",),
+    "api": ("Contexts", "Explanations", "Heads", "Records", "RunResult", "Scores", "Units", "attribute_heads",
+            "explain_units", "find_next_token_units", "latent_explanations", "mine_contexts", "open_run", "run",
+            "run_pipeline", "score_explanations", "to_neuronpedia"),
+}
+"""Module (relative to this package) → the public names it defines."""
+
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE) + ["__version__"]
+
+
+def __getattr__(name: str):
+    """Import a public name from its module on first use (PEP 562)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'sae_lens_ctx' has no attribute {name!r}")
+    value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -38,12 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .config import EMBEDDED, RunConfig, field_paths
-from .errors import UserError, did_you_mean
-from .pipeline import STAGES, RunDirectory, StageResult, run_pipeline
-from .records import ContextRecord, ExplanationRecord, HeadRecord, ScoreRecord, iter_jsonl
-from .units import OBJECT_PREFIX, SaeSource, UnitRecord
-from . import stages as _stages  # noqa: F401  (registers the stages)
+from .core.config import EMBEDDED, RunConfig, field_paths
+from .core.errors import UserError, did_you_mean
+from .pipeline.engine import STAGES, RunDirectory, StageResult, run_pipeline
+from .core.records import ContextRecord, ExplanationRecord, HeadRecord, ScoreRecord, iter_jsonl
+from .core.records import OBJECT_PREFIX, UnitRecord
+from .inputs.sae import SaeSource
 
 R = TypeVar("R")
 
@@ -214,7 +214,7 @@ class RunResult:
         the report and W&B show it, as a `pandas.DataFrame`."""
         import pandas as pd
 
-        from .results import RunResults
+        from .stages.report.results import RunResults
 
         return pd.DataFrame(RunResults.load(self.out).comparison())
 
@@ -319,7 +319,7 @@ def _is_model_object(obj: Any) -> bool:
 
 def _apply_model(model: Any, config: RunConfig) -> Any:
     """Put a model name into the config, or return the model object to use (config updated to describe it)."""
-    from .model import ModelView, _detect_weights
+    from .inputs.model import ModelView, detect_weights
 
     if model is None:
         return None
@@ -333,7 +333,7 @@ def _apply_model(model: Any, config: RunConfig) -> Any:
                         f"or a model name, got {type(model).__name__}")
     if config.model.model_name == EMBEDDED:
         config.model.model_name = str(getattr(model.cfg, "model_name", None) or type(model).__name__)
-    config.model.weights = _detect_weights(model)
+    config.model.weights = detect_weights(model)
     config.model.model_class = "bridge" if type(model).__name__ == "TransformerBridge" else "hooked"
     return model
 

@@ -55,11 +55,12 @@ from pathlib import Path
 
 import torch
 
-from .corpus import TokenContext
-from .mine import UnitReader, batches, run_until_hooks, scan
-from .trim import pad_batch
-from .model import ModelView
-from .units import SaeSource, UnitRecord
+from .inputs.corpus import TokenContext
+from .stages.mine.scan import UnitReader, batches, run_until_hooks, scan
+from .stages.mine.trim import pad_batch
+from .inputs.model import ModelView
+from .inputs.sae import SaeSource
+from .core.records import UnitRecord
 
 
 def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequence[UnitRecord], *,
@@ -168,7 +169,7 @@ def shape_model(shape: str, *, device: str = "cpu", dtype: str = "float32", seed
     """A `HookedTransformer` of a named shape with random weights (no tokenizer, no hub)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from .errors import UserError, did_you_mean
+    from .core.errors import UserError, did_you_mean
 
     if shape not in SHAPES:
         raise UserError(f"unknown shape '{shape}'{did_you_mean(shape, SHAPES)}: choose one of {', '.join(SHAPES)}")
@@ -245,8 +246,8 @@ def bench_attribution(view: ModelView, units: Sequence[UnitRecord], prompts: lis
                       batch_size: int = 32, paper_pairs: int = 2) -> dict:
     """Ours (`attribute_prompts`, every prompt of every unit) against the paper-style full-cache batch-1
     path on the first `paper_pairs` (unit, prompt) pairs; prompts/s counts (unit, prompt) pairs."""
-    from .attribute import attribute_prompts, unit_read
-    from .config import AttributeConfig
+    from .stages.attribute import attribute_prompts, unit_read
+    from .core.config import AttributeConfig
 
     cfg = AttributeConfig()
     reads = [unit_read(view, u, cfg, {}) for u in units]
@@ -285,8 +286,8 @@ def bench_attribution(view: ModelView, units: Sequence[UnitRecord], prompts: lis
 def bench_trim(reader: UnitReader, prompts: list, *, batch_size: int = 32, bos: int = 1, bos_ids: list[int],
                width: int, serial_prompts: int = 4, ratio: float = 0.8) -> dict:
     """Batched trimming of every top prompt against the serial binary search on the first few."""
-    from .config import MineConfig
-    from .trim import trim_prompts, trim_serial
+    from .core.config import MineConfig
+    from .stages.mine.trim import trim_prompts, trim_serial
 
     cfg = MineConfig(batch_size=batch_size, trim_ratio=ratio)
     start = time.perf_counter()
@@ -376,7 +377,7 @@ def bench_memory(view: ModelView, n_tokens: int, *, n_units: int = 64, k: int = 
 
 def bench_discover(view: ModelView, n_layers: int = 1) -> dict:
     """`discover.congruence_stats` over every neuron of the last `n_layers` layers: seconds, units/s, peak RSS."""
-    from .discover import congruence_stats
+    from .stages.discover import congruence_stats
 
     layers = list(range(max(0, view.n_layers - n_layers), view.n_layers))
     unembed = view.unembed()
@@ -398,7 +399,7 @@ def bench_model(view: ModelView, *, n_contexts: int = 12, context_len: int = 64,
                 memory_tokens: int = 512, discover_layers: int = 1, seed: int = 0, compile: bool = False,
                 log=print) -> dict:
     """Every measurement of `sae-lens-ctx bench` on one model; returns its JSON record."""
-    from .mine import collect_prompts
+    from .stages.mine.scan import collect_prompts
 
     t0 = time.perf_counter()
     tok = view.tokenizer
@@ -512,8 +513,8 @@ def bench_cli(argv: list[str]) -> int:
     """`sae-lens-ctx bench [--shape S ...] [--model NAME ...] [--out FILE] [sizes]`."""
     import argparse
 
-    from .config import ModelConfig
-    from .model import load_model
+    from .core.config import ModelConfig
+    from .inputs.model import load_model
 
     p = argparse.ArgumentParser(
         prog="sae-lens-ctx bench",
@@ -546,7 +547,7 @@ def bench_cli(argv: list[str]) -> int:
     a = p.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import UserError
+        from .core.errors import UserError
 
         raise UserError("--device cuda: no CUDA device is available")
     makers = [lambda s=s: shape_model(s, device=a.device, dtype=a.dtype, seed=a.seed) for s in a.shape or []]

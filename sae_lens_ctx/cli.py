@@ -23,11 +23,10 @@ from typing import NoReturn
 from simple_parsing import ArgumentParser
 from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
-from . import __version__
-from .config import EMBEDDED, RunConfig, field_paths
-from .errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
-from .pipeline import STAGES, RunDirectory, StageResult, run_pipeline
-from . import stages as _stages  # noqa: F401  (registers the stages)
+from .core.version import __version__
+from .core.config import EMBEDDED, RunConfig, field_paths
+from .core.errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
+from .pipeline.engine import STAGES, RunDirectory, StageResult, run_pipeline
 
 log = logging.getLogger("sae_lens_ctx")
 
@@ -122,7 +121,8 @@ def cmd_stage(name: str, args: list[str]) -> int:
     if stage.run is None:
         raise UserError(f"stage '{name}' is not built yet")
     if shard is not None:
-        from .shard import parse_shard, run_shard
+        from .stages.mine.shards import parse_shard
+        from .pipeline.distributed import run_shard
 
         run_shard(ns.config, ns.out, parse_shard(shard))
         return 0
@@ -139,7 +139,7 @@ def cmd_merge(args: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="the run directory holding the shards")
     parser.add_argument("--keep-shards", action="store_true", help="keep the shard files after merging")
     ns = parser.parse_args(args)
-    from .shard import merge_run
+    from .pipeline.distributed import merge_run
 
     merge_run(ns.out, keep_shards=ns.keep_shards)
     print(f"  {'mine':<10} merged\nresults in {ns.out}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .core.errors import UserError
 
 PANEL_TYPES = ("bar", "scalar", "scatter", "media")
 DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "wandb_configs" / "dashboard.yaml"
@@ -99,7 +99,7 @@ def build_workspace(spec: dict, entity: str, project: str) -> Any:
 
 def publish(spec_path: str | Path, entity: str, project: str) -> str:
     """Create the workspace on W&B when online with a login; otherwise say where the saved spec is."""
-    from .track import base_url, has_login, resolve_mode, unreachable
+    from .pipeline.wandb_log import base_url, has_login, resolve_mode, unreachable
 
     spec = load_spec(spec_path)
     mode = resolve_mode("auto")

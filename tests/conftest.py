@@ -30,7 +30,7 @@ def planted(request, planted_gpt2, planted_llama):
 @pytest.fixture(scope="session")
 def embedded_view():
     """The embedded SmolLM2 as the default run loads it (TransformerBridge, folded weights)."""
-    from sae_lens_ctx.config import ModelConfig
-    from sae_lens_ctx.model import load_model
+    from sae_lens_ctx.core.config import ModelConfig
+    from sae_lens_ctx.inputs.model import load_model
 
     return load_model(ModelConfig())

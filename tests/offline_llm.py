@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 
-from sae_lens_ctx.explain.llm import BACKENDS, Response, TokenLogprob, register_backend
+from sae_lens_ctx.core.llm import BACKENDS, Response, TokenLogprob, register_backend
 
 NAME = "offline-test-llm"
 

@@ -23,7 +23,7 @@ import yaml
 
 import sae_lens_ctx as slc
 from sae_lens_ctx import api
-from sae_lens_ctx.errors import UserError
+from sae_lens_ctx.core.errors import UserError
 
 TIMING_KEYS = {"seconds", "finished_at", "this_run"}  # stages.json: the one place for these
 

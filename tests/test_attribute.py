@@ -5,14 +5,13 @@ import pytest
 import scipy.stats
 import torch
 
-from sae_lens_ctx.attribute import (
-    ablation_drops, attribute_prompts, attribute_unit, decompose_pre_activation, parse_rule, unit_read,
-)
-from sae_lens_ctx.config import AttributeConfig, DiscoverConfig, ModelConfig, RunConfig
-from sae_lens_ctx.discover import discover_units
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.model import ModelView, load_model
-from sae_lens_ctx.units import SaeSource
+from sae_lens_ctx.stages.attribute import (ablation_drops, attribute_prompts, attribute_unit, decompose_pre_activation, unit_read)
+from sae_lens_ctx.core.rules import parse_rule
+from sae_lens_ctx.core.config import AttributeConfig, DiscoverConfig, ModelConfig, RunConfig
+from sae_lens_ctx.stages.discover import discover_units
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.inputs.model import ModelView, load_model
+from sae_lens_ctx.inputs.sae import SaeSource
 
 
 def planted_unit(view, plant):
@@ -174,8 +173,8 @@ def test_rules_and_bad_input():
 
 
 def test_stage_needs_contexts(tmp_path, planted_gpt2):
-    from sae_lens_ctx.pipeline import RunContext
-    from sae_lens_ctx.attribute import run_stage
+    from sae_lens_ctx.inputs.context import RunContext
+    from sae_lens_ctx.stages.attribute import run_stage
 
     ctx = RunContext(out=tmp_path, config=RunConfig(model=ModelConfig(model_name=str(planted_gpt2.directory))))
     with pytest.raises(UserError, match="no units.jsonl"):

@@ -3,8 +3,8 @@
 import pytest
 
 from sae_lens_ctx.cli import _config_parser, _parse_config
-from sae_lens_ctx.config import CorpusConfig, RunConfig, field_paths
-from sae_lens_ctx.errors import UserError
+from sae_lens_ctx.core.config import CorpusConfig, RunConfig, field_paths
+from sae_lens_ctx.core.errors import UserError
 
 
 def test_defaults_validate_and_round_trip_through_yaml(tmp_path):

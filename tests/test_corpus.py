@@ -13,17 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sae_lens_ctx.config import CorpusConfig
-from sae_lens_ctx.corpus import (
-    Corpus,
-    ReadStats,
-    build_corpus,
-    doc_id_of,
-    embedded_documents,
-    iter_documents,
-    split_of,
-)
-from sae_lens_ctx.errors import UserError
+from sae_lens_ctx.core.config import CorpusConfig
+from sae_lens_ctx.inputs.corpus import (Corpus, ReadStats, build_corpus, doc_id_of, embedded_documents, iter_documents, split_of)
+from sae_lens_ctx.core.errors import UserError
 
 N_CTX = 8192  # SmolLM2-135M's context
 
@@ -280,9 +272,9 @@ def test_tokenizer_without_bos(word_tokenizer, tmp_path):
 
 def test_hf_dataset_offline_is_a_one_line_user_error():
     code = (
-        "from sae_lens_ctx.config import CorpusConfig\n"
-        "from sae_lens_ctx.corpus import iter_documents\n"
-        "from sae_lens_ctx.errors import UserError\n"
+        "from sae_lens_ctx.core.config import CorpusConfig\n"
+        "from sae_lens_ctx.inputs.corpus import iter_documents\n"
+        "from sae_lens_ctx.core.errors import UserError\n"
         "try:\n"
         "    next(iter_documents(CorpusConfig(dataset_path='NeelNanda/pile-10k')))\n"
         "except UserError as e:\n"

@@ -7,13 +7,13 @@ import pytest
 import scipy.stats
 import torch
 
-from sae_lens_ctx.config import DiscoverConfig, ModelConfig, RunConfig, CorpusConfig
-from sae_lens_ctx.discover import congruence_stats, decode_vocab, discover_units, flag_glitch_tokens
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.model import load_model
-from sae_lens_ctx.pipeline import run_pipeline
-from sae_lens_ctx.records import iter_jsonl
-from sae_lens_ctx.units import SaeSource
+from sae_lens_ctx.core.config import DiscoverConfig, ModelConfig, RunConfig, CorpusConfig
+from sae_lens_ctx.stages.discover import congruence_stats, decode_vocab, discover_units, flag_glitch_tokens
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.inputs.model import load_model
+from sae_lens_ctx.pipeline.engine import run_pipeline
+from sae_lens_ctx.core.records import iter_jsonl
+from sae_lens_ctx.inputs.sae import SaeSource
 
 ALL_UNITS = dict(threshold=-1e9, token_filter=False, glitch_filter=False, controls=False)
 """A discover config that keeps every unit of the scored layers (for exhaustive comparisons)."""

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from sae_lens_ctx.cli import main
-from sae_lens_ctx.embedded import embedded_gguf_path
+from sae_lens_ctx.core.embedded import embedded_gguf_path
 
 
 def run_cli(capsys, *args):
@@ -158,8 +158,8 @@ def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys, monkey
     locked.write_text("seed: 1\n")
     locked.chmod(0)
     monkeypatch.chdir("/")  # a working directory 'nobody' may enter (the model name is first tried as a path)
-    from sae_lens_ctx.model import check_model_name
-    from sae_lens_ctx.config import ModelConfig
+    from sae_lens_ctx.inputs.model import check_model_name
+    from sae_lens_ctx.core.config import ModelConfig
 
     check_model_name(ModelConfig(model_name="gpt2"))  # imports TransformerLens while root may still read it
     with unprivileged():
@@ -199,8 +199,8 @@ def test_run_directory_problems(tmp_path, capsys, planted_gpt2, docs):
 def test_a_pickle_checkpoint_is_refused_unless_allowed(tmp_path, capsys, planted_gpt2):
     import torch
 
-    from sae_lens_ctx.config import ModelConfig
-    from sae_lens_ctx.model import load_model
+    from sae_lens_ctx.core.config import ModelConfig
+    from sae_lens_ctx.inputs.model import load_model
 
     pickled = tmp_path / "pickled"
     shutil.copytree(planted_gpt2.directory, pickled)

@@ -25,14 +25,17 @@ import pytest
 
 from llm_servers import SERVED_ALIAS, FaultInjectionServer, LlamaServer, free_port
 from planted import _build_tokenizer
-from sae_lens_ctx.config import ExplainConfig, RunConfig
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.explain import prompts, run_stage
-from sae_lens_ctx.explain import heads as head_mod
-from sae_lens_ctx.explain.llm import (BACKENDS, LLM, NeuronExplainerClient, OpenAIClient, Response, ResponseCache,
-                                      make_client, register_backend)
-from sae_lens_ctx.pipeline import RunContext
-from sae_lens_ctx.records import ContextRecord, HeadRecord, iter_jsonl, write_jsonl
+from sae_lens_ctx.core.config import ExplainConfig, RunConfig
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.core import prompts
+from sae_lens_ctx.stages.explain import run_stage
+from sae_lens_ctx.stages.explain import heads as head_mod
+from sae_lens_ctx.clients.llm import make_client
+from sae_lens_ctx.core.llm import BACKENDS, Response, register_backend
+from sae_lens_ctx.clients.llm import LLM, OpenAIClient, ResponseCache
+from sae_lens_ctx.clients.neuron_explainer import NeuronExplainerClient
+from sae_lens_ctx.inputs.context import RunContext
+from sae_lens_ctx.core.records import ContextRecord, HeadRecord, iter_jsonl, write_jsonl
 
 TOKEN = " paris"
 UNIT, CONTROL = "L2N37", "L2N5"
@@ -381,7 +384,7 @@ def test_no_api_key_in_config_records_cache_or_logs(tmp_path, tokenizer, faults,
 
 
 def _llama_server(tmp_path_factory, logits_all: bool):
-    from sae_lens_ctx.embedded import embedded_gguf_path
+    from sae_lens_ctx.core.embedded import embedded_gguf_path
 
     log = tmp_path_factory.mktemp("llama-server") / "server.log"
     return LlamaServer(str(embedded_gguf_path()), n_ctx=4096, logits_all=logits_all, log_path=str(log))
@@ -497,7 +500,7 @@ def test_cache_is_sqlite_with_json_values(tmp_path):
 
 
 def test_stage_is_registered():
-    from sae_lens_ctx.pipeline import STAGES
+    from sae_lens_ctx.pipeline.engine import STAGES
 
     stage = STAGES["explain"]
     assert stage.run is run_stage and stage.outputs == ("explanations.jsonl", "explain.json")
@@ -508,7 +511,7 @@ def test_stage_is_registered():
 def test_in_process_first_token_logprobs_equal_llama_cpp_logits_all():
     """The embedded backend reads the first answer token's logprobs from the sampler's logits (no
     second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all."""
-    from sae_lens_ctx.explain.llm import load_llama
+    from sae_lens_ctx.clients.llm import load_llama
 
     client = make_client(ExplainConfig())
     messages = prompts.judge_messages("The head is active when the text is about taxes.",

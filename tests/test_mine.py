@@ -11,16 +11,17 @@ import torch
 from safetensors.torch import load_file
 
 from planted import planted_corpus
-from sae_lens_ctx import mine
-from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
-from sae_lens_ctx.corpus import TokenContext, build_corpus
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.mine import UnitReader, collect_prompts, scan, trim_prompts
-from sae_lens_ctx.model import load_model
-from sae_lens_ctx.pipeline import RunContext, run_pipeline
-from sae_lens_ctx.records import iter_jsonl
-from sae_lens_ctx.trim import trim_batched, trim_serial
-from sae_lens_ctx.units import UnitRecord
+from sae_lens_ctx.stages.mine import scan as mine
+from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
+from sae_lens_ctx.inputs.corpus import TokenContext, build_corpus
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.stages.mine.scan import UnitReader, collect_prompts, scan, trim_prompts
+from sae_lens_ctx.inputs.model import load_model
+from sae_lens_ctx.inputs.context import RunContext
+from sae_lens_ctx.pipeline.engine import run_pipeline
+from sae_lens_ctx.core.records import iter_jsonl
+from sae_lens_ctx.stages.mine.trim import trim_batched, trim_serial
+from sae_lens_ctx.core.records import UnitRecord
 
 CONTEXT_SIZE = 16
 
@@ -188,7 +189,7 @@ def test_sae_latents_are_encoded_on_the_fly(planted_gpt2, tmp_path):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from sae_lens_ctx.units import SaeSource
+    from sae_lens_ctx.inputs.sae import SaeSource
 
     view = load_model(ModelConfig(model_name=str(planted_gpt2.directory)))
     contexts = corpus_of(view, write_docs(tmp_path / "d.jsonl", planted_corpus(planted_gpt2, n_docs=40))).split("train")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sae_lens_ctx.config import ModelConfig
-from sae_lens_ctx.embedded import embedded_gguf_path
-from sae_lens_ctx.model import ModelView, load_model, resolve_source
+from sae_lens_ctx.core.config import ModelConfig
+from sae_lens_ctx.core.embedded import embedded_gguf_path
+from sae_lens_ctx.inputs.model import ModelView, load_model, resolve_source
 
 
 def _hooked(view, tokens, kinds, layer):

@@ -6,10 +6,11 @@ import pytest
 import yaml
 
 from offline_llm import NAME as OFFLINE_LLM
-from sae_lens_ctx.config import CorpusConfig, ExplainConfig, ModelConfig, RunConfig
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.pipeline import MANIFEST, RESULTS_FORMAT, STAGES, run_pipeline
-from sae_lens_ctx.records import iter_jsonl
+from sae_lens_ctx.core.config import CorpusConfig, ExplainConfig, ModelConfig, RunConfig
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.core.layout import MANIFEST, RESULTS_FORMAT
+from sae_lens_ctx.pipeline.engine import STAGES, run_pipeline
+from sae_lens_ctx.core.records import iter_jsonl
 
 
 def planted_config(plant, corpus_file, **corpus):
@@ -93,7 +94,7 @@ def test_foreign_and_incompatible_directories_are_refused(tmp_path, planted_gpt2
 
 
 def test_a_stage_alone_needs_its_upstream(tmp_path, planted_gpt2, corpus_file):
-    from sae_lens_ctx.pipeline import Stage, register_stage
+    from sae_lens_ctx.pipeline.engine import Stage, register_stage
 
     calls = []
     probe = Stage("probe-stage", ("probe.txt",), ("seed",), lambda ctx: (calls.append(1),

@@ -15,11 +15,12 @@ import json
 import pytest
 
 from llm_servers import FaultInjectionServer
-from sae_lens_ctx import score
-from sae_lens_ctx.config import ExplainConfig, RunConfig
-from sae_lens_ctx.explain.llm import LLM, ResponseCache, make_client
-from sae_lens_ctx.pipeline import RunContext
-from sae_lens_ctx.records import iter_jsonl
+from sae_lens_ctx.stages import score
+from sae_lens_ctx.core.config import ExplainConfig, RunConfig
+from sae_lens_ctx.clients.llm import LLM, ResponseCache
+from sae_lens_ctx.clients.llm import make_client
+from sae_lens_ctx.inputs.context import RunContext
+from sae_lens_ctx.core.records import iter_jsonl
 from test_score import write_planted_run
 
 

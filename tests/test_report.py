@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import tracked_run
-from sae_lens_ctx.dashboard import context_html, unit_anchor
-from sae_lens_ctx.pipeline import RunDirectory, run_pipeline
+from sae_lens_ctx.stages.report.html import context_html, unit_anchor
+from sae_lens_ctx.pipeline.engine import RunDirectory, run_pipeline
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sae_lens_ctx import score
-from sae_lens_ctx.config import RunConfig
-from sae_lens_ctx.explain.llm import BACKENDS, Response, TokenLogprob, register_backend
-from sae_lens_ctx.pipeline import RunContext
-from sae_lens_ctx.records import iter_jsonl, write_jsonl
+from sae_lens_ctx.stages import score
+from sae_lens_ctx.core.config import RunConfig
+from sae_lens_ctx.core.llm import BACKENDS, Response, TokenLogprob, register_backend
+from sae_lens_ctx.inputs.context import RunContext
+from sae_lens_ctx.core.records import iter_jsonl, write_jsonl
 
 UNIT, CONTROL = "L2N37", "L2N5"
 HEAD_A, HEAD_B, HEAD_ALL, HEAD_FAILED, CONTROL_HEAD = "L0H3", "L1H5", "L1H1", "L0H2", "L1H2"
@@ -291,7 +291,7 @@ def test_round_one_rule_scores_single_class_pairs_with_the_one_rate(tmp_path):
 
 
 def test_missing_inputs_are_a_user_error(tmp_path):
-    from sae_lens_ctx.errors import UserError
+    from sae_lens_ctx.core.errors import UserError
 
     write_planted_run(tmp_path)
     (tmp_path / "explanations.jsonl").unlink()
@@ -325,7 +325,7 @@ def test_embedded_judge_scores_every_pair_offline_with_intervals_and_controls(tm
 
 
 def test_explanations_with_template_markers_are_data_in_the_judge_prompts():
-    from sae_lens_ctx.explain import prompts
+    from sae_lens_ctx.core import prompts
 
     hostile = 'active on {example} and {0} and """fenced""" text {explanation}'
     for variant in prompts.JUDGE_TEMPLATES:

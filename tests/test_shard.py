@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from planted import planted_corpus
-from sae_lens_ctx import cli, mine
-from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.pipeline import run_pipeline
-from sae_lens_ctx.shard import load_shard, merge_results, parse_shard
+from sae_lens_ctx import cli
+from sae_lens_ctx.stages.mine import scan as mine
+from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.pipeline.engine import run_pipeline
+from sae_lens_ctx.stages.mine.shards import load_shard, parse_shard
+from sae_lens_ctx.stages.mine.scan import merge_results
 
 def config(plant, docs):
     # batch_size 4 × window 8 = 32 contexts a window: the train split has several windows, so every shard scans some
@@ -65,7 +67,7 @@ def test_parse_shard():
 
 
 def test_shards_cover_every_context_once_in_the_unsharded_batches():
-    from sae_lens_ctx.corpus import TokenContext
+    from sae_lens_ctx.inputs.corpus import TokenContext
 
     contexts = [TokenContext(f"d{i}", "train", 0, 0, tuple(range(1 + (i * 7) % 13))) for i in range(200)]
     whole = [idxs for idxs, _ in mine.batches(contexts, 4)]
@@ -106,7 +108,7 @@ def test_shard_and_merge_equal_one_process(prepared, tmp_path, capsys):
 
 def _one_shard(plant, docs, base, tmp_path) -> Path:
     """The whole scan as shard 0/1 (the unsharded scan, saved in the shard format)."""
-    from sae_lens_ctx.shard import run_shard
+    from sae_lens_ctx.pipeline.distributed import run_shard
 
     out = tmp_path / "one"
     _copy_run(base, out)
@@ -130,7 +132,7 @@ def test_merge_refuses_missing_and_foreign_shards(prepared, tmp_path):
 
 
 def cli_merge(out):
-    from sae_lens_ctx.shard import merge_run
+    from sae_lens_ctx.pipeline.distributed import merge_run
 
     return merge_run(out)
 

@@ -18,12 +18,14 @@ import yaml
 
 import tracked_run
 from sae_lens_ctx.cli import _config_parser, _parse_config, main
-from sae_lens_ctx.config import RunConfig
-from sae_lens_ctx.errors import UserError
-from sae_lens_ctx.pipeline import RunContext, RunDirectory, run_pipeline
-from sae_lens_ctx.records import iter_jsonl
-from sae_lens_ctx.results import TABLES, cell
-from sae_lens_ctx.track import RESULTS_TYPE, TABLE_TYPE, log_run, redact, run_files
+from sae_lens_ctx.core.config import RunConfig
+from sae_lens_ctx.core.errors import UserError
+from sae_lens_ctx.inputs.context import RunContext
+from sae_lens_ctx.pipeline.engine import RunDirectory, run_pipeline
+from sae_lens_ctx.core.records import iter_jsonl
+from sae_lens_ctx.core.layout import TABLES, table
+from sae_lens_ctx.stages.report.results import cell
+from sae_lens_ctx.pipeline.wandb_log import RESULTS_TYPE, TABLE_TYPE, log_run, redact, run_files
 
 PRESETS = Path(__file__).resolve().parents[1] / "wandb_configs"
 TABLE_OF_STAGE = {"discover": "units", "mine": "contexts", "attribute": "heads", "explain": "explanations",
@@ -81,15 +83,15 @@ class Offline:
 
 def expected(out: Path, name: str) -> tuple[list[str], list[list]]:
     """The run directory's JSONL rows as table rows, and the record dataclass's fields."""
-    spec = next(t for t in TABLES if t.name == name)
-    rows = list(iter_jsonl(out / spec.file))
+    spec = table(name)
+    rows = list(iter_jsonl(out / spec.name))
     cols = spec.record_columns()
     assert set(spec.documented) <= set(cols)  # the run-directory contract's columns are all there
     return cols, [[cell(r.get(c)) for c in cols] for r in rows]
 
 
 def assert_tables_match(run: Offline, out: Path, present: set[str]):
-    logged = {t.name for t in TABLES if f"{t.name}/table" in run.summary}
+    logged = {t.table for t in TABLES if f"{t.table}/table" in run.summary}
     assert logged == present
     for name in present:
         cols, rows = expected(out, name)
@@ -118,7 +120,7 @@ def test_an_offline_run_per_stage_holds_every_table_and_the_whole_run_directory(
     stages = list(tracked_run.STAGE_FILES)
     done = stages[: stages.index(stage) + 1]
     present = {TABLE_OF_STAGE[s] for s in done if s in TABLE_OF_STAGE}
-    assert present == {t.name for t in TABLES if (out / t.file).exists()}
+    assert present == {t.table for t in TABLES if (out / t.name).exists()}
     assert_tables_match(run, out, present)
 
     results = run.artifact(RESULTS_TYPE)
@@ -259,7 +261,7 @@ def test_online_without_a_reachable_wandb_falls_back_to_offline(base_run, tmp_pa
 
 
 def test_auto_mode_follows_wandb_mode_and_the_login(monkeypatch, tmp_path):
-    from sae_lens_ctx.track import resolve_mode
+    from sae_lens_ctx.pipeline.wandb_log import resolve_mode
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert resolve_mode("auto") == "disabled" and resolve_mode("offline") == "offline"
@@ -322,7 +324,7 @@ def test_the_paper_presets_are_all_there():
 
 @pytest.mark.parametrize("path", RUN_PRESETS, ids=lambda p: p.stem)
 def test_every_preset_loads_and_validates(path):
-    from sae_lens_ctx.model import check_model_name
+    from sae_lens_ctx.inputs.model import check_model_name
 
     cfg = RunConfig.from_yaml(path)  # strict: a mistyped key is an error
     check_model_name(cfg.model)  # the model name resolves (no network needed)

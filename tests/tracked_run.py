@@ -13,9 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
-from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, ModelConfig, RunConfig
-from sae_lens_ctx.pipeline import run_pipeline
-from sae_lens_ctx.records import ExplanationRecord, ScoreRecord, write_jsonl
+from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, ModelConfig, RunConfig
+from sae_lens_ctx.pipeline.engine import run_pipeline
+from sae_lens_ctx.core.records import ExplanationRecord, ScoreRecord, write_jsonl
 
 NASTY = "<script>alert(1)</script> &amp; \"double\" 'single' café ☕ 日本語 </span><b>"
 """Hostile text: must render inert and readable everywhere."""

@@ -24,27 +24,20 @@ such requests.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import threading
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ExplainConfig
-from ..errors import UserError
-from ..records import ExplanationRecord
-from .llm import LLM, NeuronExplainerCallFailed, NeuronExplainerClient
+from ...core.config import ExplainConfig
+from ...core.errors import UserError
+from ...core.records import ExplanationRecord
+from ...clients.llm import LLM
+from ...clients.neuron_explainer import NeuronExplainerCallFailed, NeuronExplainerClient, neuron_explainer
 
 log = logging.getLogger(__name__)
 
 EXPLAINER = "neuron-explainer"
-_IMPORT_LOCK = threading.Lock()
-_PLACEHOLDER_KEY = "sae-lens-ctx-placeholder-never-sent"
-
-
 @dataclass
 class UnitJob:
     unit_id: str
@@ -65,42 +58,6 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
         out.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode([ids[k]]))
         prev = text
     return out
-
-
-@contextlib.contextmanager
-def _placeholder_key() -> Iterator[None]:
-    """neuron-explainer's `api_client` asserts a non-empty OPENAI_API_KEY at import: a placeholder is
-    set for the import and removed after it (a user's own key is left alone)."""
-    had = "OPENAI_API_KEY" in os.environ
-    if not had:
-        os.environ["OPENAI_API_KEY"] = _PLACEHOLDER_KEY
-    try:
-        yield
-    finally:
-        if not had:
-            os.environ.pop("OPENAI_API_KEY", None)
-
-
-@contextlib.contextmanager
-def neuron_explainer_imports() -> Iterator[None]:
-    """Import neuron-explainer modules inside this block: no key left behind, one thread at a time."""
-    with _IMPORT_LOCK, _placeholder_key():
-        yield
-
-
-@contextlib.contextmanager
-def neuron_explainer(count_tokens: Callable[[str], int]) -> Iterator[types.ModuleType]:
-    """neuron-explainer's `explainer` module, imported without a key left behind, counting tokens locally."""
-    with _IMPORT_LOCK:
-        with _placeholder_key():
-            from neuron_explainer.explanations import explainer, prompt_builder
-        saved = prompt_builder.tiktoken
-        encoding = types.SimpleNamespace(encode=lambda text, allowed_special=None: [0] * count_tokens(text))
-        prompt_builder.tiktoken = types.SimpleNamespace(get_encoding=lambda name: encoding)
-        try:
-            yield explainer
-        finally:
-            prompt_builder.tiktoken = saved
 
 
 def build_jobs(units: Sequence[dict], contexts: Sequence[dict], acts_path: Path, tokenizer,

@@ -38,13 +38,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import RunConfig
-from .dashboard import ContextRenderer, renderer_for, standalone, unit_peaks
-from .pipeline import MANIFEST, RunContext, StageResult, _digest
-from .plots import write_plots
-from .records import atomic_write
-from .results import TABLES, RunResults, cell, columns, safe_name
+from ..core.version import __version__
+from ..core.config import RunConfig
+from ..stages.report.html import ContextRenderer, renderer_for, standalone, unit_peaks
+from ..core.layout import MANIFEST, TABLES, table
+from ..inputs.context import RunContext
+from .engine import StageResult
+from ..core.digest import digest
+from ..stages.report.plots import write_plots
+from ..core.records import atomic_write
+from ..stages.report.results import RunResults, cell, columns, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +169,7 @@ def results_name(config: RunConfig) -> str:
     same name (a new version each time it is logged); logging settings do not change it."""
     analysis = {k: v for k, v in config.to_dict().items() if k != "logging"}
     model = Path(config.model.model_name).name or config.model.model_name
-    return f"sae-lens-ctx-{safe_name(model)[:60]}-{_digest(analysis)[:8]}"
+    return f"sae-lens-ctx-{safe_name(model)[:60]}-{digest(analysis)[:8]}"
 
 
 def tags(config: RunConfig, job_type: str) -> list[str]:
@@ -260,7 +263,7 @@ def table_rows(name: str, res: RunResults, renderer: ContextRenderer | None = No
     `control`, whether the score's unit is a control unit."""
     import wandb
 
-    spec = next(t for t in TABLES if t.name == name)
+    spec = table(name)
     rows = res.rows(name)
     cols = columns(spec, rows)
     data = [[cell(row.get(c)) for c in cols] for row in rows]
@@ -279,7 +282,7 @@ def table_rows(name: str, res: RunResults, renderer: ContextRenderer | None = No
 def log_tables(run: Any, res: RunResults, renderer: ContextRenderer, config: RunConfig) -> dict[str, Any]:
     """Tables of every record file present: small ones for `run.log`, large ones as artifacts (logged here)."""
     payload: dict[str, Any] = {}
-    tables = [(t.name, *table_rows(t.name, res, renderer)) for t in TABLES if t.name in res.tables]
+    tables = [(t.table, *table_rows(t.table, res, renderer)) for t in TABLES if t.table in res.tables]
     comparison = res.comparison()
     if comparison:
         cols = list(comparison[0])
@@ -382,3 +385,10 @@ def _text_with_secret(path: Path, secrets: list[str]) -> str | None:
         return None
     text = path.read_text(encoding="utf-8", errors="replace")
     return text if any(s in text for s in secrets) or _SECRET_SHAPE.search(text) else None
+
+
+def log_finished_run(ctx: RunContext, results: list[StageResult], job_type: str = "run") -> None:
+    """The plan's finisher (`pipeline.engine.register_finisher`): one W&B run per invocation (tables, plots,
+    artifact) when `logging.log_to_wandb` is set."""
+    if ctx.config.logging.log_to_wandb:
+        log_run(ctx, results, job_type=job_type)

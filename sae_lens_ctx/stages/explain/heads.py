@@ -13,10 +13,11 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..config import ExplainConfig
-from ..records import ExplanationRecord
-from . import prompts
-from .llm import LLM, Message, prompt_hash
+from ...core.config import ExplainConfig
+from ...core.records import ExplanationRecord
+from ...core import prompts
+from ...clients.llm import LLM
+from ...core.llm import Message, prompt_hash
 
 log = logging.getLogger(__name__)
 

@@ -2,15 +2,12 @@
 
 Every stage's records get a table named after its file (`units.jsonl` → `units`). A file that is not
 there (its stage is not built yet, or has not run) is simply absent, never an error. Table columns come
-from the record dataclass (field order), followed by any extra keys found in the rows; for a record
-type not defined yet (scores), from the run-directory contract (ARCHITECTURE §4). Rows are read as
+from the record dataclass (field order, `core.layout.FILES`), followed by any extra keys found in the rows. Rows are read as
 plain dicts, so fields that a stage adds later show up without a change here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import json
 import math
 import re
@@ -19,58 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .records import iter_jsonl
+from ...core.layout import SUMMARY_FILES, TABLES, RunFile
+from ...core.records import iter_jsonl
 
 
-@dataclass(frozen=True)
-class TableSpec:
-    """One table: a JSONL file of the run directory and the record type of its lines."""
-
-    name: str
-    """Table name and W&B metric group (`units` → `units/table`)."""
-    file: str
-    record: str | None
-    """`module:Class` of the record dataclass, or None."""
-    documented: tuple[str, ...]
-    """The columns the run-directory contract guarantees (used when the record class does not exist)."""
-
-    def record_columns(self) -> list[str]:
-        cls = _record_class(self.record)
-        return [f.name for f in dataclasses.fields(cls)] if cls else list(self.documented)
-
-
-def _record_class(path: str | None) -> type | None:
-    if not path:
-        return None
-    module, _, name = path.partition(":")
-    cls = getattr(importlib.import_module(module), name, None)
-    return cls if dataclasses.is_dataclass(cls) else None
-
-
-TABLES: tuple[TableSpec, ...] = (
-    TableSpec("units", "units.jsonl", "sae_lens_ctx.units:UnitRecord",
-              ("unit_id", "kind", "layer", "index", "token_id", "token", "congruence", "control")),
-    TableSpec("contexts", "contexts.jsonl", "sae_lens_ctx.records:ContextRecord",
-              ("unit_id", "split", "rank", "doc_id", "text", "activation", "trimmed_activation")),
-    TableSpec("heads", "heads.jsonl", "sae_lens_ctx.records:HeadRecord",
-              ("unit_id", "head", "active_fraction", "mean_attribution", "relevant", "ablation_effect",
-               "ablation_pvalue")),
-    TableSpec("explanations", "explanations.jsonl", "sae_lens_ctx.records:ExplanationRecord",
-              ("unit_id", "head", "explainer", "text")),
-    TableSpec("scores", "scores.jsonl", "sae_lens_ctx.records:ScoreRecord",
-              ("unit_id", "head", "scorer", "value", "ci_low", "ci_high", "n")),
-)
-TABLE_BY_NAME = {t.name: t for t in TABLES}
 
 UNIT_SCORERS = {"unit_E": "E", "unit_auroc": "auroc"}
 """A unit's own scorers and the head scorers they compare with (score.py): the unit's explanation
 predicting the unit, its heads' predicting their own activity, by the same judge and metric."""
 
-SIDE_FILES = ("model.json", "corpus.json", "mine.json", "attribute.json", "explain.json", "summary.json")
-"""Per-stage JSON summaries shown beside the tables when present."""
-
-
-def columns(spec: TableSpec, rows: list[dict]) -> list[str]:
+def columns(spec: RunFile, rows: list[dict]) -> list[str]:
     """The record's fields in order, then any key the rows hold beyond them (first seen first)."""
     cols = spec.record_columns()
     seen = set(cols)
@@ -109,10 +64,10 @@ class RunResults:
         out = Path(out)
         res = cls(out)
         for spec in TABLES:
-            path = out / spec.file
+            path = out / spec.name
             if path.is_file():
-                res.tables[spec.name] = list(iter_jsonl(path))
-        for name in SIDE_FILES:
+                res.tables[spec.table] = list(iter_jsonl(path))
+        for name in SUMMARY_FILES:
             path = out / name
             if path.is_file():
                 res.side[name.removesuffix(".json")] = json.loads(path.read_text(encoding="utf-8"))
@@ -154,7 +109,7 @@ class RunResults:
         """Head versus neuron: per (unit, scorer), the unit's own explanation score beside its heads'."""
         per: dict[tuple[str, str], dict] = {}
         for s in self.rows("scores"):
-            if _number(s.get("value")) is None:
+            if number(s.get("value")) is None:
                 continue
             scorer = str(s.get("scorer"))
             if s.get("head") is None and scorer in UNIT_SCORERS:
@@ -212,7 +167,7 @@ class RunResults:
             m["explanations/n_heads"] = sum(e.get("head") is not None for e in ex)
             m["explanations/n_units"] = sum(e.get("head") is None for e in ex)
             costs = [e.get("cost_usd") for e in ex]
-            m["cost/usd"] = float(sum(c for c in costs if _number(c) is not None))
+            m["cost/usd"] = float(sum(c for c in costs if number(c) is not None))
             m["cost/n_unpriced"] = sum("cost_usd" in e and e["cost_usd"] is None and e.get("status", "ok") == "ok"
                                        for e in ex)
             for key in ("prompt_tokens", "completion_tokens"):
@@ -233,7 +188,7 @@ class RunResults:
             m[f"heads/n_pairs{label}"] = len(relevant)
             m[f"heads/per_unit_mean{label}"] = len(relevant) / n_units if n_units else 0.0
             _put(m, f"heads/ablation_effect_mean{label}", _mean([h.get("ablation_effect") for h in relevant]))
-            pvals = [h.get("ablation_pvalue") for h in relevant if _number(h.get("ablation_pvalue")) is not None]
+            pvals = [h.get("ablation_pvalue") for h in relevant if number(h.get("ablation_pvalue")) is not None]
             if pvals:
                 m[f"heads/ablation_significant_fraction{label}"] = sum(p < 0.05 for p in pvals) / len(pvals)
         ks = (self.side.get("attribute") or {}).get("ablation_ks_across_pairs") or {}
@@ -245,7 +200,7 @@ class RunResults:
         m: dict[str, float | int] = {}
         by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
         for s in self.rows("scores"):
-            value = _number(s.get("value"))
+            value = number(s.get("value"))
             if value is None:
                 continue
             target = "units" if s.get("head") is None else "heads"
@@ -259,19 +214,19 @@ class RunResults:
         return m
 
 
-def _number(value: Any) -> float | None:
+def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
 
 
 def _mean(values: list) -> float | None:
-    nums = [v for v in (_number(x) for x in values) if v is not None]
+    nums = [v for v in (number(x) for x in values) if v is not None]
     return sum(nums) / len(nums) if nums else None
 
 
 def _put(m: dict, key: str, value: Any) -> None:
-    if _number(value) is not None:
+    if number(value) is not None:
         m[key] = value
 
 
@@ -279,5 +234,5 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, float | int]]:
     """Numeric leaves of a JSON object as ('a/b', value) pairs (lists are left out)."""
     if isinstance(obj, dict):
         return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{safe_name(str(k))}/")]
-    value = _number(obj)
+    value = number(obj)
     return [(prefix.rstrip("/"), obj)] if value is not None and prefix else []

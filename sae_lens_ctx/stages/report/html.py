@@ -21,11 +21,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .pipeline import RunContext
+from ...core.errors import UserError
+from ...inputs.context import RunContext
+from ...inputs.model import hub_id, resolve_source
 from .plots import write_plots
-from .records import atomic_write
-from .results import TABLES, RunResults, _number, safe_name
+from ...core.records import atomic_write
+from ...core.layout import TABLES
+from .results import RunResults, number, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +60,19 @@ def esc(value: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 3) -> str:
-    number = _number(value)
-    if number is None:
+    x = number(value)
+    if x is None:
         return "–" if value is None else esc(value)
     if isinstance(value, int):
         return str(value)
-    return f"{number:.{digits}g}"
+    return f"{x:.{digits}g}"
 
 
 # -- prompts with shaded tokens --------------------------------------------------------------------
 
 
 def _span(text: str, activation: float | None, peak: float, last: bool = False) -> str:
-    act = _number(activation)
+    act = number(activation)
     alpha = 0.0 if act is None or peak <= 0 else max(0.0, min(1.0, act / peak))
     title = "" if act is None else f' title="activation {act:.4g}"'
     cls = "tok last" if last else "tok"
@@ -159,7 +161,7 @@ def unit_peaks(res: RunResults) -> dict[str, float]:
     peaks: dict[str, float] = {}
     for c in res.rows("contexts"):
         for key in ("activation", "trimmed_activation"):
-            value = _number(c.get(key))
+            value = number(c.get(key))
             if value is not None:
                 peaks[c["unit_id"]] = max(peaks.get(c["unit_id"], 0.0), value)
     return peaks
@@ -180,13 +182,12 @@ def run_tokenizer(ctx: RunContext) -> Any:
     (a report should not load billions of weights to decode tokens), else the model's after loading it."""
     if "model" in ctx.__dict__ or ctx.model_object is not None:
         return ctx.model.tokenizer
-    from .model import _hub_id, resolve_source
 
     source, where = resolve_source(ctx.config.model.model_name)
     if source in ("hf-directory", "hub"):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(where) if source == "hf-directory" else _hub_id(str(where)))
+        return AutoTokenizer.from_pretrained(str(where) if source == "hf-directory" else hub_id(str(where)))
     return ctx.model.tokenizer
 
 
@@ -243,7 +244,7 @@ class Report:
             uid = u["unit_id"]
             relevant = [h["head"] for h in self.heads.get(uid, []) if h.get("relevant")]
             head_scores = [s["value"] for s in self.scores.get(uid, []) if s.get("head") is not None
-                           and _number(s.get("value")) is not None]
+                           and number(s.get("value")) is not None]
             rows.append([
                 f'<td><a href="#{esc(unit_anchor(uid))}">{esc(uid)}</a></td>', _td(u.get("token")),
                 _td(u.get("layer"), True), _td(u.get("congruence"), True),
@@ -274,7 +275,7 @@ class Report:
             return "<h3>Heads</h3><p class=muted>No head attribution for this unit.</p>"
         relevant = [h for h in heads if h.get("relevant")]
         others = sorted((h for h in heads if not h.get("relevant")),
-                        key=lambda h: -abs(_number(h.get("mean_attribution")) or 0.0))[:5]
+                        key=lambda h: -abs(number(h.get("mean_attribution")) or 0.0))[:5]
         rows = [[_td(h["head"]), _td("relevant" if h.get("relevant") else "–"), _td(h.get("active_fraction"), True),
                  _td(h.get("mean_attribution"), True), _td(h.get("ablation_effect"), True),
                  _td(h.get("ablation_pvalue"), True), _td(h.get("prob_drop_active"), True),
@@ -322,7 +323,7 @@ class Report:
             return ""
         rows = [[_td(s.get("head") or "(unit)"), _td(s.get("scorer")), _td(s.get("value"), True),
                  f'<td class="num">[{fmt(s.get("ci_low"))}, {fmt(s.get("ci_high"))}]</td>', _td(s.get("n"), True),
-                 _td("well explained" if (_number(s.get("value")) or 0) >= self.well_explained else "")]
+                 _td("well explained" if (number(s.get("value")) or 0) >= self.well_explained else "")]
                 for s in sc]
         return "<h3>Scores</h3>" + _table(["head", "scorer", "value", "95% CI", "n", ""], rows)
 
@@ -395,8 +396,8 @@ def run_stage(ctx: RunContext) -> None:
     report = Report(res, renderer, plots_dir, plots, lc.report_contexts, lc.well_explained)
     atomic_write(ctx.path(REPORT_FILE), report.render(metrics))
     summary = {
-        "report": REPORT_FILE, "tables": {t.name: len(res.rows(t.name)) for t in TABLES if t.name in res.tables},
-        "missing_tables": [t.file for t in TABLES if t.name not in res.tables],
+        "report": REPORT_FILE, "tables": {t.table: len(res.rows(t.table)) for t in TABLES if t.table in res.tables},
+        "missing_tables": [t.name for t in TABLES if t.table not in res.tables],
         "plots": {name: f"plots/{rel}" for name, rel in plots.items()},
         "metrics": metrics, "fallbacks": renderer.problems,
         "pages": {u["unit_id"]: f"{REPORT_FILE}#{unit_anchor(u['unit_id'])}" for u in res.units},

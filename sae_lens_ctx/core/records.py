@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import re
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 R = TypeVar("R")
 
@@ -291,3 +295,85 @@ class ScoreRecord:
     """Judge calls that failed: counted, never scored."""
     skipped: str | None = None
     """Why `value` is None ('one class only', 'no logprobs from the judge', ...)."""
+
+
+# -- units -----------------------------------------------------------------------------------------
+
+_NEURON_ID = re.compile(r"^L(\d+)N(\d+)$")
+
+OBJECT_PREFIX = "object:"
+"""`discover.saes` entries of SAEs passed as Python objects (the API), not loaded from a path or registry."""
+
+
+def neuron_id(layer: int, index: int) -> str:
+    return f"L{layer}N{index}"
+
+
+def parse_neuron_id(unit_id: str) -> tuple[int, int] | None:
+    m = _NEURON_ID.match(unit_id)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    """One next-token unit (a line of `units.jsonl`)."""
+
+    unit_id: str
+    """`L{layer}N{index}` for a neuron, `{sae_id}:{index}` for an SAE latent."""
+    kind: str
+    """'neuron' or 'sae_latent'."""
+    layer: int
+    """Layer of the unit's hook (an SAE's layer is parsed from its hook name)."""
+    index: int
+    """Neuron index in the MLP, or latent index in the SAE."""
+    hook_name: str
+    """TransformerLens hook whose activation is the unit's (`blocks.L.mlp.hook_post` for neurons)."""
+    token_id: int
+    """The token the unit writes most strongly: argmax (promote) or argmin (suppress) of write · W_U."""
+    token: str
+    """`token_id` decoded."""
+    congruence: float
+    """write · W_U at `token_id` (negative for suppression units)."""
+    control: bool
+    """A random unit drawn as a control (the paper's random-neuron baseline), not a selected one."""
+    direction: str
+    """'promote' or 'suppress': which end of the distribution `token` comes from."""
+    rank_in_layer: int
+    """Rank of the unit's congruence among all units of its layer (or SAE), 1 = strongest."""
+    top_tokens: list[list[Any]] = field(default_factory=list)
+    """Five strongest [token, value] pairs in the unit's direction."""
+    min_token: str = ""
+    """The most suppressed token (the other end of the distribution)."""
+    min_value: float = 0.0
+    kurtosis: float = 0.0
+    """Excess kurtosis of write · W_U over the vocabulary (prediction units are heavy-tailed)."""
+    skew: float = 0.0
+    """Skew of write · W_U over the vocabulary (positive: prediction; negative: suppression)."""
+    sae_id: str | None = None
+    """For SAE latents: the SAE's id (`release/sae_id`, or the directory name for a local SAE)."""
+    sae_release: str | None = None
+    """For SAE latents: the SAE-Lens release the SAE came from (its metadata's `release`), when known."""
+    neuronpedia_id: str | None = None
+    """For SAE latents: the SAE's Neuronpedia id (`model/source`, its metadata's `neuronpedia_id`), when known."""
+
+
+# -- tensors -------------------------------------------------------------------------------------
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Named tensors as safetensors, written to a temporary file and renamed over `path` (never half-written).
+
+    Each tensor is detached, moved to the CPU and made contiguous, so views that share memory are saved as
+    their own copies."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the string metadata of a safetensors file written by `save_tensors`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})

@@ -9,75 +9,20 @@ write into the residual stream from whichever hook it sits on.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import UserError
+from ..core.errors import UserError
+from ..core.records import OBJECT_PREFIX
 from .model import ModelView
 
-_NEURON_ID = re.compile(r"^L(\d+)N(\d+)$")
 _HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
-
-OBJECT_PREFIX = "object:"
-"""`discover.saes` entries of SAEs passed as Python objects (the API), not loaded from a path or registry."""
 
 RESIDUAL_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
 """Hooks whose activations live in the residual basis (d_model): an SAE there writes W_dec directly."""
-
-
-def neuron_id(layer: int, index: int) -> str:
-    return f"L{layer}N{index}"
-
-
-def parse_neuron_id(unit_id: str) -> tuple[int, int] | None:
-    m = _NEURON_ID.match(unit_id)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-@dataclass(frozen=True)
-class UnitRecord:
-    """One next-token unit (a line of `units.jsonl`)."""
-
-    unit_id: str
-    """`L{layer}N{index}` for a neuron, `{sae_id}:{index}` for an SAE latent."""
-    kind: str
-    """'neuron' or 'sae_latent'."""
-    layer: int
-    """Layer of the unit's hook (an SAE's layer is parsed from its hook name)."""
-    index: int
-    """Neuron index in the MLP, or latent index in the SAE."""
-    hook_name: str
-    """TransformerLens hook whose activation is the unit's (`blocks.L.mlp.hook_post` for neurons)."""
-    token_id: int
-    """The token the unit writes most strongly: argmax (promote) or argmin (suppress) of write · W_U."""
-    token: str
-    """`token_id` decoded."""
-    congruence: float
-    """write · W_U at `token_id` (negative for suppression units)."""
-    control: bool
-    """A random unit drawn as a control (the paper's random-neuron baseline), not a selected one."""
-    direction: str
-    """'promote' or 'suppress': which end of the distribution `token` comes from."""
-    rank_in_layer: int
-    """Rank of the unit's congruence among all units of its layer (or SAE), 1 = strongest."""
-    top_tokens: list[list[Any]] = field(default_factory=list)
-    """Five strongest [token, value] pairs in the unit's direction."""
-    min_token: str = ""
-    """The most suppressed token (the other end of the distribution)."""
-    min_value: float = 0.0
-    kurtosis: float = 0.0
-    """Excess kurtosis of write · W_U over the vocabulary (prediction units are heavy-tailed)."""
-    skew: float = 0.0
-    """Skew of write · W_U over the vocabulary (positive: prediction; negative: suppression)."""
-    sae_id: str | None = None
-    """For SAE latents: the SAE's id (`release/sae_id`, or the directory name for a local SAE)."""
-    sae_release: str | None = None
-    """For SAE latents: the SAE-Lens release the SAE came from (its metadata's `release`), when known."""
-    neuronpedia_id: str | None = None
-    """For SAE latents: the SAE's Neuronpedia id (`model/source`, its metadata's `neuronpedia_id`), when known."""
 
 
 @dataclass

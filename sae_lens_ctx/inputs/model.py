@@ -29,10 +29,10 @@ from typing import Any, Callable
 
 import torch
 
-from .config import EMBEDDED, ModelConfig
-from .embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
-from .errors import UserError, did_you_mean
-from .records import ModelRecord
+from ..core.config import EMBEDDED, ModelConfig
+from ..core.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from ..core.errors import UserError, did_you_mean
+from ..core.records import ModelRecord
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class ModelView:
         if getattr(model, "tokenizer", None) is None:
             raise UserError(f"the {kind} has no tokenizer: pass tokenizer= when building it")
         return cls(model, name=name or getattr(model.cfg, "model_name", kind), source="object",
-                   weights=_detect_weights(model))
+                   weights=detect_weights(model))
 
     # -- facts --------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ class ModelView:
         ln2 = self.model.blocks[layer].ln2
         gain, ln_bias = _norm_gain(ln2), _norm_bias(ln2)
         w_in = self.model.W_in[layer].detach()
-        b_in = _optional_bias(self.model, "b_in", layer, self.d_mlp, w_in)
+        b_in = optional_bias(self.model, "b_in", layer, self.d_mlp, w_in)
         raw = {"gate": (self.model.W_gate[layer].detach(), torch.zeros_like(b_in)), "up": (w_in, b_in)} \
             if self.gated else {"in": (w_in, b_in)}
         weights, bias = {}, {}
@@ -231,7 +231,7 @@ def _norm_bias(norm: torch.nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _optional_bias(model: Any, attr: str, layer: int, size: int, like: torch.Tensor) -> torch.Tensor:
+def optional_bias(model: Any, attr: str, layer: int, size: int, like: torch.Tensor) -> torch.Tensor:
     """`model.<attr>[layer]`, or zeros for bias-less models (the Bridge raises instead of returning None)."""
     try:
         b = getattr(model, attr)
@@ -242,7 +242,7 @@ def _optional_bias(model: Any, attr: str, layer: int, size: int, like: torch.Ten
     return b[layer].detach()
 
 
-def _detect_weights(model: Any) -> str:
+def detect_weights(model: Any) -> str:
     """'folded' if TransformerLens processing was applied to this model object, else 'raw'."""
     if type(model).__name__ == "TransformerBridge" or hasattr(model, "compatibility_mode"):
         return "folded" if getattr(model, "compatibility_mode", False) else "raw"
@@ -278,7 +278,7 @@ def check_model_name(cfg: ModelConfig) -> None:
     """The cheap checks of `load_model`: the source exists and a hub name is a plausible one."""
     source, _ = resolve_source(cfg.model_name)
     if source == "hub":
-        _hub_id(cfg.model_name)
+        hub_id(cfg.model_name)
 
 
 def load_model(cfg: ModelConfig) -> ModelView:
@@ -299,13 +299,13 @@ def load_model(cfg: ModelConfig) -> ModelView:
         hf, tok = _load_hf_directory(Path(where), dtype, allow_pickle=cfg.allow_pickle)
         model = _boot_bridge(str(where), cfg, dtype, hf_model=hf, tokenizer=tok)
     else:
-        model = _boot_bridge(_hub_id(cfg.model_name), cfg, dtype)
+        model = _boot_bridge(hub_id(cfg.model_name), cfg, dtype)
     if cfg.weights == "folded" and hasattr(model, "enable_compatibility_mode"):
         model.enable_compatibility_mode(disable_warnings=True)
     return ModelView(model, name=cfg.model_name, source=source, weights=cfg.weights)
 
 
-def _hub_id(name: str) -> str:
+def hub_id(name: str) -> str:
     """TransformerLens aliases ('gpt2-small') to hub ids ('gpt2'); other names pass through."""
     from transformer_lens import loading_from_pretrained as tl_loading
 
@@ -357,7 +357,7 @@ def _boot_bridge(name: str, cfg: ModelConfig, dtype: torch.dtype, **kwargs: Any)
 def _load_hooked(name: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
     from transformer_lens import HookedTransformer
 
-    official = _hub_id(name)
+    official = hub_id(name)
     kwargs: dict[str, Any] = dict(device=cfg.device, dtype=dtype)
     try:
         if cfg.weights == "folded":

@@ -34,24 +34,23 @@ import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from .errors import UserError
-from .explain import prompts
-from .records import ScoreRecord, atomic_write, iter_jsonl, write_jsonl
-
-if TYPE_CHECKING:
-    from .config import ScoreConfig
-    from .explain.llm import LLM, CallResult
-    from .pipeline import RunContext
+from ..clients.llm import LLM, CallResult
+from ..clients.neuron_explainer import neuron_explainer_imports
+from ..core import prompts
+from ..core.config import ScoreConfig
+from ..core.layout import require_inputs
+from ..core.records import ScoreRecord, atomic_write, iter_jsonl, write_jsonl
+from ..inputs.context import RunContext
 
 log = logging.getLogger(__name__)
 
-INPUTS = {"units.jsonl": "discover", "contexts.jsonl": "mine", "heads.jsonl": "attribute",
-          "explanations.jsonl": "explain"}
+INPUTS = ("units.jsonl", "contexts.jsonl", "heads.jsonl", "explanations.jsonl")
+"""The files this stage reads (`core.layout` names the stage that writes each)."""
 
 # --------------------------------------------------------------------------------------------
 # Judge replies
@@ -339,9 +338,7 @@ class Inputs:
 
 
 def read_inputs(ctx: RunContext) -> Inputs:
-    for name, stage in INPUTS.items():
-        if not ctx.path(name).is_file():
-            raise UserError(f"{ctx.path(name)} is missing: run the {stage} stage first (`sae-lens-ctx run --out DIR`)")
+    require_inputs(ctx.out, INPUTS)
     units = {u["unit_id"]: u for u in iter_jsonl(ctx.path("units.jsonl"))}
     test: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for c in iter_jsonl(ctx.path("contexts.jsonl")):
@@ -530,8 +527,6 @@ def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[fl
     """neuron-explainer's `simulate_and_score` on one-token records (one per prompt), with a simulator
     that returns the judge's simulated activations: its `ev_correlation_score`, the correlation pooled
     over every record."""
-    from .explain.units import neuron_explainer_imports
-
     with neuron_explainer_imports():
         from neuron_explainer.activations.activations import ActivationRecord
         from neuron_explainer.explanations.explanations import ActivationScale, SequenceSimulation
@@ -696,8 +691,6 @@ def run_cost(ctx: RunContext, judgements: Sequence[Judgement]) -> dict[str, Any]
 
 def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx score`: write `scores.jsonl`, `judgements.jsonl` and `summary.json`; print a summary."""
-    from .explain.llm import LLM
-
     cfg = ctx.config.score
     inp = read_inputs(ctx)
     jobs = build_jobs(inp, cfg, ctx.config.seed)

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import DiscoverConfig
-from .errors import UserError
-from .model import ModelView
-from .pipeline import RunContext
-from .records import write_jsonl
-from .units import SaeSource, UnitRecord, neuron_id, parse_neuron_id
+from ..core.config import DiscoverConfig
+from ..core.errors import UserError
+from ..inputs.model import ModelView
+from ..inputs.context import RunContext
+from ..core.records import write_jsonl
+from ..inputs.sae import SaeSource
+from ..core.records import UnitRecord, neuron_id, parse_neuron_id
 
 log = logging.getLogger(__name__)
 

@@ -43,13 +43,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import SPLITS, TokenContext
-from .errors import UserError
-from .model import ModelView
-from .pipeline import RunContext
-from .records import ContextRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
+from ...core.digest import digest
+from ...core.errors import UserError
+from ...core.records import (ContextRecord, UnitRecord, atomic_write, load_tensors, read_jsonl,
+                             save_tensors, write_jsonl)
+from ...inputs.context import RunContext
+from ...inputs.corpus import SPLITS, TokenContext
+from ...inputs.distributed import Distributed
+from ...inputs.model import ModelView
+from ...inputs.sae import SaeSource
 from .trim import Prompt, pad_batch, trim_prompts
-from .units import SaeSource, UnitRecord
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +295,11 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
         raise UserError(f"a context of {width} tokens is longer than the model's n_ctx={view.n_ctx}: "
                         f"set corpus.context_size to {view.n_ctx} or less")
     base = scan_identity(identity, reader.unit_ids, tracks, bos, seed, batch_size, window, contexts)
-    ident = base if tuple(shard) == (0, 1) else _digest([base, list(shard)])
+    ident = base if tuple(shard) == (0, 1) else digest([base, list(shard)])
     state = {name: Track.empty(n_units, k, width, name == "top", view.device) for name, k in tracks.items()}
     done = n_skipped = n_batches = tokens_done = 0
     if checkpoint is not None and checkpoint.exists():
-        saved, meta = _load_safetensors(checkpoint)
+        saved, meta = load_tensors(checkpoint)
         if meta.get("identity") == ident:
             state = {name: Track.from_tensors(saved, name, name == "top", view.device) for name in tracks}
             done, n_skipped, n_batches, tokens_done = (int(meta[k]) for k in ("done", "skipped", "batches", "tokens"))
@@ -308,7 +311,7 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
     def save() -> None:
         tensors = {k: v for name, tr in state.items() for k, v in tr.tensors(name).items()}
         meta = {"identity": ident, "done": done, "skipped": n_skipped, "batches": n_batches, "tokens": tokens_done}
-        _save_safetensors(checkpoint, tensors, {k: str(v) for k, v in meta.items()})
+        save_tensors(checkpoint, tensors, {k: str(v) for k, v in meta.items()})
 
     pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
     bar = tqdm(total=total, initial=tokens_done, unit="tok", unit_scale=True, desc=desc, disable=None)
@@ -357,7 +360,7 @@ def scan_identity(identity: str, unit_ids: Sequence[str], tracks: dict[str, int]
     """Digest of everything a scan's result depends on (a checkpoint or a shard must match it)."""
     width = max((len(c.tokens) for c in contexts), default=0)
     total = sum(len(c.tokens) for c in contexts)
-    return _digest([identity, list(unit_ids), tracks, bos, seed, batch_size, window, len(contexts), total, width])
+    return digest([identity, list(unit_ids), tracks, bos, seed, batch_size, window, len(contexts), total, width])
 
 
 # -- prompts ------------------------------------------------------------------------------------
@@ -429,18 +432,16 @@ def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx mine`: write `contexts.jsonl`, `context_acts.safetensors` and `mine.json`.
 
     Under torchrun (WORLD_SIZE > 1) each process scans its shard and rank 0 merges and writes
-    (`shard.py`); `sae-lens-ctx mine --shard i/n` and `sae-lens-ctx merge` do it in separate jobs."""
-    from .shard import Distributed
-
+    (`shards.py`); `sae-lens-ctx mine --shard i/n` and `sae-lens-ctx merge` do it in separate jobs."""
     dist = Distributed.from_env()  # before the model loads (it picks this rank's GPU)
     units, reader, splits = prepare_stage(ctx)
     if dist is None:
         finish_stage(ctx, units, reader, splits, scan_splits(ctx, reader, splits))
         return
     with dist:
-        results = dist.gather(scan_splits(ctx, reader, splits, shard=dist.shard))
-        if results is not None:
-            finish_stage(ctx, units, reader, splits, results)
+        parts = dist.gather(scan_splits(ctx, reader, splits, shard=dist.shard))
+        if parts is not None:
+            finish_stage(ctx, units, reader, splits, merge_results(parts))
         dist.barrier()
         remove_checkpoints(ctx, dist.shard)
 
@@ -464,7 +465,7 @@ def _scan_args(ctx: RunContext) -> tuple[int, dict[str, dict[str, int]], str]:
     bos = 1 if run.corpus.prepend_bos else 0
     sizes = {"train": {"top": cfg.top_k, "random": cfg.n_random},
              "test": {"top": cfg.n_test_prompts, "low": cfg.n_test_prompts, "random": cfg.n_test_prompts}}
-    return bos, sizes, _digest([run.model.__dict__, run.corpus.__dict__])
+    return bos, sizes, digest([run.model.__dict__, run.corpus.__dict__])
 
 
 def scan_identities(ctx: RunContext, reader: UnitReader, splits: dict[str, list[TokenContext]]) -> dict[str, str]:
@@ -512,7 +513,7 @@ def finish_stage(ctx: RunContext, units: list[UnitRecord], reader: UnitReader,
     records, acts, dropped = build_records(prompts, units, ctx.model.tokenizer, ctx.corpus.text, bos,
                                            cfg.max_prompt_tokens)
     write_jsonl(ctx.path("contexts.jsonl"), records)
-    _save_safetensors(ctx.path("context_acts.safetensors"), {f"row{i}": a for i, a in enumerate(acts)})
+    save_tensors(ctx.path("context_acts.safetensors"), {f"row{i}": a for i, a in enumerate(acts)})
     report = mine_report(units, records, results, {**trim, "n_dropped_long": dropped})
     atomic_write(ctx.path("mine.json"), json.dumps(report, indent=2) + "\n")
     ctx.this_run.update(scan_log(results), trim_seconds=trim_seconds)
@@ -580,20 +581,24 @@ def summary_text(report: dict, this_run: dict) -> str:
 # -- files --------------------------------------------------------------------------------------
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors written to a temporary file and renamed over `path` (never half-written)."""
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def merge_results(parts: list[dict[str, ScanResult]]) -> dict[str, ScanResult]:
+    """Merge the shards' per-split scan results into the single-process result (see the module docstring)."""
+    if not parts:
+        raise ValueError("no shard results to merge")
+    out = {}
+    for name in parts[0]:
+        rs = [p[name] for p in parts]
+        if len({r.identity for r in rs}) != 1 or len({r.n_contexts for r in rs}) != 1:
+            raise UserError(f"the shards of the {name} split come from different scans (another config, corpus "
+                            "or units): run every shard again with the same config")
+        tracks = {}
+        for key, first in rs[0].tracks.items():
+            merged = first
+            for r in rs[1:]:
+                t = r.tracks[key]
+                merged = merged.merge(t.values, t.index, t.pos, t.rows)
+            tracks[key] = merged
+        out[name] = ScanResult(tracks, rs[0].n_contexts, rs[0].n_tokens, sum(r.n_skipped for r in rs),
+                               max(r.seconds for r in rs), sum(r.tokens_scanned for r in rs),
+                               sum(r.resumed_at for r in rs), rs[0].identity)
+    return out

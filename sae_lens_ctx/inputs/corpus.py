@@ -29,9 +29,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import EMBEDDED, CorpusConfig
-from .errors import UserError
-from .records import DocumentRecord
+from ..core.config import EMBEDDED, CorpusConfig
+from ..core.errors import UserError
+from ..core.records import DocumentRecord
 
 SPLITS = ("train", "test")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")

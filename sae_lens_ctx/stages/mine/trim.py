@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .config import MineConfig
-from .corpus import TokenContext
+from ...core.config import MineConfig
+from ...inputs.corpus import TokenContext
 
 Reader = Callable[[torch.Tensor], torch.Tensor]
 """`reader(tokens [B, T])` → every unit's activation `[B, T, U]`; it also has `.view` (the ModelView).

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -32,59 +31,18 @@ from safetensors.torch import save_file
 from scipy import stats as scipy_stats
 from tqdm.auto import tqdm
 
-from .config import AttributeConfig
-from .errors import UserError
-from .model import ModelView, _optional_bias
-from .pipeline import RunContext
-from .records import ContextRecord, HeadRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
-from .units import SaeSource, UnitRecord
+from ..core.config import AttributeConfig
+from ..core.errors import UserError
+from ..core.records import ContextRecord, HeadRecord, UnitRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
+from ..core.rules import parse_rule
+from ..inputs.context import RunContext
+from ..inputs.model import ModelView, optional_bias
+from ..inputs.sae import SaeSource
 
 log = logging.getLogger(__name__)
 
 
 # -- active-head rules ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ActiveRule:
-    """Marks the heads active on each prompt from that prompt's attributions."""
-
-    kind: str
-    """'topk' or 'zscore'."""
-    value: float
-
-    def mask(self, attributions: torch.Tensor) -> torch.Tensor:
-        """`[n_prompts, n_heads]` attributions → boolean mask of active heads.
-
-        `topk` marks the k largest attributions of a prompt that are positive: a head whose direct
-        contribution is zero or negative does not switch the unit on (on real models the top heads are
-        positive, so this is the paper's top-3; on exact zeros it stops ties from being picked at random).
-        Values within 1e-6 of the prompt's largest magnitude count as zero.
-        """
-        if attributions.shape[1] == 0:  # a unit with no upstream heads (layer 0, resid_pre)
-            return torch.zeros_like(attributions, dtype=torch.bool)
-        floor = 1e-6 * attributions.abs().amax(dim=1, keepdim=True)
-        if self.kind == "topk":
-            k = min(int(self.value), attributions.shape[1])
-            idx = attributions.topk(k, dim=1).indices
-            top = torch.zeros_like(attributions, dtype=torch.bool).scatter_(1, idx, True)
-            return top & (attributions > floor)
-        mean = attributions.mean(dim=1, keepdim=True)
-        std = attributions.std(dim=1, keepdim=True) if attributions.shape[1] > 1 else torch.zeros_like(mean)
-        return (attributions > mean + self.value * std) & (attributions > floor)
-
-
-_RULES = {"mean+2std": ActiveRule("zscore", 2.0), "top3": ActiveRule("topk", 3)}
-
-
-def parse_rule(text: str) -> ActiveRule:
-    """'mean+2std' | 'top3' | 'topk:N' | 'zscore:X'."""
-    if text in _RULES:
-        return _RULES[text]
-    m = re.fullmatch(r"(topk|zscore):([0-9]*\.?[0-9]+)", text)
-    if not m or (m.group(1) == "topk" and (not m.group(2).isdigit() or int(m.group(2)) < 1)):
-        raise UserError(f"unknown active-head rule '{text}': use mean+2std, top3, topk:N or zscore:X")
-    return ActiveRule(m.group(1), float(m.group(2)))
 
 
 def head_label(layer: int, head: int) -> str:
@@ -263,7 +221,7 @@ def decompose_pre_activation(view: ModelView, read: UnitRead, tokens: torch.Tens
             labels.append(head_label(l, h))
             parts.append(got[f"z{l}"][:, h] @ w_o[l, h].float())
         labels.append(f"L{l}.b_O")
-        b_o = _optional_bias(view.model, "b_O", l, view.d_model, w_o)
+        b_o = optional_bias(view.model, "b_O", l, view.d_model, w_o)
         parts.append(b_o.float().expand_as(got["embed"]))
     for l in mlp_layers:
         labels.append(f"L{l}.mlp")

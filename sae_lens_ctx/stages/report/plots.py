@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .records import atomic_path  # noqa: E402
-from .results import RunResults, _number, safe_name  # noqa: E402
+from ...core.records import atomic_path  # noqa: E402
+from .results import RunResults, number, safe_name  # noqa: E402
 
 REAL, CONTROL, MARK = "#1f77b4", "#999999", "#d62728"
 
@@ -67,7 +67,7 @@ def head_heatmap(res: RunResults, unit_id: str, heads: list[dict]) -> Figure | N
     n_heads = max(h["head_index"] for h in heads) + 1
     grid = np.full((len(layers), n_heads), np.nan)
     for h in heads:
-        grid[layers.index(h["layer"]), h["head_index"]] = _number(h.get("mean_attribution")) or 0.0
+        grid[layers.index(h["layer"]), h["head_index"]] = number(h.get("mean_attribution")) or 0.0
     bound = float(np.nanmax(np.abs(grid))) or 1.0
     fig, ax = plt.subplots(figsize=(min(14, 1.5 + 0.35 * n_heads), 1.2 + 0.3 * len(layers)))
     image = ax.imshow(grid, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
@@ -88,7 +88,7 @@ def score_histograms(res: RunResults, well_explained: float) -> Figure | None:
     """Per scorer, head explanation scores of selected units with the control units' overlaid."""
     by: dict[str, dict[bool, list[float]]] = {}
     for s in res.rows("scores"):
-        value = _number(s.get("value"))
+        value = number(s.get("value"))
         if value is None or s.get("head") is None:
             continue
         by.setdefault(str(s.get("scorer")), {False: [], True: []})[res.is_control(s)].append(value)
@@ -121,8 +121,8 @@ def ablation_boxplot(res: RunResults) -> Figure | None:
     groups: list[tuple[str, list[float]]] = []
     for label, control in (("", False), (" (control)", True)):
         pairs = [h for h in res.rows("heads") if h.get("relevant") and res.is_control(h) == control
-                 and _number(h.get("prob_drop_active")) is not None
-                 and _number(h.get("prob_drop_inactive")) is not None]
+                 and number(h.get("prob_drop_active")) is not None
+                 and number(h.get("prob_drop_inactive")) is not None]
         if pairs:
             groups.append((f"active{label}", [h["prob_drop_active"] for h in pairs]))
             groups.append((f"inactive{label}", [h["prob_drop_inactive"] for h in pairs]))

@@ -36,10 +36,8 @@ explainer calls (ecosystem-notes §3.5 a).
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -50,20 +48,19 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..errors import UserError, did_you_mean
-
-if TYPE_CHECKING:
-    from ..config import ExplainConfig
+from ..core.config import ExplainConfig
+from ..core.embedded import embedded_gguf_path
+from ..core.errors import UserError, did_you_mean
+from ..core.llm import (BACKENDS, Client, LLMError, Message, Response, TokenLogprob, check_backend_name, parse_prices,
+                        prompt_hash, register_backend, request_key)
 
 log = logging.getLogger(__name__)
-
-Message = dict[str, str]
 
 EMBEDDED_LLM = "smollm2-135m-instruct"
 """Model label of the embedded backend (recorded in every explanation it writes)."""
@@ -77,88 +74,9 @@ LOCAL_BACKENDS = ("embedded", "llama-cpp")
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token, its log-probability, and the top alternatives at its position."""
-
-    token: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Response:
-    """What a backend returns for one call."""
-
-    text: str
-    logprobs: list[TokenLogprob] | None = None
-    """Per generated token, when asked (`top_logprobs`) and the backend has them; else None."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    """'stop' or 'length' (cut off at max_tokens)."""
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> Response:
-        lps = data.get("logprobs")
-        if lps is not None:
-            lps = [TokenLogprob(t["token"], t["logprob"], [tuple(a) for a in t.get("top", [])]) for t in lps]
-        return cls(text=data["text"], logprobs=lps, prompt_tokens=data.get("prompt_tokens", 0),
-                   completion_tokens=data.get("completion_tokens", 0), finish_reason=data.get("finish_reason"))
-
-
-class LLMError(Exception):
-    """A failed call: a short `reason` code ('rate_limited', 'server_error', 'timeout', 'connection',
-    'malformed_response', 'empty_completion', 'context_too_long', 'not_found', 'auth',
-    'bad_request', ...), whether it is worth retrying, and whether the SDK already retried it."""
-
-    def __init__(self, reason: str, message: str = "", *, transient: bool = False, retried: bool = False):
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
-        self.transient = transient
-        self.retried = retried
-
-
-class Client(Protocol):
-    """An LLM backend."""
-
-    backend: str
-    """Registered backend name."""
-    model: str
-    """Model as recorded (and as sent to the server)."""
-
-    def generate(self, messages: Sequence[Message], **params: Any) -> Response: ...
-
-
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
-
-BACKENDS: dict[str, Callable[[ExplainConfig], Client]] = {}
-"""Backend factories by name: `factory(explain_config) -> Client`."""
-
-
-def register_backend(name: str, factory: Callable[[ExplainConfig], Client]) -> None:
-    """Add a backend; a second backend of the same name is an error."""
-    if name in BACKENDS:
-        raise ValueError(f"an LLM backend named {name!r} is already registered")
-    BACKENDS[name] = factory
-
-
-def check_backend_name(name: str) -> None:
-    if name not in BACKENDS:
-        raise UserError(f"unknown LLM backend '{name}'{did_you_mean(name, BACKENDS)}: "
-                        f"choose one of {', '.join(BACKENDS)} (explain.backend)")
-
-
-def make_client(cfg: ExplainConfig) -> Client:
-    """The configured backend (a `UserError` for an unknown name, a missing key or model file)."""
-    check_backend_name(cfg.backend)
-    return BACKENDS[cfg.backend](cfg)
-
 
 # --------------------------------------------------------------------------------------------
 # OpenAI SDK backends (openai, openai-compatible)
@@ -455,8 +373,6 @@ def local_token_count(text: str) -> int:
         if not _VOCAB:
             from llama_cpp import Llama
 
-            from ..embedded import embedded_gguf_path
-
             _VOCAB.append(Llama(model_path=str(embedded_gguf_path()), vocab_only=True, verbose=False))
         return len(_VOCAB[0].tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
@@ -467,8 +383,6 @@ def token_counter(client: Client) -> Callable[[str], int]:
 
 
 def _embedded_factory(cfg: ExplainConfig) -> Client:
-    from ..embedded import embedded_gguf_path
-
     if cfg.model and cfg.model != EMBEDDED_LLM:
         raise UserError(f"the embedded backend runs only {EMBEDDED_LLM} (explain.model is '{cfg.model}'): clear "
                         "explain.model, or use explain.backend=llama-cpp with explain.model=/path/to/model.gguf")
@@ -492,19 +406,6 @@ register_backend("openai-compatible", _compatible_factory)
 # --------------------------------------------------------------------------------------------
 # Cache
 # --------------------------------------------------------------------------------------------
-
-
-def request_key(backend: str, model: str, messages: Sequence[Message], params: dict[str, Any]) -> str:
-    """The cache key: backend, model, messages and parameters (no key, no URL)."""
-    blob = json.dumps({"backend": backend, "model": model, "messages": list(messages), "params": params},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def prompt_hash(messages: Sequence[Message]) -> str:
-    """A short hash of the messages alone (recorded with each explanation)."""
-    blob = json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 class ResponseCache:
@@ -544,22 +445,6 @@ class ResponseCache:
 # --------------------------------------------------------------------------------------------
 # Prices
 # --------------------------------------------------------------------------------------------
-
-
-def parse_prices(entries: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """`["gpt-4o=2.5,10", ...]` → {model: (USD per 1M prompt tokens, USD per 1M completion tokens)}."""
-    table = {}
-    for entry in entries:
-        m = re.fullmatch(r"\s*([^=\s][^=]*?)\s*=\s*([0-9.eE+-]+)\s*,\s*([0-9.eE+-]+)\s*", entry)
-        try:
-            prices = (float(m.group(2)), float(m.group(3))) if m else None
-        except ValueError:
-            prices = None
-        if prices is None or min(prices) < 0:
-            raise UserError(f"explain.prices entry '{entry}' should look like MODEL=PROMPT_USD,COMPLETION_USD "
-                            "(USD per million tokens), e.g. gpt-4o-mini=0.15,0.6")
-        table[m.group(1)] = prices
-    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,37 +641,10 @@ class LLM:
 # --------------------------------------------------------------------------------------------
 
 
-class NeuronExplainerClient:
-    """What neuron-explainer's explainer calls (`self.client.make_request(**kwargs)`), backed by an `LLM`.
-
-    It answers chat requests (`messages`) in the OpenAI response shape and keeps every `CallResult`
-    in `results`. A failed call raises `NeuronExplainerCallFailed` (so no text is made up). Requests
-    without `messages` (the logprob simulators' `/completions` with `echo` and prompt logprobs) cannot
-    be served by a chat protocol and raise `NotImplementedError`.
-    """
-
-    def __init__(self, llm: LLM):
-        self.llm = llm
-        self.results: list[CallResult] = []
-
-    async def make_request(self, timeout_seconds: int | None = None, **kwargs: Any) -> dict[str, Any]:
-        if "messages" not in kwargs:
-            raise NotImplementedError("neuron-explainer asked for a /completions request (prompt, echo, prompt "
-                                      "logprobs: its logprob simulators); the backend protocol is chat-only")
-        n = int(kwargs.get("n", 1) or 1)
-        params = {k: kwargs[k] for k in ("max_tokens", "temperature", "top_p") if k in kwargs}
-        choices = []
-        for _ in range(n):  # the cache answers repeats of the same request with the same text
-            result = await asyncio.to_thread(self.llm.call, kwargs["messages"], **params)
-            self.results.append(result)
-            if not result.ok:
-                raise NeuronExplainerCallFailed(result)
-            choices.append({"index": len(choices), "finish_reason": result.response.finish_reason,
-                            "message": {"role": "assistant", "content": result.text}})
-        return {"object": "chat.completion", "model": self.llm.model, "choices": choices}
-
-
-class NeuronExplainerCallFailed(Exception):
-    def __init__(self, result: CallResult):
-        super().__init__(result.error)
-        self.result = result
+def make_client(cfg: ExplainConfig) -> Client:
+    """The configured backend (a `UserError` for an unknown name, a missing key or model file)."""
+    check_backend_name(cfg.backend)
+    factory = BACKENDS[cfg.backend]
+    if factory is None:
+        raise RuntimeError(f"the '{cfg.backend}' backend's client is not loaded: import sae_lens_ctx.clients first")
+    return factory(cfg)

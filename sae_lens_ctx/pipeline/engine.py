@@ -20,7 +20,6 @@ duplicates). A stage whose issue has not landed yet is registered with `run=None
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,27 +27,21 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from . import __version__
-from .config import RunConfig
-from .errors import UserError, did_you_mean
-from .records import atomic_write
-
-if TYPE_CHECKING:
-    from .corpus import Corpus
-    from .model import ModelView
+from .. import clients  # noqa: F401  (attaches the built-in LLM backends to the registry that configs are checked against)
+from ..core.config import RunConfig
+from ..core.digest import digest
+from ..core.errors import UserError, did_you_mean
+from ..core.layout import CONFIG_FILE, MANIFEST, RESULTS_FORMAT
+from ..core.records import atomic_write
+from ..core.version import __version__
+from ..inputs.context import RunContext
+from ..inputs.model import check_model_name
 
 log = logging.getLogger(__name__)
-
-RESULTS_FORMAT = 1
-"""Version of the run-directory layout. A directory written under another version is refused."""
-
-MANIFEST = "stages.json"
-CONFIG_FILE = "config.yaml"
 
 
 @dataclass(frozen=True)
@@ -83,20 +76,27 @@ def register_stage(stage: Stage) -> Stage:
     return stage
 
 
+FINISHERS: list[Callable[..., None]] = []
+"""Called after every pipeline invocation as `finish(ctx, results, job_type=...)`, in order (the plan
+registers W&B logging here)."""
+
+
+def register_finisher(finish: Callable[..., None]) -> None:
+    """Add a finisher (once)."""
+    if finish not in FINISHERS:
+        FINISHERS.append(finish)
+
+
 def get_stage(name: str) -> Stage:
     if name not in STAGES:
         raise UserError(f"unknown stage '{name}'{did_you_mean(name, STAGES)}")
     return STAGES[name]
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def run_identity(config: RunConfig) -> str:
     """What makes two runs "the same run": the model and its weight convention."""
     m = config.model
-    return _digest({"model": m.model_name, "class": m.model_class, "weights": m.weights, "dtype": m.dtype})
+    return digest({"model": m.model_name, "class": m.model_class, "weights": m.weights, "dtype": m.dtype})
 
 
 @dataclass
@@ -107,50 +107,6 @@ class StageResult:
     status: str
     """'ran', 'skipped' (up to date), or 'not built yet'."""
     seconds: float = 0.0
-
-
-@dataclass
-class RunContext:
-    """Everything a stage may use: the run directory, the resolved config, and lazily loaded inputs.
-
-    A model object passed in from Python (`model=`) is used instead of loading `config.model`, and SAE
-    objects passed in from Python (`sae_objects`, keyed by their `discover.saes` spec `object:...`) are
-    used instead of loading those specs from disk or a registry.
-    """
-
-    out: Path
-    config: RunConfig
-    model_object: Any = None
-    _manifest: dict = field(default_factory=dict, repr=False)
-    sae_objects: dict[str, Any] = field(default_factory=dict, repr=False)
-    this_run: dict[str, Any] = field(default_factory=dict, repr=False)
-    """What the running stage did in this invocation (timings, throughput, LLM calls made and cache hits,
-    where a scan resumed): stored under the stage in `stages.json`, never in its results files."""
-
-    def path(self, name: str) -> Path:
-        return self.out / name
-
-    def sae_sources(self) -> list:
-        """The `SaeSource` of every SAE in `discover.saes`: an in-memory one where given, else loaded."""
-        from .units import SaeSource
-
-        return [self.sae_objects[spec] if spec in self.sae_objects
-                else SaeSource.load(spec, device=self.config.model.device) for spec in self.config.discover.saes]
-
-    @cached_property
-    def model(self) -> ModelView:
-        from .model import ModelView, load_model
-
-        if self.model_object is not None:
-            return ModelView.from_object(self.model_object, name=self.config.model.model_name)
-        log.info("loading model %s", self.config.model.model_name)
-        return load_model(self.config.model)
-
-    @cached_property
-    def corpus(self) -> Corpus:
-        from .corpus import build_corpus
-
-        return build_corpus(self.config.corpus, self.model.tokenizer, n_ctx=self.model.n_ctx)
 
 
 class RunDirectory:
@@ -261,7 +217,7 @@ def stage_fingerprints(config: RunConfig) -> dict[str, str]:
     cfg = asdict(config)
     prints, upstream = {}, ""
     for stage in STAGES.values():
-        upstream = prints[stage.name] = _digest({
+        upstream = prints[stage.name] = digest({
             "stage": stage.name, "format": RESULTS_FORMAT, "upstream": upstream,
             "config": {s: cfg[s] for s in stage.config_sections},
         })
@@ -276,8 +232,6 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     `discover.saes` specs to in-memory `SaeSource`s (the Python API's SAEs without a file)."""
     config.validate()
     if model is None:
-        from .model import check_model_name
-
         check_model_name(config.model)  # fail on a bad name before touching the run directory
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
@@ -291,7 +245,7 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         names = names[: names.index(get_stage(until).name) + 1]
     if only is not None:
         if not get_stage(only).reads_what_exists:
-            _require_upstream(only, manifest, prints)
+            require_upstream(only, manifest, prints)
         names = [only]
     results: list[StageResult] = []
     blocked = False
@@ -317,15 +271,13 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         manifest["stages"][name] = finished_stage(stage, prints[name], seconds, ctx.this_run)
         rundir.write_manifest(manifest)
         results.append(StageResult(name, "ran", seconds))
-    if config.logging.log_to_wandb:
-        from .track import log_run
-
-        job_type = only or (until if until not in (None, list(STAGES)[-1]) else "run")
-        log_run(ctx, results, job_type=job_type)  # one W&B run per invocation: tables, plots, artifact
+    job_type = only or (until if until not in (None, list(STAGES)[-1]) else "run")
+    for finish in FINISHERS:
+        finish(ctx, results, job_type=job_type)
     return results
 
 
-def _require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None:
+def require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None:
     for upstream in STAGES:
         if upstream == name:
             return

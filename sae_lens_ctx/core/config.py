@@ -17,7 +17,10 @@ from typing import Any, Literal
 import dacite
 import yaml
 
+from . import prompts
 from .errors import UserError
+from .llm import check_backend_name, parse_prices
+from .rules import parse_rule
 
 EMBEDDED = "embedded"
 """The name that selects what ships with the package: SmolLM2-135M-Instruct and the embedded corpus."""
@@ -296,8 +299,6 @@ class AttributeConfig:
         _fraction("attribute.band_high", self.band_high, closed=True)
         if self.band_low > self.band_high:
             raise UserError(f"attribute.band_low ({self.band_low}) is above attribute.band_high ({self.band_high})")
-        from .attribute import parse_rule
-
         parse_rule(self.rule)
 
 
@@ -401,9 +402,6 @@ class ExplainConfig:
     """neuron-explainer's few-shot example set: 'original', 'newer' or 'test' (one tiny example)."""
 
     def validate(self) -> None:
-        from .explain import prompts
-        from .explain.llm import check_backend_name, parse_prices
-
         check_backend_name(self.backend)
         if self.backend == "openai-compatible" and not self.base_url:
             raise UserError("explain.base_url is empty: the openai-compatible backend needs the server's URL, "
@@ -471,8 +469,6 @@ class ScoreConfig:
     """Confidence level of every interval."""
 
     def validate(self) -> None:
-        from .explain import prompts
-
         for name in ("n_prompts", "max_tokens", "bootstrap_resamples"):
             _positive(f"score.{name}", getattr(self, name))
         if self.top_logprobs < 0 or self.top_logprobs > 20:

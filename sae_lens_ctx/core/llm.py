@@ -1,0 +1,133 @@
+"""The LLM protocol, the backend registry, request keys and prices: what every LLM client shares.
+
+Protocol (after delphi's ``Client.generate``)::
+
+    client.generate(messages, **params) -> Response(text, logprobs, prompt_tokens, completion_tokens)
+
+`params` are OpenAI chat parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_logprobs``
+(an int: how many alternatives per generated token; 0 or absent = no logprobs), ``stop``, ``seed``.
+A backend raises `LLMError(reason, transient)` for a failed call.
+
+The registry (SAE-Lens style: explicit, duplicates refused) names the built-in backends here, so that a
+config can be checked without importing any client; their factories are attached by `sae_lens_ctx.clients`
+when it is imported (the run engine and the apps import it). `register_backend` adds a user's backend.
+The clients themselves (OpenAI SDK, llama-cpp, the cached call layer) live in `sae_lens_ctx.clients`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from .errors import UserError, did_you_mean
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability, and the top alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Response:
+    """What a backend returns for one call."""
+
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    """Per generated token, when asked (`top_logprobs`) and the backend has them; else None."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    """'stop' or 'length' (cut off at max_tokens)."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Response:
+        lps = data.get("logprobs")
+        if lps is not None:
+            lps = [TokenLogprob(t["token"], t["logprob"], [tuple(a) for a in t.get("top", [])]) for t in lps]
+        return cls(text=data["text"], logprobs=lps, prompt_tokens=data.get("prompt_tokens", 0),
+                   completion_tokens=data.get("completion_tokens", 0), finish_reason=data.get("finish_reason"))
+
+
+class LLMError(Exception):
+    """A failed call: a short `reason` code ('rate_limited', 'server_error', 'timeout', 'connection',
+    'malformed_response', 'empty_completion', 'context_too_long', 'not_found', 'auth',
+    'bad_request', ...), whether it is worth retrying, and whether the SDK already retried it."""
+
+    def __init__(self, reason: str, message: str = "", *, transient: bool = False, retried: bool = False):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.transient = transient
+        self.retried = retried
+
+
+class Client(Protocol):
+    """An LLM backend."""
+
+    backend: str
+    """Registered backend name."""
+    model: str
+    """Model as recorded (and as sent to the server)."""
+
+    def generate(self, messages: Sequence[Message], **params: Any) -> Response: ...
+
+
+BUILTIN_BACKENDS = ("embedded", "llama-cpp", "openai", "openai-compatible")
+"""The backends this package ships (their clients are in `sae_lens_ctx.clients`)."""
+
+BACKENDS: dict[str, Callable[[Any], Client] | None] = dict.fromkeys(BUILTIN_BACKENDS)
+"""Backend factories by name: `factory(explain_config: ExplainConfig) -> Client`; None until `sae_lens_ctx.clients` is imported."""
+
+
+def register_backend(name: str, factory: Callable[[Any], Client]) -> None:
+    """Add a backend; a second backend of the same name is an error."""
+    if BACKENDS.get(name) is not None:
+        raise ValueError(f"an LLM backend named {name!r} is already registered")
+    BACKENDS[name] = factory
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise UserError(f"unknown LLM backend '{name}'{did_you_mean(name, BACKENDS)}: "
+                        f"choose one of {', '.join(BACKENDS)} (explain.backend)")
+
+
+def request_key(backend: str, model: str, messages: Sequence[Message], params: dict[str, Any]) -> str:
+    """The cache key: backend, model, messages and parameters (no key, no URL)."""
+    blob = json.dumps({"backend": backend, "model": model, "messages": list(messages), "params": params},
+                      sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def prompt_hash(messages: Sequence[Message]) -> str:
+    """A short hash of the messages alone (recorded with each explanation)."""
+    blob = json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def parse_prices(entries: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """`["gpt-4o=2.5,10", ...]` → {model: (USD per 1M prompt tokens, USD per 1M completion tokens)}."""
+    table = {}
+    for entry in entries:
+        m = re.fullmatch(r"\s*([^=\s][^=]*?)\s*=\s*([0-9.eE+-]+)\s*,\s*([0-9.eE+-]+)\s*", entry)
+        try:
+            prices = (float(m.group(2)), float(m.group(3))) if m else None
+        except ValueError:
+            prices = None
+        if prices is None or min(prices) < 0:
+            raise UserError(f"explain.prices entry '{entry}' should look like MODEL=PROMPT_USD,COMPLETION_USD "
+                            "(USD per million tokens), e.g. gpt-4o-mini=0.15,0.6")
+        table[m.group(1)] = prices
+    return table

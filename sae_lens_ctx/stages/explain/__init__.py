@@ -1,0 +1,107 @@
+"""The explain stage: LLM explanations of every relevant (unit, head) pair and of every unit.
+
+Reads `units.jsonl`, `contexts.jsonl` (+ `context_acts.safetensors`) and `heads.jsonl` from the run
+directory; writes `explanations.jsonl` (one `ExplanationRecord` per pair and per unit, failures
+included as failed) and `explain.json` (counts, failures by reason, tokens and cost).
+
+Modules: `llm` (backend protocol, backends, the cached/retrying/costed call layer, the
+neuron-explainer adapter), `prompts` (every prompt), `heads` (the paper's head explanations),
+`units` (neuron-explainer's unit explanations). Submodules are imported lazily: importing this
+package costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+from ...clients.llm import LLM, token_counter
+from ...core.layout import require_inputs
+from ...core.records import ExplanationRecord, atomic_write, iter_jsonl, write_jsonl
+from ...inputs.context import RunContext
+from . import heads as head_mod
+from . import units as unit_mod
+
+log = logging.getLogger(__name__)
+
+INPUTS = ("units.jsonl", "contexts.jsonl", "heads.jsonl")
+"""The files this stage reads (`core.layout` names the stage that writes each)."""
+
+
+def run_stage(ctx: RunContext) -> None:
+    """`sae-lens-ctx explain`: write `explanations.jsonl` and `explain.json`; print a summary."""
+    cfg = ctx.config.explain
+    require_inputs(ctx.out, INPUTS)
+    units = list(iter_jsonl(ctx.path("units.jsonl")))
+    contexts = list(iter_jsonl(ctx.path("contexts.jsonl")))
+    heads = list(iter_jsonl(ctx.path("heads.jsonl")))
+    start = time.perf_counter()
+    llm = LLM.from_config(cfg, ctx.out)
+    try:
+        count = token_counter(llm.client)
+        head_jobs = head_mod.build_jobs(units, contexts, heads, cfg, count, seed=ctx.config.seed)
+        unit_jobs = []
+        if cfg.explain_units:
+            unit_jobs = unit_mod.build_jobs(units, contexts, ctx.path("context_acts.safetensors"),
+                                            ctx.model.tokenizer, cfg)
+        # Heads first, then units: in-process backends reuse a shared prompt prefix between consecutive calls.
+        head_records = head_mod.explain_heads(llm, head_jobs, cfg)
+        unit_records = unit_mod.explain_units(llm, unit_jobs, cfg, count) if unit_jobs else []
+    finally:
+        llm.close()
+    records = ordered(units, head_records, unit_records)
+    write_jsonl(ctx.path("explanations.jsonl"), records)
+    summary = summarize(records, llm)
+    atomic_write(ctx.path("explain.json"), json.dumps(summary, indent=2) + "\n")
+    ctx.this_run.update(llm=llm.summary(), seconds=round(time.perf_counter() - start, 1))
+    print(summary_text(summary, ctx.this_run))
+
+
+def ordered(units: list[dict], head_records: list[ExplanationRecord],
+            unit_records: list[ExplanationRecord]) -> list[ExplanationRecord]:
+    """Per unit (units.jsonl order): its own explanation, then its heads (heads.jsonl order)."""
+    by_unit: dict[str, list[ExplanationRecord]] = {u["unit_id"]: [] for u in units}
+    for r in unit_records + head_records:
+        by_unit.setdefault(r.unit_id, []).append(r)
+    return [r for rs in by_unit.values() for r in rs]
+
+
+def summarize(records: list[ExplanationRecord], llm) -> dict:
+    """explain.json: what the explanations hold, the same on every re-run (what this invocation did, calls
+    made versus answered from the cache, is the stage's `this_run` in `stages.json`)."""
+
+    def counts(rs: list[ExplanationRecord]) -> dict:
+        c = Counter(r.status for r in rs)
+        return {"total": len(rs), "ok": c["ok"], "failed": c["failed"], "skipped": c["skipped"]}
+
+    ok = [r for r in records if r.status == "ok"]
+    return {
+        "backend": llm.backend,
+        "model": llm.model,
+        "explanations": {**counts(records), "heads": counts([r for r in records if r.head is not None]),
+                         "units": counts([r for r in records if r.head is None])},
+        "failures": dict(sorted(Counter(r.error.split(":", 1)[0] for r in records
+                                        if r.status == "failed" and r.error).items())),
+        "prompt_tokens": sum(r.prompt_tokens for r in ok),
+        "completion_tokens": sum(r.completion_tokens for r in ok),
+        "cost_usd": round(sum(r.cost_usd or 0.0 for r in ok), 6),
+        "unpriced": sum(r.cost_usd is None for r in ok),
+        "cut_off": sum(r.finish_reason == "length" for r in ok),
+        "prompts_with_dropped_examples": sum(r.n_dropped > 0 for r in records),
+        "dropped_examples": sum(r.n_dropped for r in records),
+    }
+
+
+def summary_text(s: dict, this_run: dict) -> str:
+    e, run = s["explanations"], {**this_run["llm"], "seconds": this_run["seconds"]}
+    lines = [f"explained {e['ok']}/{e['total']} ({e['heads']['ok']} head pairs, {e['units']['ok']} units) with "
+             f"{s['backend']} ({s['model']}); {e['failed']} failed, {e['skipped']} skipped",
+             f"  tokens {s['prompt_tokens']} prompt + {s['completion_tokens']} completion, cost ${s['cost_usd']:.4f}"
+             + (f" ({s['unpriced']} unpriced)" if s["unpriced"] else ""),
+             f"  this run: {run['backend_calls']} backend calls, {run['cache_hits']} cache hits, "
+             f"{run['failed']} failed calls in {run['seconds']}s"]
+    if s["failures"]:
+        lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in s["failures"].items()))
+    return "\n".join(lines)
