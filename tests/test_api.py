@@ -22,7 +22,7 @@ import torch
 import yaml
 
 import sae_lens_ctx as slc
-from sae_lens_ctx import api
+from sae_lens_ctx import api, results
 from sae_lens_ctx.core.errors import UserError
 
 TIMING_KEYS = {"seconds", "finished_at", "this_run"}  # stages.json: the one place for these
@@ -234,5 +234,8 @@ def test_stage_functions_chain_in_one_run_directory(tmp_path, planted_gpt2, docu
 
 
 def test_docstring_examples():
-    failures, tried = doctest.testmod(api, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
+    tried = failures = 0
+    for module in (api, results):
+        f, t = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.IGNORE_EXCEPTION_DETAIL)
+        failures, tried = failures + f, tried + t
     assert tried >= 4 and failures == 0
