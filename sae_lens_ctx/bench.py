@@ -57,8 +57,7 @@ import torch
 
 from .inputs.corpus import TokenContext
 from .stages.mine.scan import UnitReader, batches, run_until_hooks, scan
-from .stages.mine.trim import pad_batch
-from .inputs.model import ModelView
+from .inputs.model import ModelView, pad_batch, pad_id
 from .inputs.sae import SaeSource
 from .core.records import UnitRecord
 
@@ -69,9 +68,8 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
     """Tokens/s of the scan and its baselines over `contexts` (see the module docstring); with `compile`,
     also `scan_compiled` (`mine.compile`: the reader under `torch.compile`) and the compilation's seconds."""
     reader = UnitReader(view, units, saes)
-    pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
     plan = [[contexts[i].tokens for i in idxs] for idxs, _ in batches(contexts, batch_size)]
-    tokens = [pad_batch(rows, pad_id).to(view.device) for rows in plan]
+    tokens = [pad_batch(rows, pad_id(view.tokenizer)).to(view.device) for rows in plan]
     lengths = [torch.tensor([len(r) for r in rows], device=view.device) for rows in plan]
     n_tokens = sum(len(c.tokens) for c in contexts)
 

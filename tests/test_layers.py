@@ -26,7 +26,7 @@ MAY_IMPORT = {
     "stages": {"core", "inputs", "clients", "stages"},
     "pipeline": {"core", "inputs", "clients", "stages", "pipeline"},
 }
-APPS = {"api", "cli", "bench", "workspace", "__init__", "__main__"}
+APPS = {"api", "results", "cli", "bench", "workspace", "__init__", "__main__"}
 FORWARDERS = {"explain.__init__", "explain.prompts", "explain.serve"}
 """Paths users type, kept working for one release (they forward to the new homes)."""
 

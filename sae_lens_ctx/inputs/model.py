@@ -25,7 +25,8 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -431,3 +432,22 @@ def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = Fals
         raise UserError(f"model directory {path} could not be loaded ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}): check that its weights are complete") from e
     return hf.eval(), tok
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Right-padded `[B, max_len]` token ids (causal models: padding never changes real positions)."""
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for j, r in enumerate(rows):
+        out[j, :len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id that right-pads a batch: the tokenizer's pad token, else EOS, else BOS, else 0. Any id would
+    do (in a causal model right padding never reaches a real position); one rule keeps batches identical
+    wherever they are built."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                      getattr(tokenizer, "bos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -36,7 +36,7 @@ from ..core.errors import UserError
 from ..core.records import ContextRecord, HeadRecord, UnitRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
 from ..core.rules import parse_rule
 from ..inputs.context import RunContext
-from ..inputs.model import ModelView, optional_bias
+from ..inputs.model import ModelView, optional_bias, pad_batch, pad_id
 from ..inputs.sae import SaeSource
 
 log = logging.getLogger(__name__)
@@ -124,13 +124,9 @@ def folded_heads(view: ModelView, read: UnitRead) -> dict[str, torch.Tensor]:
 # -- forward passes --------------------------------------------------------------------------------
 
 
-def pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token lists; return the batch and each row's last position."""
-    width = max(len(p) for p in prompts)
-    batch = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        batch[i, : len(p)] = torch.tensor(p)
-    return batch, torch.tensor([len(p) - 1 for p in prompts])
+def pad_prompts(prompts: list[list[int]], view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `[B, max_len]` token ids (`inputs.model.pad_batch`) and each row's last position `[B]`."""
+    return pad_batch(prompts, pad_id(view.tokenizer)), torch.tensor([len(p) - 1 for p in prompts])
 
 
 @torch.inference_mode()
@@ -142,7 +138,7 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
     attributions: dict[str, list[torch.Tensor]] = defaultdict(list)
     pre: dict[str, list[torch.Tensor]] = defaultdict(list)
     for b0 in range(0, len(prompts), batch_size):
-        tokens, last = pad_batch(prompts[b0:b0 + batch_size], _pad_id(view))
+        tokens, last = pad_prompts(prompts[b0:b0 + batch_size], view)
         rows = torch.arange(len(last))
         got: dict[str, torch.Tensor] = {}
 
@@ -169,17 +165,6 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
             attributions[branch].append((a / scale if divide_by_scale else a).cpu())
             pre[branch].append(((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu())
     return ({b: torch.cat(v) for b, v in attributions.items()}, {b: torch.cat(v) for b, v in pre.items()})
-
-
-def _pad_id(view: ModelView) -> int:
-    """Any id works (right padding is never seen by the positions that are read); prefer the pad token."""
-    tok = view.tokenizer
-    if tok is None:
-        return 0
-    for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 @torch.inference_mode()
@@ -255,7 +240,7 @@ def mean_head_outputs(view: ModelView, contexts: list[list[int]], layers: list[i
     count = 0
     for b0 in range(0, len(contexts), 16):
         chunk = contexts[b0:b0 + 16]
-        tokens, last = pad_batch(chunk, _pad_id(view))
+        tokens, last = pad_prompts(chunk, view)
         mask = torch.arange(tokens.shape[1])[None, :] <= last[:, None]
 
         def add(layer):
@@ -281,7 +266,7 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
     group = view.n_heads // view.n_kv_heads
     for r0 in range(0, len(rows), batch_size):
         chunk = rows[r0:r0 + batch_size]
-        tokens, last = pad_batch([prompts[p] for p, _ in chunk], _pad_id(view))
+        tokens, last = pad_prompts([prompts[p] for p, _ in chunk], view)
         idx = torch.arange(len(chunk))
         ablate: dict[int, list[tuple[int, int]]] = defaultdict(list)
         for i, (_, j) in enumerate(chunk):

@@ -50,9 +50,9 @@ from ...core.records import (ContextRecord, UnitRecord, atomic_write, load_tenso
 from ...inputs.context import RunContext
 from ...inputs.corpus import SPLITS, TokenContext
 from ...inputs.distributed import Distributed
-from ...inputs.model import ModelView
+from ...inputs.model import ModelView, pad_batch, pad_id
 from ...inputs.sae import SaeSource
-from .trim import Prompt, pad_batch, trim_prompts
+from .trim import Prompt, trim_prompts
 
 log = logging.getLogger(__name__)
 
@@ -313,12 +313,12 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
         meta = {"identity": ident, "done": done, "skipped": n_skipped, "batches": n_batches, "tokens": tokens_done}
         save_tensors(checkpoint, tensors, {k: str(v) for k, v in meta.items()})
 
-    pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(view.tokenizer)
     bar = tqdm(total=total, initial=tokens_done, unit="tok", unit_scale=True, desc=desc, disable=None)
     for idxs, window_end in batches(contexts, batch_size, window, begin=done, shard=shard):
         rows = [contexts[i].tokens for i in idxs]
         lengths = torch.tensor([len(r) for r in rows], device=view.device)
-        acts = reader(pad_batch(rows, pad_id).to(view.device))                  # [B, T, U]
+        acts = reader(pad_batch(rows, pad).to(view.device))                  # [B, T, U]
         positions = torch.arange(acts.shape[1], device=view.device)
         valid = (positions[None, :] >= bos) & (positions[None, :] < lengths[:, None])
         keep = valid.any(1)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ...core.config import MineConfig
 from ...inputs.corpus import TokenContext
+from ...inputs.model import pad_batch, pad_id
 
 Reader = Callable[[torch.Tensor], torch.Tensor]
 """`reader(tokens [B, T])` → every unit's activation `[B, T, U]`; it also has `.view` (the ModelView).
@@ -146,21 +147,13 @@ def trim_batched(evaluate: Evaluate, lengths: Sequence[int], originals: Sequence
 # -- evaluating candidates ----------------------------------------------------------------------
 
 
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Right-padded `[B, max_len]` token ids (causal models: padding never changes real positions)."""
-    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for j, r in enumerate(rows):
-        out[j, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
 def suffix_evaluator(reader: Reader, prompts: Sequence[Sequence[int]], cols: Sequence[int],
                      bos_ids: Sequence[int], token_budget: int) -> Evaluate:
     """`evaluate([(prompt, start)])` for `trim_batched`: runs `bos_ids + prompts[i][start:]` and returns
     unit `cols[i]`'s activations after BOS. Each distinct sequence runs once (prompts of several units
     can share a suffix), longest first, in batches of at most `token_budget` padded tokens."""
     view = reader.view
-    pad_id = getattr(view.tokenizer, "pad_token_id", None) or 0
+    pad = pad_id(view.tokenizer)
 
     def evaluate(requests: list[tuple[int, int]]) -> list[torch.Tensor]:
         slots: dict[tuple[int, ...], int] = {}
@@ -172,7 +165,7 @@ def suffix_evaluator(reader: Reader, prompts: Sequence[Sequence[int]], cols: Seq
         while b0 < len(order):
             n = max(1, min(len(order) - b0, token_budget // len(seqs[order[b0]])))
             chunk = order[b0:b0 + n]
-            out = reader(pad_batch([seqs[j] for j in chunk], pad_id).to(view.device)).cpu()
+            out = reader(pad_batch([seqs[j] for j in chunk], pad).to(view.device)).cpu()
             for r, j in enumerate(chunk):
                 acts[j] = out[r, :len(seqs[j])]
             b0 += n
