@@ -184,9 +184,9 @@ class RunResult:
         the report and W&B show it, as a `pandas.DataFrame`."""
         import pandas as pd
 
-        from .stages.report.results import RunResults
+        from .stages.report.tables import RunTables
 
-        return pd.DataFrame(RunResults.load(self.out).comparison())
+        return pd.DataFrame(RunTables.load(self.out).comparison())
 
     def to_neuronpedia(self, **kwargs: Any) -> list[dict]:
         """See `to_neuronpedia`."""

@@ -60,7 +60,7 @@ def brute_force(view, units, contexts, bos):
 
 
 def assert_track_is_brute_force(track, j, acts, bos, largest=True, tol=1e-5):
-    """Track row j equals the brute-force top-k of one unit: same contexts in the same order, positions and
+    """TopK row j equals the brute-force top-k of one unit: same contexts in the same order, positions and
     values. Values equal in exact arithmetic (contexts sharing a prefix) can differ by float round-off
     between batch shapes, so only contexts whose values agree within `tol` may trade places."""
     maxes = [(float(a.max()), int(a.argmax()) + bos) for a in acts]

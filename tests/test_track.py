@@ -24,7 +24,7 @@ from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.pipeline.engine import RunDirectory, run_pipeline
 from sae_lens_ctx.core.records import iter_jsonl
 from sae_lens_ctx.core.layout import TABLES, table
-from sae_lens_ctx.stages.report.results import cell
+from sae_lens_ctx.stages.report.tables import cell
 from sae_lens_ctx.pipeline.wandb_log import RESULTS_TYPE, TABLE_TYPE, log_run, redact, run_files
 
 PRESETS = Path(__file__).resolve().parents[1] / "wandb_configs"

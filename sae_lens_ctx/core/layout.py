@@ -1,6 +1,6 @@
 """The run directory's contract, written once: which file holds which record type and which stage writes it.
 
-The stage registry (`pipeline.engine`), the readers of a run (`stages.report.results`, the API) and the stages'
+The stage registry (`pipeline.engine`), the readers of a run (`stages.report.tables`, the API) and the stages'
 input checks all read this table; the README's "Run directory" section documents the same rows.
 """
 

@@ -47,7 +47,7 @@ from .engine import StageResult
 from ..core.digest import digest
 from ..stages.report.plots import write_plots
 from ..core.records import atomic_write
-from ..stages.report.results import RunResults, cell, columns, safe_name
+from ..stages.report.tables import RunTables, cell, columns, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def log_run(ctx: RunContext, results: list[StageResult] | tuple = (), job_type: 
         log.info("W&B logging is disabled (logging.wandb_mode / WANDB_MODE): no W&B files written")
         return None
     root = wandb_root(config, ctx.out)
-    res = RunResults.load(ctx.out)
+    res = RunTables.load(ctx.out)
     with _staging_under(root), tempfile.TemporaryDirectory(prefix="sae-lens-ctx-plots-") as scratch:
         run, info = start_run(config, root, job_type, settings)
         try:
@@ -257,7 +257,7 @@ def log_run(ctx: RunContext, results: list[StageResult] | tuple = (), job_type: 
 # -- tables ----------------------------------------------------------------------------------------
 
 
-def table_rows(name: str, res: RunResults, renderer: ContextRenderer | None = None) -> tuple[list[str], list[list]]:
+def table_rows(name: str, res: RunTables, renderer: ContextRenderer | None = None) -> tuple[list[str], list[list]]:
     """Columns and rows of one table as W&B gets them: JSONL values (lists and dicts as JSON text); the
     contexts table adds `html`, the prompt with shaded tokens as a `wandb.Html` cell, and the scores table
     `control`, whether the score's unit is a control unit."""
@@ -279,7 +279,7 @@ def table_rows(name: str, res: RunResults, renderer: ContextRenderer | None = No
     return cols, data
 
 
-def log_tables(run: Any, res: RunResults, renderer: ContextRenderer, config: RunConfig) -> dict[str, Any]:
+def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunConfig) -> dict[str, Any]:
     """Tables of every record file present: small ones for `run.log`, large ones as artifacts (logged here)."""
     payload: dict[str, Any] = {}
     tables = [(t.table, *table_rows(t.table, res, renderer)) for t in TABLES if t.table in res.tables]
@@ -313,7 +313,7 @@ def _table_or_artifact(run: Any, key: str, cols: list[str], data: list[list], co
 # -- plots -----------------------------------------------------------------------------------------
 
 
-def plot_images(ctx: RunContext, res: RunResults, results, config: RunConfig, scratch: Path) -> dict[str, Any]:
+def plot_images(ctx: RunContext, res: RunTables, results, config: RunConfig, scratch: Path) -> dict[str, Any]:
     """The plots as W&B images: those the report stage just wrote, else drawn afresh into `scratch` (a stage
     run alone, whose run directory may hold an older report)."""
     import wandb

@@ -3,7 +3,7 @@
 The scan (`scan`) runs the contexts of one split through the model in batches, with hooks only on
 the layers that hold units and the forward stopped after the last of them (`UnitReader`). For every
 unit it reduces each context on the device to its max activation and that position, and merges them
-into running top-k tensors (`Track`), batch by batch: nothing grows with the corpus, only with
+into running top-k tensors (`TopK`), batch by batch: nothing grows with the corpus, only with
 units × k × context size. Ties are broken by corpus order, so the result does not depend on how
 contexts were batched and equals a brute-force sort of every context's max, up to float round-off:
 values equal in exact arithmetic (contexts sharing a prefix) can differ by ~1e-7 between batch shapes
@@ -174,7 +174,7 @@ def _encode(sae: SaeSource, act: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class Track:
+class TopK:
     """The k best contexts so far for every unit (`largest`: by max activation; else smallest first)."""
 
     values: torch.Tensor
@@ -188,14 +188,14 @@ class Track:
     largest: bool
 
     @classmethod
-    def empty(cls, n_units: int, k: int, width: int, largest: bool, device=None) -> Track:
+    def empty(cls, n_units: int, k: int, width: int, largest: bool, device=None) -> TopK:
         fill = -torch.inf if largest else torch.inf
         return cls(torch.full((n_units, k), fill, dtype=torch.float64, device=device),
                    torch.full((n_units, k), EMPTY, dtype=torch.long, device=device),
                    torch.zeros((n_units, k), dtype=torch.long, device=device),
                    torch.full((n_units, k, width), float("nan"), device=device), largest)
 
-    def merge(self, values: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> Track:
+    def merge(self, values: torch.Tensor, index: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> TopK:
         """Keep the k best of the track and a batch (`[U, B]`, rows `[U, B, W]`): by value, then corpus order."""
         k = self.values.shape[1]
         v, i = torch.cat([self.values, values], 1), torch.cat([self.index, index], 1)
@@ -203,14 +203,14 @@ class Track:
         by_value = torch.argsort(v.gather(1, by_index), dim=1, descending=self.largest, stable=True)
         order = by_index.gather(1, by_value)[:, :k]
         r = torch.cat([self.rows, rows], 1)
-        return Track(v.gather(1, order), i.gather(1, order), torch.cat([self.pos, pos], 1).gather(1, order),
+        return TopK(v.gather(1, order), i.gather(1, order), torch.cat([self.pos, pos], 1).gather(1, order),
                      r.gather(1, order[..., None].expand(-1, -1, r.shape[2])), self.largest)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{f}": getattr(self, f).cpu().contiguous() for f in ("values", "index", "pos", "rows")}
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, largest: bool, device=None) -> Track:
+    def from_tensors(cls, t: dict[str, torch.Tensor], prefix: str, largest: bool, device=None) -> TopK:
         return cls(*(t[f"{prefix}.{f}"].to(device) for f in ("values", "index", "pos", "rows")), largest)
 
 
@@ -238,7 +238,7 @@ def random_keys(seed: int, contexts: Sequence[TokenContext], unit_ids: Sequence[
 class ScanResult:
     """A split's tracks (on the CPU) and what the scan cost."""
 
-    tracks: dict[str, Track]
+    tracks: dict[str, TopK]
     n_contexts: int
     n_tokens: int
     """Tokens in the split's contexts (BOS included)."""
@@ -296,12 +296,12 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
                         f"set corpus.context_size to {view.n_ctx} or less")
     base = scan_identity(identity, reader.unit_ids, tracks, bos, seed, batch_size, window, contexts)
     ident = base if tuple(shard) == (0, 1) else digest([base, list(shard)])
-    state = {name: Track.empty(n_units, k, width, name == "top", view.device) for name, k in tracks.items()}
+    state = {name: TopK.empty(n_units, k, width, name == "top", view.device) for name, k in tracks.items()}
     done = n_skipped = n_batches = tokens_done = 0
     if checkpoint is not None and checkpoint.exists():
         saved, meta = load_tensors(checkpoint)
         if meta.get("identity") == ident:
-            state = {name: Track.from_tensors(saved, name, name == "top", view.device) for name in tracks}
+            state = {name: TopK.from_tensors(saved, name, name == "top", view.device) for name in tracks}
             done, n_skipped, n_batches, tokens_done = (int(meta[k]) for k in ("done", "skipped", "batches", "tokens"))
             log.info("%s: resuming from a checkpoint after %d of %d contexts", desc, done, len(contexts))
         else:
@@ -351,7 +351,7 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
     bar.close()
     if checkpoint is not None:
         save()
-    return ScanResult({k: Track.from_tensors(t.tensors(k), k, t.largest) for k, t in state.items()},
+    return ScanResult({k: TopK.from_tensors(t.tensors(k), k, t.largest) for k, t in state.items()},
                       len(contexts), total, n_skipped, time.perf_counter() - start, scanned, resumed_at, base)
 
 

@@ -4,7 +4,7 @@ A shard `i/n` scans the windows of `batch_size × 8` contexts (the scan's sort w
 whose number is i modulo n, in each split. Every batch a shard runs is the batch the single-process
 scan runs (same contexts, same order, same padding), so every context's activations are bit-identical
 to it, and merging the shards' running top-k tracks by the scan's own order (value, then corpus index;
-`Track.merge`) gives exactly the single-process tracks. Trimming and records then run once, on the
+`TopK.merge`) gives exactly the single-process tracks. Trimming and records then run once, on the
 merged tracks, as in a single process.
 
 Two ways to run shards:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 
 from ...core.errors import UserError
-from .scan import ScanResult, Track
+from .scan import ScanResult, TopK
 from ...core.records import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def load_shard(path: Path) -> tuple[dict[str, ScanResult], tuple[int, int], str]
     m = json.loads(meta["sae_lens_ctx_shard"])
     results = {}
     for name, s in m["splits"].items():
-        tracks = {k: Track.from_tensors(tensors, f"{name}.{k}", largest) for k, largest in s["tracks"].items()}
+        tracks = {k: TopK.from_tensors(tensors, f"{name}.{k}", largest) for k, largest in s["tracks"].items()}
         results[name] = ScanResult(tracks, s["n_contexts"], s["n_tokens"], s["n_skipped"], s["seconds"],
                                    s["tokens_scanned"], s["resumed_at"], s["identity"])
     return results, tuple(m["shard"]), m["fingerprint"]

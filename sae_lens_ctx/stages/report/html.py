@@ -27,7 +27,7 @@ from ...inputs.model import hub_id, resolve_source
 from .plots import write_plots
 from ...core.records import atomic_write
 from ...core.layout import TABLES
-from .results import RunResults, number, safe_name
+from .tables import RunTables, number, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class ContextRenderer:
                             row.get("activation")), peak)
 
 
-def unit_peaks(res: RunResults) -> dict[str, float]:
+def unit_peaks(res: RunTables) -> dict[str, float]:
     """unit_id → its largest activation over its contexts (the shading scale of its prompts)."""
     peaks: dict[str, float] = {}
     for c in res.rows("contexts"):
@@ -167,7 +167,7 @@ def unit_peaks(res: RunResults) -> dict[str, float]:
     return peaks
 
 
-def renderer_for(ctx: RunContext, res: RunResults) -> ContextRenderer:
+def renderer_for(ctx: RunContext, res: RunTables) -> ContextRenderer:
     """A renderer with the run's tokenizer when there are contexts to show (the model is loaded only then)."""
     if not res.rows("contexts"):
         return ContextRenderer(ctx.out)
@@ -219,7 +219,7 @@ def _img(folder: Path, rel: str | None, alt: str) -> str:
 class Report:
     """Builds the pages of one run's report."""
 
-    def __init__(self, res: RunResults, renderer: ContextRenderer, plots_dir: Path, plots: dict[str, str],
+    def __init__(self, res: RunTables, renderer: ContextRenderer, plots_dir: Path, plots: dict[str, str],
                  n_contexts: int, well_explained: float):
         self.res, self.renderer, self.plots_dir, self.plots = res, renderer, plots_dir, plots
         self.n_contexts, self.well_explained = n_contexts, well_explained
@@ -381,7 +381,7 @@ class Report:
 
 def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx report`: plots into `plots/`, the HTML report into `report/index.html`, `report.json`."""
-    res = RunResults.load(ctx.out)
+    res = RunTables.load(ctx.out)
     if "units" not in res.tables:
         raise UserError(f"{ctx.out} has no units.jsonl, so there is nothing to report: "
                         f"run `sae-lens-ctx run --out {ctx.out}` first")

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from ...core.records import atomic_path  # noqa: E402
-from .results import RunResults, number, safe_name  # noqa: E402
+from .tables import RunTables, number, safe_name  # noqa: E402
 
 REAL, CONTROL, MARK = "#1f77b4", "#999999", "#d62728"
 
@@ -39,7 +39,7 @@ def save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def layer_histogram(res: RunResults) -> Figure | None:
+def layer_histogram(res: RunTables) -> Figure | None:
     units = res.units
     if not units:
         return None
@@ -59,7 +59,7 @@ def layer_histogram(res: RunResults) -> Figure | None:
     return fig
 
 
-def head_heatmap(res: RunResults, unit_id: str, heads: list[dict]) -> Figure | None:
+def head_heatmap(res: RunTables, unit_id: str, heads: list[dict]) -> Figure | None:
     """Mean direct attribution over the unit's train prompts, layer × head; relevant heads boxed."""
     if not heads:
         return None
@@ -84,7 +84,7 @@ def head_heatmap(res: RunResults, unit_id: str, heads: list[dict]) -> Figure | N
     return fig
 
 
-def score_histograms(res: RunResults, well_explained: float) -> Figure | None:
+def score_histograms(res: RunTables, well_explained: float) -> Figure | None:
     """Per scorer, head explanation scores of selected units with the control units' overlaid."""
     by: dict[str, dict[bool, list[float]]] = {}
     for s in res.rows("scores"):
@@ -115,7 +115,7 @@ def score_histograms(res: RunResults, well_explained: float) -> Figure | None:
     return fig
 
 
-def ablation_boxplot(res: RunResults) -> Figure | None:
+def ablation_boxplot(res: RunTables) -> Figure | None:
     """Paper §5.4: per relevant pair, mean drop in the unit's token probability when the head is
     ablated, on prompts where it is active vs inactive (selected units; controls beside when present)."""
     groups: list[tuple[str, list[float]]] = []
@@ -137,7 +137,7 @@ def ablation_boxplot(res: RunResults) -> Figure | None:
     return fig
 
 
-def head_vs_neuron(res: RunResults) -> Figure | None:
+def head_vs_neuron(res: RunTables) -> Figure | None:
     rows = [r for r in res.comparison() if r["unit_score"] is not None and r["head_score_mean"] is not None]
     if not rows:
         return None
@@ -161,7 +161,7 @@ def heatmap_file(unit_id: str) -> str:
     return f"heatmaps/{safe_name(unit_id)}.png"
 
 
-def write_plots(res: RunResults, folder: Path, well_explained: float = 0.67) -> dict[str, str]:
+def write_plots(res: RunTables, folder: Path, well_explained: float = 0.67) -> dict[str, str]:
     """Draw every plot whose records exist into `folder`; returns name → path relative to `folder`."""
     folder = Path(folder)
     written: dict[str, str] = {}

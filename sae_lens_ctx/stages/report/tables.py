@@ -50,7 +50,7 @@ def safe_name(text: str) -> str:
 
 
 @dataclass
-class RunResults:
+class RunTables:
     """The records and JSON summaries of one run directory, as far as they exist."""
 
     out: Path
@@ -60,7 +60,7 @@ class RunResults:
     """`model` / `attribute` / ... → the parsed JSON file, only for files that exist."""
 
     @classmethod
-    def load(cls, out: str | Path) -> RunResults:
+    def load(cls, out: str | Path) -> RunTables:
         out = Path(out)
         res = cls(out)
         for spec in TABLES:
