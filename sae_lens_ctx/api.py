@@ -41,7 +41,7 @@ from .core.errors import UserError, did_you_mean
 from .pipeline.engine import STAGES, run_pipeline
 from .core.records import OBJECT_PREFIX
 from .inputs.sae import SaeSource
-from .tables import (Contexts, Explanations, Heads, Records, RunResult, Scores, Units, latent_explanations, open_run,
+from .results import (Contexts, Explanations, Heads, Records, RunResult, Scores, Units, latent_explanations, open_run,
                       to_neuronpedia, _Session)
 
 __all__ = [
