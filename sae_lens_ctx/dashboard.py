@@ -26,6 +26,7 @@ from .pipeline import RunContext
 from .plots import write_plots
 from .records import atomic_write
 from .results import TABLES, RunResults, _number, safe_name
+from .tokens import token_pieces  # per-token pieces that spell the prompt (also used by track's HTML cells)
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +94,6 @@ def context_html(pieces: list[str] | None, acts: list[float] | None, text: str, 
 def standalone(fragment: str) -> str:
     """An HTML fragment as a small self-contained document (for W&B's HTML cells)."""
     return f'<!doctype html><meta charset="utf-8"><style>{CSS}</style>{fragment}'
-
-
-def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text. Byte-level tokens that split a character are decoded by prefix difference."""
-    pieces = [tokenizer.decode([i]) for i in ids]
-    if any("\ufffd" in p for p in pieces):
-        pieces, before = [], ""
-        for n in range(1, len(ids) + 1):
-            now = tokenizer.decode(ids[:n])
-            pieces.append(now[len(before):] if now.startswith(before) else now)
-            before = now
-    return pieces
 
 
 class ContextRenderer:

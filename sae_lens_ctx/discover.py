@@ -31,6 +31,7 @@ from .errors import UserError
 from .model import ModelView
 from .pipeline import RunContext
 from .records import write_jsonl
+from .tokens import token_strings
 from .units import SaeSource, UnitRecord, neuron_id, parse_neuron_id
 
 log = logging.getLogger(__name__)
@@ -122,10 +123,10 @@ _UNUSED_NAME = re.compile(r"^<\|?(unused|reserved|extra_id|placeholder)[_\-]?\d*
 
 
 def decode_vocab(tokenizer, d_vocab: int) -> list[str]:
-    """Every id's text as `decode([id])` (ids past the tokenizer decode to '')."""
+    """Every id's text with its word-start space (`tokens.token_strings`: SentencePiece's `▁river` is
+    ' river', not the 'river' that decoding it alone gives); ids past the tokenizer are ''."""
     n = min(len(tokenizer), d_vocab)
-    texts = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
-    return texts + [""] * (d_vocab - n)
+    return token_strings(tokenizer, range(n)) + [""] * (d_vocab - n)
 
 
 def _robust_z(x: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from .errors import UserError
 from .model import ModelView
 from .pipeline import RunContext
 from .records import ContextRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
+from .tokens import token_strings
 from .trim import Prompt, pad_batch, trim_prompts
 from .units import SaeSource, UnitRecord
 
@@ -411,7 +412,7 @@ def build_records(prompts: list[Prompt], units: Sequence[UnitRecord], tokenizer,
             unit_id=units[p.unit].unit_id, split=p.split, kind=p.kind, rank=rank, doc_id=p.context.doc_id,
             context_index=p.context.index, start=start, end=end, text=decode(tokens), tokens=tokens,
             activation=p.activation, trimmed_activation=float(p.acts[-1]), next_token_id=nxt,
-            next_token=None if nxt is None else decode([nxt])))
+            next_token=None if nxt is None else token_strings(tokenizer, [nxt])[0]))
         acts.append(p.acts.float().contiguous())
     return records, acts, dropped
 

@@ -240,3 +240,90 @@ def test_run_matches_transformers(arch, weights, family_dirs, tmp_path):
     model = json.loads((out / "model.json").read_text())
     assert model["norm_gain"] == ("1+w" if arch.startswith("gemma") else "w")
     assert model["block"] == {"neox": "parallel", "gemma2": "sandwich"}.get(arch, "sequential")
+
+
+# -- per-head ablation under grouped-query attention (case 07) ----------------------------------------
+
+
+def test_gqa_ablation_removes_one_query_head_in_every_mode(family_dirs):
+    from sae_lens_ctx.attribute import attribute_prompts, mean_head_outputs
+
+    view = load_model(ModelConfig(model_name=str(family_dirs("llama-gqa")), weights="raw"))
+    assert (view.n_heads, view.n_kv_heads) == (4, 2)
+    unit = UnitRecord(unit_id="L1N62", kind="neuron", layer=1, index=62, hook_name="blocks.1.mlp.hook_post",
+                      token_id=5, token=" x", congruence=0.0, control=False, direction="promote", rank_in_layer=1)
+    read = unit_read(view, unit, AttributeConfig(), {})
+    texts = ["The river carried the forgotten map as the sun went down.",
+             "A young painter visited the evening market without any help."]
+    prompts = [[view.tokenizer.bos_token_id] + view.tokenizer(t)["input_ids"] for t in texts]
+    heads = [(0, h) for h in range(4)]  # query heads 0, 1 share KV head 0; 2, 3 share KV head 1
+    attributions = attribute_prompts(view, read, prompts)[0]["gate"]
+    assert not torch.allclose(attributions[:, 0], attributions[:, 1])
+    mean_z = mean_head_outputs(view, prompts, [0])
+    drops = {mode: ablation_drops(view, read, prompts, heads, mode, mean_z)[1] for mode in ("z", "v", "mean")}
+    for mode, act in drops.items():
+        for a, b in ((0, 1), (2, 3)):  # two heads of one KV group get different drops
+            assert not torch.allclose(act[:, a], act[:, b], atol=1e-6), mode
+    torch.testing.assert_close(drops["v"], drops["z"])  # zeroing one head's values zeroes its z
+    # the z drop equals an independent ablation in transformers: head h's slice of o_proj's input zeroed
+    ref = Reference(family_dirs("llama-gqa"), "llama-gqa")
+    o_proj = ref.modules(0)["o"]
+    clean = torch.stack([ref.run(p, 1)["post"][-1, 62] for p in prompts])
+    for h in range(4):
+        def zero_head(mod, args, h=h):
+            z = args[0].clone()
+            z[..., h * 16:(h + 1) * 16] = 0.0
+            return (z,)
+        handle = o_proj.register_forward_pre_hook(zero_head)
+        try:
+            ablated = torch.stack([ref.run(p, 1)["post"][-1, 62] for p in prompts])
+        finally:
+            handle.remove()
+        torch.testing.assert_close(drops["z"][:, h], clean - ablated, rtol=1e-4, atol=1e-6)
+
+
+# -- tokens as words (cases 11 and 12) ---------------------------------------------------------------
+
+
+def test_sentencepiece_units_pass_the_paper_filter_with_their_leading_space(family_dirs, tmp_path):
+    """Case 12: `▁river` decodes alone to 'river'; read in context it is ' river', so the paper's
+    leading-space filter (on by default) keeps word-start tokens and the run finds units."""
+    from transformers import AutoTokenizer
+
+    from sae_lens_ctx.tokens import token_strings
+
+    directory = family_dirs("llama-gqa", tok="sentencepiece")
+    tok = AutoTokenizer.from_pretrained(directory)
+    river = tok.convert_tokens_to_ids("\u2581river")
+    assert tok.decode([river]) == "river" and token_strings(tok, [river]) == [" river"]
+    out = tmp_path / "run"
+    run_pipeline(family_config(directory, "folded"), out, until="discover")
+    real = [u for u in _rows(out / "units.jsonl") if not u["control"]]
+    assert len(real) == 2
+    for u in real:
+        piece = tok.convert_ids_to_tokens(u["token_id"])
+        assert piece.startswith("\u2581") and u["token"] == " " + piece[1:]
+        assert u["top_tokens"][0][0] == u["token"]
+
+
+@pytest.mark.parametrize("tok", ["bytelevel", "sentencepiece"])
+def test_pieces_spell_emoji_and_cjk_text(tok):
+    """Case 11: characters split over several byte-level tokens render as pieces that concatenate to
+    the text (the old splitter repeated the whole prefix after a half character)."""
+    from tiny import PROSE, build_tokenizer
+
+    from sae_lens_ctx.dashboard import ContextRenderer
+    from sae_lens_ctx.tokens import token_pieces
+
+    tokenizer = build_tokenizer(tok)
+    rare = (PROSE.parent / "rare.txt").read_text(encoding="utf-8").split("\n\n")
+    texts = ["party \U0001F389\U0001F680 time", "the farmer \u946b\u9f98 river", *rare[:12]]
+    renderer = ContextRenderer(PROSE.parent, tokenizer)
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces = token_pieces(tokenizer, ids)
+        assert len(pieces) == len(ids)
+        assert "".join(pieces) == tokenizer.decode(ids) == text
+        assert "\ufffd" not in "".join(pieces)
+        assert renderer.pieces({"tokens": ids, "text": text}) == pieces  # shaded, not shown whole
+    assert any(ord(c) > 0xFFFF for c in texts[0])  # an emoji that byte-level BPE splits

@@ -36,6 +36,7 @@ from pathlib import Path
 from ..config import ExplainConfig
 from ..errors import UserError
 from ..records import ExplanationRecord
+from ..tokens import token_pieces
 from .llm import LLM, NeuronExplainerCallFailed, NeuronExplainerClient
 
 log = logging.getLogger(__name__)
@@ -58,13 +59,10 @@ def sanitize_token(token: str) -> str:
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token as the text it adds (decoding prefixes keeps SentencePiece's leading spaces)."""
-    out, prev = [], ""
-    for k in range(len(ids)):
-        text = tokenizer.decode(list(ids[:k + 1]))
-        out.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode([ids[k]]))
-        prev = text
-    return out
+    """Each token of a prompt as the text it adds (`tokens.token_pieces`: the pieces spell the prompt,
+    SentencePiece's leading spaces kept, a character split over byte-level tokens given whole to the
+    token that completes it)."""
+    return token_pieces(tokenizer, ids)
 
 
 @contextlib.contextmanager
