@@ -44,6 +44,7 @@ from .config import EMBEDDED, ModelConfig
 from .embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
 from .errors import UserError, did_you_mean
 from .records import ModelRecord
+from .tokens import own_bos_token_id, tokenizer_problem
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,10 @@ class ModelView:
         self.sandwich: bool = hasattr(model.blocks[0], "ln1_post")
         """True where attention and MLP outputs pass through their own norms before the residual add."""
         self.tokenizer = model.tokenizer
+        bos = own_bos_token_id(self.tokenizer) if self.tokenizer is not None else None
+        self.bos_token: str | None = None if bos is None else self.tokenizer.convert_ids_to_tokens(bos)
+        """The tokenizer's own BOS token (`tokens.own_bos_token_id`: one the loading library put in, EOS
+        for a tokenizer without BOS, counts as none)."""
         check_norms(self)
 
     # -- construction -------------------------------------------------------------------------
@@ -150,7 +155,7 @@ class ModelView:
             n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_model=self.d_model,
             d_head=self.d_head, d_mlp=self.d_mlp, d_vocab=self.d_vocab, n_ctx=self.n_ctx,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
-            norm_gain="1+w" if self.norm_offset else "w",
+            norm_gain="1+w" if self.norm_offset else "w", bos_token=self.bos_token,
             block="parallel" if self.parallel else "sandwich" if self.sandwich else "sequential",
         )
 
@@ -489,6 +494,21 @@ def _check_no_pickle(path: Path, allow_pickle: bool) -> None:
                         "or for a checkpoint you trust pass model.allow_pickle=true")
 
 
+def _check_tokenizer(path: Path, tok: Any) -> None:
+    """Refuse a tokenizer that cannot be the model's (`tokens.tokenizer_problem`), before any weights load."""
+    import json
+
+    try:
+        vocab_size = json.loads((path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):
+        vocab_size = None
+    problem = tokenizer_problem(tok, vocab_size if isinstance(vocab_size, int) else None)
+    if problem:
+        names = sorted(p.name for p in path.glob("tokenizer*")) or ["no tokenizer files"]
+        raise UserError(f"model directory {path} has no usable tokenizer ({problem}; {', '.join(names)}): "
+                        "save the tokenizer next to the model (tokenizer.save_pretrained)")
+
+
 def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[Any, Any]:
     """A `save_pretrained` directory: safetensors weights, or pickle ones (torch.load(weights_only=True),
     transformers' default) when `allow_pickle`."""
@@ -501,6 +521,7 @@ def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = Fals
     except Exception as e:
         raise UserError(f"model directory {path} has no usable tokenizer ({type(e).__name__}): "
                         "save the tokenizer next to the model (tokenizer.save_pretrained)") from e
+    _check_tokenizer(path, tok)
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True)
     except Exception as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 from . import attribute, dashboard, discover, explain, mine, score
 from .pipeline import RunContext, Stage, register_stage
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 def load(ctx: RunContext) -> None:
     """Load the model and the corpus; record the model's facts and which document went to which split."""
     model, corpus = ctx.model, ctx.corpus
-    atomic_write(ctx.path("model.json"), json.dumps(model.record().__dict__, indent=2) + "\n")
+    record = replace(model.record(), prepend_bos=ctx.config.corpus.prepend_bos)
+    atomic_write(ctx.path("model.json"), json.dumps(record.__dict__, indent=2) + "\n")
     write_jsonl(ctx.path("documents.jsonl"), corpus.documents)
     atomic_write(ctx.path("corpus.json"), json.dumps(corpus.summary(), indent=2) + "\n")
 

@@ -81,3 +81,38 @@ def token_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     if done != prefixes[-1]:  # a rewrite the last token did not undo: one piece, still spelling the text
         pieces = [""] * (len(ids) - 1) + [prefixes[-1]]
     return pieces
+
+
+def own_bos_token_id(tokenizer: Any) -> int | None:
+    """The tokenizer's own BOS id, or None where it has none.
+
+    A BOS that the loading library substituted counts as none: TransformerLens sets a missing BOS to the
+    EOS token, so a BOS equal to EOS that the tokenizer's own configuration (`init_kwargs`) does not
+    name is not the tokenizer's. (GPT-2, whose configuration names `<|endoftext|>` as both, keeps it.)"""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    named = (getattr(tokenizer, "init_kwargs", None) or {}).get("bos_token")
+    if named is None and bos == getattr(tokenizer, "eos_token_id", None):
+        return None
+    return int(bos)
+
+
+SAMPLE_TEXT = "The river carried the forgotten map."
+
+
+def tokenizer_problem(tokenizer: Any, vocab_size: int | None) -> str | None:
+    """Why a tokenizer cannot be the model's (one phrase), or None. transformers 5 builds an empty
+    tokenizer (a vocabulary of one, every text encoded to nothing) for a directory without tokenizer
+    files instead of raising, so this looks at what it does: it must encode a sample sentence, and its
+    vocabulary must be at least half the model's `vocab_size` (models pad theirs, never by half)."""
+    try:
+        n = len(tokenizer)
+        ids = tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
+    except Exception as e:  # a broken tokenizer raises anything
+        return f"it fails on a sample sentence ({type(e).__name__})"
+    if not ids:
+        return f"it encodes a sample sentence to no tokens (a vocabulary of {n})"
+    if vocab_size and 2 * n < vocab_size:
+        return f"its vocabulary of {n} is far smaller than the model's {vocab_size}"
+    return None

@@ -327,3 +327,40 @@ def test_pieces_spell_emoji_and_cjk_text(tok):
         assert "\ufffd" not in "".join(pieces)
         assert renderer.pieces({"tokens": ids, "text": text}) == pieces  # shaded, not shown whole
     assert any(ord(c) > 0xFFFF for c in texts[0])  # an emoji that byte-level BPE splits
+
+
+# -- tokenizer facts (cases 05 and B7) -----------------------------------------------------------------
+
+
+def test_a_tokenizer_without_bos_is_refused_or_recorded(family_dirs, tmp_path, capsys):
+    """Case 05: TransformerLens gives a BOS-less tokenizer EOS as its BOS; that counts as none, so the
+    documented error fires (exit 2); with corpus.prepend_bos=false the run proceeds and model.json says so."""
+    from test_errors import assert_one_line_error, run_cli
+
+    directory = family_dirs("gpt2", bos=False)
+    code, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--model", str(directory), "--corpus", str(PROSE),
+                        "corpus.max_tokens=3000")
+    assert_one_line_error(code, err, "no BOS token", "corpus.prepend_bos=false")
+    out = tmp_path / "ok"
+    cfg = family_config(directory, "folded", prepend_bos=False)
+    run_pipeline(cfg, out, until="load")
+    model = json.loads((out / "model.json").read_text())
+    assert model["prepend_bos"] is False and model["bos_token"] is None
+    run_pipeline(family_config(family_dirs("gpt2"), "folded"), tmp_path / "bos", until="load")  # its BOS-ful twin
+    model = json.loads((tmp_path / "bos" / "model.json").read_text())
+    assert model["prepend_bos"] is True and model["bos_token"] == "<|bos|>"
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused_before_its_weights(family_dirs, tmp_path, capsys):
+    """Case B7: transformers 5 returns an empty tokenizer for a directory without tokenizer files; the
+    documented error names the tokenizer (exit 2), before the weights (here unreadable) or the corpus load."""
+    import shutil
+
+    from test_errors import assert_one_line_error, run_cli
+
+    directory = tmp_path / "m_notok"
+    shutil.copytree(family_dirs("gpt2", tokenizer=False), directory)
+    (directory / "model.safetensors").write_bytes(b"not weights")
+    code, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--model", str(directory), "--corpus", str(PROSE),
+                        "corpus.max_tokens=3000")
+    assert_one_line_error(code, err, "no usable tokenizer", "tokenizer.save_pretrained")
