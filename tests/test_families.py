@@ -364,3 +364,17 @@ def test_a_model_directory_without_tokenizer_files_is_refused_before_its_weights
     code, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--model", str(directory), "--corpus", str(PROSE),
                         "corpus.max_tokens=3000")
     assert_one_line_error(code, err, "no usable tokenizer", "tokenizer.save_pretrained")
+
+
+def test_a_norm_read_with_the_wrong_gain_is_refused(family_dirs):
+    """The view checks each norm on a probe vector at load: reading a plain RMSNorm as Gemma's `1 + w`
+    (or Gemma's as `w`) is a one-line error, not silently wrong numbers."""
+    from sae_lens_ctx.errors import UserError
+    from sae_lens_ctx.model import check_norms
+
+    for arch in ("llama-gqa", "gemma"):
+        view = load_model(ModelConfig(model_name=str(family_dirs(arch)), weights="raw"))
+        check_norms(view)
+        view.norm_offset = not view.norm_offset
+        with pytest.raises(UserError, match="computes something other than .* not supported"):
+            check_norms(view)
