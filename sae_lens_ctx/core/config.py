@@ -285,9 +285,12 @@ class AttributeConfig:
     the non-linearity and so decides whether the neuron fires, while 'up' only scales it."""
 
     ablation: Literal["z", "v", "mean", "none"] = "z"
-    """Causal check of each relevant pair: zero the head's `hook_z` ('z'; equals the paper's zeroed
-    values with refactored biases), zero its `hook_v` ('v'; under GQA this silences every query head
-    sharing the KV head), replace its `hook_z` by its mean over the corpus ('mean'), or skip ('none')."""
+    """Causal check of each relevant pair, always of one query head only: zero the head's `hook_z`
+    ('z'; equals the paper's zeroed values with refactored biases), zero the values that head reads
+    ('v'), replace its `hook_z` by its mean over the corpus ('mean'), or skip ('none'). Values zeroed at
+    every position give `z = pattern @ 0 = 0`, so 'v' of one head is the same thing as 'z' (with or
+    without a value bias, which is part of the values); it is applied to that head's `hook_z`, so under
+    grouped-query attention the KV head shared with the other query heads of its group stays intact."""
 
     batch_size: int = 32
     """Prompts per forward pass."""

@@ -15,7 +15,7 @@ from .errors import UserError
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2
 """Version of the run-directory layout. A directory written under another version is refused."""
 
 MANIFEST = "stages.json"

@@ -139,6 +139,16 @@ class ModelRecord:
     """Longest context the model accepts."""
     dtype: str
     device: str
+    norm_gain: str = "w"
+    """How the model's norms apply their stored gain: 'w', or '1+w' (Gemma-family RMSNorm)."""
+    block: str = "sequential"
+    """Block layout: 'sequential', 'parallel' (attention and MLP both read resid_pre: GPT-NeoX, Phi,
+    GPT-J) or 'sandwich' (attention and MLP outputs normalised before the residual add: Gemma 2/3)."""
+    prepend_bos: bool | None = None
+    """Whether the run put the tokenizer's BOS in front of every context (`corpus.prepend_bos`)."""
+    bos_token: str | None = None
+    """The tokenizer's own BOS token, or None where it has none (a BOS the loading library substituted,
+    such as EOS, counts as none)."""
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from ..core.config import EMBEDDED, CorpusConfig
 from ..core.errors import UserError
 from ..core.records import DocumentRecord
+from .tokens import own_bos_token_id
 
 SPLITS = ("train", "test")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -394,7 +395,7 @@ def build_corpus(cfg: CorpusConfig, tokenizer: Any, n_ctx: int) -> Corpus:
         )
     bos: tuple[int, ...] = ()
     if cfg.prepend_bos:
-        bos_id = getattr(tokenizer, "bos_token_id", None)
+        bos_id = own_bos_token_id(tokenizer)  # a BOS the loading library substituted (EOS) counts as none
         if bos_id is None:
             raise UserError("the tokenizer has no BOS token: set corpus.prepend_bos=false")
         bos = (int(bos_id),)

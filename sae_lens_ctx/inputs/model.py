@@ -17,6 +17,17 @@ Either way a read direction is expressed on the *normalised input without gain* 
 `(x - mean) / scale` for LayerNorm), with the gain folded into the direction and the norm bias and
 `b_in` folded into a constant. That makes `normalised_input @ read + const` equal the hooked
 pre-activation exactly in both conventions.
+
+Norm conventions are read from the model, never assumed (`ModelView.norm_gain`): Gemma-family
+RMSNorms store their gain as an offset from one (the layer computes `x / rms · (1 + w)`; the Bridge
+says so with `cfg.rmsnorm_uses_offset`, and its folding stores the identity as 0), so the effective
+gain is `1 + w` there. Block layouts too: a *parallel* block (GPT-NeoX `use_parallel_residual`, Phi,
+GPT-J; `cfg.parallel_attn_mlp`) feeds the MLP from `resid_pre` through its own norm (`ln2`) or the
+one it shares with attention (`ln1`); a *sandwich* block (Gemma 2/3) normalises the attention and MLP
+outputs (`ln1_post`, `ln2_post`) before adding them to the residual stream, so a head's or neuron's
+write passes through that norm's gain (and, at run time, its scale). Every norm is checked once at
+load on a probe vector against the formula the view uses; a norm that computes something else is
+refused with a one-line error rather than guessed at.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from ..core.config import EMBEDDED, ModelConfig
 from ..core.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
 from ..core.errors import UserError, did_you_mean
 from ..core.records import ModelRecord
+from .tokens import own_bos_token_id, tokenizer_problem
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +62,7 @@ _HOOKS = {
     "pattern": "blocks.{l}.attn.hook_pattern",
     "ln1_scale": "blocks.{l}.ln1.hook_scale",
     "ln2_scale": "blocks.{l}.ln2.hook_scale",
+    "ln1_post_scale": "blocks.{l}.ln1_post.hook_scale",
     "mlp_pre": "blocks.{l}.mlp.hook_pre",
     "mlp_pre_linear": "blocks.{l}.mlp.hook_pre_linear",
     "mlp_post": "blocks.{l}.mlp.hook_post",
@@ -95,7 +108,19 @@ class ModelView:
         self.gated: bool = bool(getattr(cfg, "gated_mlp", False))
         norm = str(cfg.normalization_type or "LN")
         self.normalization: str = "RMS" if norm.startswith("RMS") else "LN"
+        self.norm_offset: bool = bool(getattr(cfg, "rmsnorm_uses_offset", False))
+        """True where an RMSNorm applies `1 + w` (Gemma 1/2/3 under the Bridge; HookedTransformer adds the
+        one when it converts the weights, so it stores the gain itself)."""
+        self.parallel: bool = bool(getattr(cfg, "parallel_attn_mlp", False))
+        """True where attention and MLP of a block both read `resid_pre` (no `hook_resid_mid`)."""
+        self.sandwich: bool = hasattr(model.blocks[0], "ln1_post")
+        """True where attention and MLP outputs pass through their own norms before the residual add."""
         self.tokenizer = model.tokenizer
+        bos = own_bos_token_id(self.tokenizer) if self.tokenizer is not None else None
+        self.bos_token: str | None = None if bos is None else self.tokenizer.convert_ids_to_tokens(bos)
+        """The tokenizer's own BOS token (`tokens.own_bos_token_id`: one the loading library put in, EOS
+        for a tokenizer without BOS, counts as none)."""
+        check_norms(self)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -131,6 +156,8 @@ class ModelView:
             n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_model=self.d_model,
             d_head=self.d_head, d_mlp=self.d_mlp, d_vocab=self.d_vocab, n_ctx=self.n_ctx,
             dtype=str(self.dtype).removeprefix("torch."), device=str(self.device),
+            norm_gain="1+w" if self.norm_offset else "w", bos_token=self.bos_token,
+            block="parallel" if self.parallel else "sandwich" if self.sandwich else "sequential",
         )
 
     def hook_name(self, kind: str, layer: int) -> str:
@@ -155,7 +182,7 @@ class ModelView:
         """Effective unembedding `[d_model, d_vocab]`: final norm gain folded in; in the folded
         convention also centred over the vocabulary (what TL's `center_unembed` does)."""
         w = self.W_U.detach()
-        gain = _norm_gain(self.model.ln_final)
+        gain = self.norm_gain(self.model.ln_final)
         if gain is not None:
             w = gain[:, None] * w
         if self.weights == "folded":
@@ -163,14 +190,39 @@ class ModelView:
         return w
 
     def mlp_write(self, layer: int) -> torch.Tensor:
-        """Each neuron's output direction `[d_mlp, d_model]` (centred for LayerNorm models when folded)."""
+        """Each neuron's output direction `[d_mlp, d_model]` (centred for LayerNorm models when folded).
+
+        In a sandwich block the post-MLP norm's gain is applied (`W_out ⊙ gain`); its scale, one positive
+        number per position shared by the layer's neurons, is not part of a direction."""
         self._check_layer(layer)
-        return self.center_write(self.model.W_out[layer].detach())
+        return self.center_write(self.post_gain(self.model.W_out[layer].detach(), layer, "ln2_post"))
 
     def attn_write(self, layer: int) -> torch.Tensor:
-        """Each head's `W_O` `[n_heads, d_head, d_model]` (centred for LayerNorm models when folded)."""
+        """Each head's `W_O` `[n_heads, d_head, d_model]` (centred for LayerNorm models when folded;
+        times the post-attention norm's gain in a sandwich block, as `mlp_write`)."""
         self._check_layer(layer)
-        return self.center_write(self.model.W_O[layer].detach())
+        return self.center_write(self.post_gain(self.model.W_O[layer].detach(), layer, "ln1_post"))
+
+    def post_gain(self, w: torch.Tensor, layer: int, norm: str) -> torch.Tensor:
+        """`w` (`[..., d_model]`) times the effective gain of block `layer`'s `norm` ('ln1_post' or
+        'ln2_post') where the block has it; `w` unchanged otherwise."""
+        gain = self.norm_gain(getattr(self.model.blocks[layer], norm)) if self.sandwich else None
+        return w if gain is None else w * gain.to(w)
+
+    def norm_gain(self, norm: torch.nn.Module) -> torch.Tensor | None:
+        """The gain a norm module actually multiplies by (`[d_model]`): `1 + w` where the model's RMSNorm
+        stores an offset from one (`norm_offset`), `w` otherwise; None when folded away (HT `LNPre`)."""
+        gain = _norm_gain(norm)
+        return None if gain is None else (1.0 + gain if self.norm_offset else gain)
+
+    def mlp_norm(self, layer: int) -> str:
+        """The norm the MLP of `layer` reads through: 'ln2', or 'ln1' in a parallel block that shares
+        attention's norm (Phi, GPT-J)."""
+        return "ln2" if hasattr(self.model.blocks[layer], "ln2") else "ln1"
+
+    def mlp_input(self, layer: int) -> str:
+        """Hook kind of the residual stream the MLP of `layer` reads: `resid_pre` in a parallel block."""
+        return "resid_pre" if self.parallel else "resid_mid"
 
     def center_write(self, w: torch.Tensor) -> torch.Tensor:
         """A write into the residual stream in the view's convention: folded LayerNorm models centre it
@@ -182,8 +234,8 @@ class ModelView:
     def mlp_read(self, layer: int) -> MlpRead:
         """How MLP `layer` reads its normalised input, gain and biases folded in (see `MlpRead`)."""
         self._check_layer(layer)
-        ln2 = self.model.blocks[layer].ln2
-        gain, ln_bias = _norm_gain(ln2), _norm_bias(ln2)
+        ln2 = getattr(self.model.blocks[layer], self.mlp_norm(layer))
+        gain, ln_bias = self.norm_gain(ln2), _norm_bias(ln2)
         w_in = self.model.W_in[layer].detach()
         b_in = optional_bias(self.model, "b_in", layer, self.d_mlp, w_in)
         raw = {"gate": (self.model.W_gate[layer].detach(), torch.zeros_like(b_in)), "up": (w_in, b_in)} \
@@ -222,6 +274,35 @@ def _norm_gain(norm: torch.nn.Module) -> torch.Tensor | None:
         if isinstance(w, torch.Tensor):
             return w.detach()
     return None
+
+
+@torch.inference_mode()
+def check_norms(view: ModelView) -> None:
+    """Check every norm the view reads (`ln1`, `ln2`, the sandwich norms, `ln_final`) on a probe vector:
+    the module's output must equal `normalised · gain (+ bias)` with the view's effective gain, where
+    `normalised` is `x / rms(x)` (RMS) or `(x - mean) / std` (LN). Raises `UserError` otherwise."""
+    model = view.model
+    block = model.blocks[0]
+    norms = {"ln_final": model.ln_final}
+    norms.update({name: getattr(block, name) for name in ("ln1", "ln2", "ln1_post", "ln2_post") if hasattr(block, name)})
+    gen = torch.Generator().manual_seed(0)
+    param = view.W_U
+    x = (100.0 * torch.randn(2, 3, view.d_model, generator=gen)).to(param.device, param.dtype)
+    for name, norm in norms.items():
+        try:
+            y = norm(x).float()
+        except Exception:  # a norm that cannot run alone is checked by nothing here
+            continue
+        h = x.float()
+        if view.normalization == "LN":
+            h = h - h.mean(-1, keepdim=True)
+        h = h / h.pow(2).mean(-1, keepdim=True).sqrt()
+        gain, bias = view.norm_gain(norm), _norm_bias(norm)
+        want = h * (1.0 if gain is None else gain.float()) + (0.0 if bias is None else bias.float())
+        if not torch.allclose(y, want, atol=1e-2, rtol=1e-2):
+            raise UserError(f"the norm {name} of {view.name} computes something other than "
+                            f"{view.normalization} · gain{' (1 + w)' if view.norm_offset else ''} "
+                            f"(max difference {float((y - want).abs().max()):.3g}): this normalisation is not supported")
 
 
 def _norm_bias(norm: torch.nn.Module) -> torch.Tensor | None:
@@ -414,6 +495,21 @@ def _check_no_pickle(path: Path, allow_pickle: bool) -> None:
                         "or for a checkpoint you trust pass model.allow_pickle=true")
 
 
+def _check_tokenizer(path: Path, tok: Any) -> None:
+    """Refuse a tokenizer that cannot be the model's (`tokens.tokenizer_problem`), before any weights load."""
+    import json
+
+    try:
+        vocab_size = json.loads((path / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, ValueError):
+        vocab_size = None
+    problem = tokenizer_problem(tok, vocab_size if isinstance(vocab_size, int) else None)
+    if problem:
+        names = sorted(p.name for p in path.glob("tokenizer*")) or ["no tokenizer files"]
+        raise UserError(f"model directory {path} has no usable tokenizer ({problem}; {', '.join(names)}): "
+                        "save the tokenizer next to the model (tokenizer.save_pretrained)")
+
+
 def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = False) -> tuple[Any, Any]:
     """A `save_pretrained` directory: safetensors weights, or pickle ones (torch.load(weights_only=True),
     transformers' default) when `allow_pickle`."""
@@ -426,6 +522,7 @@ def _load_hf_directory(path: Path, dtype: torch.dtype, allow_pickle: bool = Fals
     except Exception as e:
         raise UserError(f"model directory {path} has no usable tokenizer ({type(e).__name__}): "
                         "save the tokenizer next to the model (tokenizer.save_pretrained)") from e
+    _check_tokenizer(path, tok)
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True)
     except Exception as e:

@@ -85,9 +85,11 @@ def unit_read(view: ModelView, unit: UnitRecord, cfg: AttributeConfig, saes: dic
         read = view.mlp_read(unit.layer)
         dirs = {b: w[:, unit.index] for b, w in read.weights.items()}
         bias = {b: float(v[unit.index]) for b, v in read.bias.items()}
-        layers = list(range(unit.layer + (1 if cfg.include_same_layer else 0)))
+        # In a parallel block the MLP reads resid_pre: heads of its own layer never feed it.
+        layers = list(range(unit.layer + (1 if cfg.include_same_layer and not view.parallel else 0)))
         rank = cfg.gated_branch if view.gated else "in"
-        out = UnitRead(unit, layers, dirs, bias, rank, "ln2_scale", "resid_mid")
+        out = UnitRead(unit, layers, dirs, bias, rank, f"{view.mlp_norm(unit.layer)}_scale",
+                       view.mlp_input(unit.layer))
     else:
         sae = saes.get(unit.sae_id or "")
         if sae is None:
@@ -114,11 +116,17 @@ def unit_read(view: ModelView, unit: UnitRecord, cfg: AttributeConfig, saes: dic
 
 
 def folded_heads(view: ModelView, read: UnitRead) -> dict[str, torch.Tensor]:
-    """branch → `[n_head_layers, n_heads, d_head]`: `W_O[h] @ read`, once per unit."""
+    """branch → `[n_head_layers, n_heads, d_head]`: `W_O[h] @ read`, once per unit (in a sandwich block
+    `(W_O[h] ⊙ post-attention gain) @ read`; the post-attention scale is divided out per prompt)."""
     if not read.head_layers:
         return {b: torch.zeros(0, view.n_heads, view.d_head, device=view.device) for b in read.directions}
-    w_o = view.model.W_O[read.head_layers[0]: read.head_layers[-1] + 1].detach()
+    w_o = torch.stack([view.post_gain(view.model.W_O[l].detach(), l, "ln1_post") for l in read.head_layers])
     return {b: torch.einsum("lhdm,m->lhd", w_o, d) for b, d in read.directions.items()}
+
+
+def _post_scale_hooks(view: ModelView, layers: list[int], save) -> list:
+    """Hooks on the post-attention norm scale of each of `layers` (sandwich blocks only), saved as `post{l}`."""
+    return [(view.hook_name("ln1_post_scale", l), save(f"post{l}")) for l in layers] if view.sandwich else []
 
 
 # -- forward passes --------------------------------------------------------------------------------
@@ -148,6 +156,7 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
             return hook
 
         hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in read.head_layers]
+        hooks += _post_scale_hooks(view, read.head_layers, save)
         hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
         if read.scale_kind:
             hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
@@ -157,6 +166,9 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
         if view.normalization == "LN" and read.scale_kind:
             resid = resid - resid.mean(-1, keepdim=True)
         z = torch.stack([got[f"z{l}"] for l in read.head_layers], dim=1) if read.head_layers else None
+        if z is not None and view.sandwich:  # each layer's heads pass through its post-attention norm scale
+            post = torch.stack([got[f"post{l}"].reshape(-1) for l in read.head_layers], dim=1)
+            z = z / post[:, :, None, None].to(z)
         for branch, f in folded.items():
             if z is None:
                 a = torch.zeros(len(last), 0)
@@ -190,6 +202,7 @@ def decompose_pre_activation(view: ModelView, read: UnitRead, tokens: torch.Tens
 
     hooks = [(view.hook_name("resid_pre", 0), save("embed"))]
     hooks += [(view.hook_name("z", l), save(f"z{l}")) for l in all_head_layers]
+    hooks += _post_scale_hooks(view, all_head_layers, save)
     mlp_layers = list(range(layer + (read.resid_kind == "resid_post")))
     hooks += [(view.hook_name("mlp_out", l), save(f"mlp{l}")) for l in mlp_layers]
     hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
@@ -202,12 +215,14 @@ def decompose_pre_activation(view: ModelView, read: UnitRead, tokens: torch.Tens
     labels, parts = ["embed"], [got["embed"]]
     w_o = view.model.W_O.detach()
     for l in all_head_layers:
+        # a sandwich block's post-attention norm: its gain on every write, its scale at every position
+        post = got[f"post{l}"].reshape(-1, 1) if view.sandwich else 1.0
         for h in range(view.n_heads):
             labels.append(head_label(l, h))
-            parts.append(got[f"z{l}"][:, h] @ w_o[l, h].float())
+            parts.append(got[f"z{l}"][:, h] @ view.post_gain(w_o[l, h], l, "ln1_post").float() / post)
         labels.append(f"L{l}.b_O")
         b_o = optional_bias(view.model, "b_O", l, view.d_model, w_o)
-        parts.append(b_o.float().expand_as(got["embed"]))
+        parts.append(view.post_gain(b_o, l, "ln1_post").float().expand_as(got["embed"]) / post)
     for l in mlp_layers:
         labels.append(f"L{l}.mlp")
         parts.append(got[f"mlp{l}"])
@@ -263,7 +278,6 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
     rows = [(p, None) for p in range(len(prompts))] + [(p, j) for p in range(len(prompts)) for j in range(len(heads))]
     probs = torch.zeros(len(rows))
     acts = torch.zeros(len(rows))
-    group = view.n_heads // view.n_kv_heads
     for r0 in range(0, len(rows), batch_size):
         chunk = rows[r0:r0 + batch_size]
         tokens, last = pad_prompts([prompts[p] for p, _ in chunk], view)
@@ -277,9 +291,7 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
         def ablate_hook(layer):
             def hook(x, hook):
                 for i, h in ablate[layer]:
-                    if mode == "v":
-                        x[i, :, h // group] = 0.0
-                    elif mode == "mean":
+                    if mode == "mean":
                         x[i, :, h] = mean_z[layer][h].to(x)
                     else:
                         x[i, :, h] = 0.0
@@ -289,8 +301,8 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
         def save_act(x, hook):
             got["act"] = x[idx, last.to(x.device)].detach().float()
 
-        kind = "v" if mode == "v" else "z"
-        hooks = [(view.hook_name(kind, l), ablate_hook(l)) for l in ablate]
+        # 'v' of one query head is zeroed where that head alone reads it, its hook_z (see AttributeConfig.ablation)
+        hooks = [(view.hook_name("z", l), ablate_hook(l)) for l in ablate]
         layer = unit.layer if read.sae is None else read.sae.layer
         if read.sae is None:
             hooks.append((view.hook_name("mlp_post", layer), save_act))

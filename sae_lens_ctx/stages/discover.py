@@ -33,6 +33,7 @@ from ..inputs.context import RunContext
 from ..core.records import write_jsonl
 from ..inputs.sae import SaeSource
 from ..core.records import UnitRecord, neuron_id, parse_neuron_id
+from ..inputs.tokens import token_strings
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,10 @@ _UNUSED_NAME = re.compile(r"^<\|?(unused|reserved|extra_id|placeholder)[_\-]?\d*
 
 
 def decode_vocab(tokenizer, d_vocab: int) -> list[str]:
-    """Every id's text as `decode([id])` (ids past the tokenizer decode to '')."""
+    """Every id's text with its word-start space (`tokens.token_strings`: SentencePiece's `▁river` is
+    ' river', not the 'river' that decoding it alone gives); ids past the tokenizer are ''."""
     n = min(len(tokenizer), d_vocab)
-    texts = tokenizer.batch_decode([[i] for i in range(n)], clean_up_tokenization_spaces=False)
-    return texts + [""] * (d_vocab - n)
+    return token_strings(tokenizer, range(n)) + [""] * (d_vocab - n)
 
 
 def _robust_z(x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ...core.errors import UserError
 from ...core.records import ExplanationRecord
 from ...clients.llm import LLM
 from ...clients.neuron_explainer import NeuronExplainerCallFailed, NeuronExplainerClient, neuron_explainer
+from ...inputs.tokens import token_pieces
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,10 @@ def sanitize_token(token: str) -> str:
 
 
 def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
-    """Each token as the text it adds (decoding prefixes keeps SentencePiece's leading spaces)."""
-    out, prev = [], ""
-    for k in range(len(ids)):
-        text = tokenizer.decode(list(ids[:k + 1]))
-        out.append(text[len(prev):] if text.startswith(prev) else tokenizer.decode([ids[k]]))
-        prev = text
-    return out
+    """Each token of a prompt as the text it adds (`tokens.token_pieces`: the pieces spell the prompt,
+    SentencePiece's leading spaces kept, a character split over byte-level tokens given whole to the
+    token that completes it)."""
+    return token_pieces(tokenizer, ids)
 
 
 def build_jobs(units: Sequence[dict], contexts: Sequence[dict], acts_path: Path, tokenizer,

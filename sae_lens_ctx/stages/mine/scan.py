@@ -53,6 +53,7 @@ from ...inputs.distributed import Distributed
 from ...inputs.model import ModelView, pad_batch, pad_id
 from ...inputs.sae import SaeSource
 from .trim import Prompt, trim_prompts
+from ...inputs.tokens import token_strings
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,7 @@ def build_records(prompts: list[Prompt], units: Sequence[UnitRecord], tokenizer,
             unit_id=units[p.unit].unit_id, split=p.split, kind=p.kind, rank=rank, doc_id=p.context.doc_id,
             context_index=p.context.index, start=start, end=end, text=decode(tokens), tokens=tokens,
             activation=p.activation, trimmed_activation=float(p.acts[-1]), next_token_id=nxt,
-            next_token=None if nxt is None else decode([nxt])))
+            next_token=None if nxt is None else token_strings(tokenizer, [nxt])[0]))
         acts.append(p.acts.float().contiguous())
     return records, acts, dropped
 

@@ -28,6 +28,7 @@ from .plots import write_plots
 from ...core.records import atomic_write
 from ...core.layout import TABLES
 from .tables import RunTables, number, safe_name
+from ...inputs.tokens import token_pieces  # per-token pieces that spell the prompt (also used by W&B's HTML cells)
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +96,6 @@ def context_html(pieces: list[str] | None, acts: list[float] | None, text: str, 
 def standalone(fragment: str) -> str:
     """An HTML fragment as a small self-contained document (for W&B's HTML cells)."""
     return f'<!doctype html><meta charset="utf-8"><style>{CSS}</style>{fragment}'
-
-
-def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text. Byte-level tokens that split a character are decoded by prefix difference."""
-    pieces = [tokenizer.decode([i]) for i in ids]
-    if any("\ufffd" in p for p in pieces):
-        pieces, before = [], ""
-        for n in range(1, len(ids) + 1):
-            now = tokenizer.decode(ids[:n])
-            pieces.append(now[len(before):] if now.startswith(before) else now)
-            before = now
-    return pieces
 
 
 class ContextRenderer:
