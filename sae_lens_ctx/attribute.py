@@ -177,9 +177,19 @@ def pad_batch(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
 
 @torch.inference_mode()
 def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]], batch_size: int = 32,
-                      divide_by_scale: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per branch: `[n_prompts, n_upstream_heads]` attributions, and `[n_prompts]` pre-activations."""
+                      divide_by_scale: bool = True, sources: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per branch: `[n_prompts, n_upstream_heads]` attributions, and `[n_prompts]` pre-activations.
+
+    Given a dict `sources`, the same forward also hooks `hook_pattern` (the last position's row) and
+    `hook_v` and fills it with the exact per-source split of every attribution (`lookups.py`):
+    'attention' and, per branch, the contributions, each `[n_prompts, n_upstream_heads, longest prompt]`
+    (zero past a prompt's end); a branch's contributions sum over the last axis to its attributions."""
+    from .lookups import source_contributions
+
     folded = folded_heads(view, read)
+    per_source: dict[str, list[torch.Tensor]] = defaultdict(list)
+    width = max((len(p) for p in prompts), default=0)
     layer = read.unit.layer if read.sae is None else read.sae.layer
     attributions: dict[str, list[torch.Tensor]] = defaultdict(list)
     pre: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -194,6 +204,11 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
             return hook
 
         hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in read.head_layers]
+        if sources is not None:
+            for l in read.head_layers:
+                hooks.append((view.hook_name("pattern", l), lambda x, hook, l=l: got.__setitem__(
+                    f"pattern{l}", x[rows, :, last.to(x.device)].detach())))  # [batch, head, key] at T
+                hooks.append((view.hook_name("v", l), lambda x, hook, l=l: got.__setitem__(f"v{l}", x.detach())))
         hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
         if read.scale_kind:
             hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
@@ -210,6 +225,18 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
                 a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1)
             attributions[branch].append((a / scale if divide_by_scale else a).cpu())
             pre[branch].append(((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu())
+            if sources is not None:
+                c = torch.cat([source_contributions(got[f"pattern{l}"], got[f"v{l}"], f[i])
+                               for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
+                    else torch.zeros(len(last), 0, tokens.shape[1])
+                c = c / scale[:, :, None] if divide_by_scale else c
+                per_source[branch].append(torch.nn.functional.pad(c.cpu(), (0, width - c.shape[-1])))
+        if sources is not None:
+            att = torch.cat([got[f"pattern{l}"].float() for l in read.head_layers], dim=1) if z is not None \
+                else torch.zeros(len(last), 0, tokens.shape[1])
+            per_source["attention"].append(torch.nn.functional.pad(att.cpu(), (0, width - att.shape[-1])))
+    if sources is not None:
+        sources.update({k: torch.cat(v) for k, v in per_source.items()})
     return ({b: torch.cat(v) for b, v in attributions.items()}, {b: torch.cat(v) for b, v in pre.items()})
 
 
@@ -392,12 +419,18 @@ def _ks_2samp(a, b):
 
 def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test: list[list[int]],
                    train_ranks: list[int], test_ranks: list[int], cfg: AttributeConfig,
-                   mean_z: dict[int, torch.Tensor] | None = None) -> tuple[list[HeadRecord], dict, dict]:
+                   mean_z: dict[int, torch.Tensor] | None = None, lookups: list | None = None,
+                   offset: int = 0) -> tuple[list[HeadRecord], dict, dict]:
     """Attribution, active heads, relevance band and ablation for one unit; returns its head records, the
-    per-prompt matrices (for `attributions.safetensors`) and its summary line."""
+    per-prompt matrices (for `attributions.safetensors`) and its summary line. Given a list `lookups`,
+    appends a `lookups.LookupRecord` per relevant head and train/test prompt (`offset`: tokens prepended
+    to the context tokens, 1 for BOS)."""
     rule = parse_rule(cfg.rule)
-    a_train, pre_train = attribute_prompts(view, read, train, cfg.batch_size, cfg.divide_by_scale)
-    a_test, _ = attribute_prompts(view, read, test, cfg.batch_size, cfg.divide_by_scale) if test else ({}, {})
+    src_train: dict | None = {} if lookups is not None else None
+    src_test: dict | None = {} if lookups is not None else None
+    a_train, pre_train = attribute_prompts(view, read, train, cfg.batch_size, cfg.divide_by_scale, src_train)
+    a_test, _ = attribute_prompts(view, read, test, cfg.batch_size, cfg.divide_by_scale, src_test) \
+        if test else ({}, {})
     branch = read.rank_branch
     labels = read.labels
     active_train = rule.mask(a_train[branch])
@@ -431,6 +464,14 @@ def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test
             branch=branch, branch_mean_attribution={b: float(a[:, j].mean()) for b, a in a_train.items()},
             **ablation,
         ))
+    if lookups is not None:
+        from .lookups import lookup_records
+
+        for split, prompts_, ranks, active, src in (("train", train, train_ranks, active_train, src_train),
+                                                    ("test", test, test_ranks, active_test, src_test)):
+            if prompts_:
+                lookups += lookup_records(view.tokenizer, read.unit.unit_id, labels, chosen, prompts_, ranks, split,
+                                          active, src.pop("attention"), src, branch, offset, cfg.lookup_top_k)
     matrices = {f"{read.unit.unit_id}/{split}/{b}": a.contiguous()
                 for split, per_branch in (("train", a_train), ("test", a_test)) for b, a in per_branch.items()}
     matrices[f"{read.unit.unit_id}/train/ranks"] = torch.tensor(train_ranks)
@@ -460,6 +501,7 @@ def run_stage(ctx: RunContext) -> None:
     records: list[HeadRecord] = []
     matrices: dict[str, torch.Tensor] = {}
     per_unit, skipped = [], []
+    lookups: list | None = [] if cfg.lookups else None
     for unit in tqdm(units, desc="attribute", unit="unit", disable=None):
         train = prompts.get((unit.unit_id, "train"), [])[: cfg.n_prompts]
         test = prompts.get((unit.unit_id, "test"), [])
@@ -473,12 +515,13 @@ def run_stage(ctx: RunContext) -> None:
             continue
         recs, mats, summary = attribute_unit(
             view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
-            [c.rank for c in train], [c.rank for c in test], cfg, mean_z)
+            [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
         summary["control"] = unit.control
         records += recs
         matrices.update(mats)
         per_unit.append(summary)
     write_jsonl(ctx.path("heads.jsonl"), records)
+    write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")

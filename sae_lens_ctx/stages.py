@@ -32,7 +32,7 @@ register_stage(Stage("discover", ("units.jsonl", "vocab_filter.jsonl"), ("discov
                      "find next-token units (neurons, SAE latents) by congruence, with controls"))
 register_stage(Stage("mine", ("contexts.jsonl", "context_acts.safetensors", "mine.json"), ("mine", "seed"), mine.run_stage,
                      "top-activating contexts per unit in one streaming scan, trimmed; held-out positives and negatives"))
-register_stage(Stage("attribute", ("heads.jsonl", "attributions.safetensors", "attribute.json"), ("attribute",),
+register_stage(Stage("attribute", ("heads.jsonl", "attributions.safetensors", "attribute.json", "lookups.jsonl"), ("attribute",),
                      attribute.run_stage, "upstream heads that drive each unit, with an ablation check"))
 register_stage(Stage("explain", ("explanations.jsonl", "explain.json"), ("explain", "seed"), explain.run_stage,
                      "LLM explanations of every relevant (unit, head) pair and of every unit"))
