@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2
 """Version of the run-directory layout. A directory written under another version is refused."""
 
 MANIFEST = "stages.json"

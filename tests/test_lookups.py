@@ -86,3 +86,63 @@ def test_per_source_contributions_are_exact_for_sae_latents(random_dir):
         sources: dict = {}
         a, _ = attribute_prompts(view, read, _prompts(view), batch_size=3, sources=sources)
         torch.testing.assert_close(sources["latent"].sum(-1), a["latent"], atol=1e-5, rtol=1e-4)
+
+
+# -- the planted models: look-ups, explanations and scores end to end ---------------------------
+
+
+def _run_planted(plant, tmp_path, **explain):
+    import json
+
+    from offline_llm import NAME as OFFLINE_LLM
+    from planted import planted_corpus
+    from sae_lens_ctx.config import CorpusConfig, ExplainConfig, RunConfig
+    from sae_lens_ctx.pipeline import run_pipeline
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(plant, n_docs=120)))
+    cfg = RunConfig(model=ModelConfig(model_name=str(plant.directory)),
+                    corpus=CorpusConfig(dataset_path=str(docs), context_size=16, max_tokens=4000, min_documents=10),
+                    explain=ExplainConfig(backend=OFFLINE_LLM, **explain))
+    out = tmp_path / "run"
+    run_pipeline(cfg, out)
+    return out
+
+
+def test_planted_lookups_explanations_and_scores(planted, tmp_path):
+    """On each planted model: every active train prompt of a planted pair draws its contribution from the
+    pair's trigger; the look-up explanation names that trigger and nothing else; judged on held-out
+    prompts its E is >= 0.9 and the shuffled control's <= 0.6."""
+    import json
+
+    from sae_lens_ctx.records import iter_jsonl
+
+    out = _run_planted(planted, tmp_path)
+    a = planted.answer
+    unit = f"L{a.neuron_layer}N{a.neuron_index}"
+    trigger = {f"L{l}H{h}": word for (l, h), word in a.heads.items()}
+    lookups = [r for r in iter_jsonl(out / "lookups.jsonl") if r["unit_id"] == unit]
+    assert {r["head"] for r in lookups} == set(trigger)
+    for r in lookups:
+        assert abs(sum(s["contribution"] for s in r["sources"]) - r["attribution"]) <= 1e-4 * max(1, abs(r["attribution"]))
+        if r["active"]:
+            top = r["sources"][0]
+            assert top["token"] == trigger[r["head"]] and top["attention"] > 0.8
+            assert top["contribution"] > 0.99 * r["attribution"]
+    explanations = {e["head"]: e for e in iter_jsonl(out / "explanations.jsonl")
+                    if e["unit_id"] == unit and e["explainer"] == "lookup"}
+    assert set(explanations) == set(trigger)
+    for head, e in explanations.items():
+        assert e["status"] == "ok" and e["backend"] == "none"
+        assert [t["tokens"] for t in e["pattern"]["tokens"]] == [[trigger[head]]]  # the trigger, nothing else
+        assert f'"{trigger[head]}"' in e["text"]
+    scores = {(s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")
+              if s["unit_id"] == unit and s["explainer"] == "lookup"}
+    for head in trigger:
+        assert scores[(head, "E")]["value"] >= 0.9 and scores[(head, "E")]["control_kind"] is None
+        assert scores[(head, "auroc")]["value"] >= 0.9
+        shuffled = scores[(head, "shuffled_E")]
+        assert shuffled["control_kind"] == "shuffled" and (shuffled["value"] is None or shuffled["value"] <= 0.6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["explainers"]["lookup"]["E"]["real"]["n"] >= 2
+    assert all("lookup_E_mean" in row for row in summary["head_versus_neuron"])
