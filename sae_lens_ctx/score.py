@@ -683,7 +683,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         real, shuffled = _paired(scores, scorer, f"shuffled_{scorer}", False)
         headline[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
-    head_js = [j for j in judgements if j.task == "head" and j.status == "ok"]
+    head_js = [j for j in judgements if j.task == "head" and j.status == "ok" and j.explainer != LOOKUP]
     labels = [j.label for j in head_js]
     yes_rate = float(np.mean([j.answer for j in head_js])) if head_js else None
     headline["constant_judges"] = {
@@ -774,7 +774,7 @@ def run_stage(ctx: RunContext) -> None:
     write_jsonl(ctx.path("scores.jsonl"), scores)
     llm_scores = [s for s in scores if s.explainer != LOOKUP]
     well = ctx.config.logging.well_explained
-    summary = summarize(llm_scores, judgements, inp, cfg, ctx.config.seed, well)
+    summary = summarize(llm_scores, judgements + looked_up, inp, cfg, ctx.config.seed, well)
     summary["explainers"] = {LOOKUP: explainer_summary(scores, LOOKUP, cfg, ctx.config.seed, well)}
     by_unit = defaultdict(lambda: defaultdict(list))
     for s in scores:

@@ -60,7 +60,8 @@ def run_stage(ctx: RunContext) -> None:
         unit_records = unit_mod.explain_units(llm, unit_jobs, cfg, count) if unit_jobs else []
     finally:
         llm.close()
-    lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg)  # no LLM: seconds
+    # no LLM, seconds; none from a run directory without look-ups (attribute.lookups=false)
+    lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg) if lookup_rows else []
     records = ordered(units, head_records + lookup_records, unit_records)
     write_jsonl(ctx.path("explanations.jsonl"), records)
     summary = summarize([r for r in records if r.explainer != LOOKUP], llm)
