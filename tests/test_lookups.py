@@ -109,7 +109,13 @@ def _run_planted(plant, tmp_path, **explain):
     return out
 
 
-def test_planted_lookups_explanations_and_scores(planted, tmp_path):
+@pytest.fixture(scope="module")
+def planted_run(planted, tmp_path_factory):
+    """The whole pipeline on the planted model (offline test LLM), once per architecture."""
+    return _run_planted(planted, tmp_path_factory.mktemp(f"run-{planted.arch}"))
+
+
+def test_planted_lookups_explanations_and_scores(planted, planted_run):
     """On each planted model: every active train prompt of a planted pair draws its contribution from the
     pair's trigger; the look-up explanation names that trigger and nothing else; judged on held-out
     prompts its E is >= 0.9 and the shuffled control's <= 0.6."""
@@ -117,7 +123,7 @@ def test_planted_lookups_explanations_and_scores(planted, tmp_path):
 
     from sae_lens_ctx.records import iter_jsonl
 
-    out = _run_planted(planted, tmp_path)
+    out = planted_run
     a = planted.answer
     unit = f"L{a.neuron_layer}N{a.neuron_index}"
     trigger = {f"L{l}H{h}": word for (l, h), word in a.heads.items()}
@@ -146,3 +152,106 @@ def test_planted_lookups_explanations_and_scores(planted, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["explainers"]["lookup"]["E"]["real"]["n"] >= 2
     assert all("lookup_E_mean" in row for row in summary["head_versus_neuron"])
+
+
+def test_marked_lookups_mark_the_trigger_and_off_is_the_papers_prompt(planted, planted_run):
+    """explain.mark_lookups: the planted pair's active examples mark its trigger, the note says what the marks
+    are; off, the prompt is byte for byte the paper's prompt of before look-ups existed."""
+    import hashlib
+
+    from sae_lens_ctx.config import ExplainConfig
+    from sae_lens_ctx.explain import heads as head_mod
+    from sae_lens_ctx.explain import marked_examples, prompts
+    from sae_lens_ctx.records import iter_jsonl
+
+    rows = {name: list(iter_jsonl(planted_run / f"{name}.jsonl")) for name in ("units", "contexts", "heads", "lookups")}
+    marked = marked_examples(rows["contexts"], rows["lookups"], planted.tokenizer, ExplainConfig())
+    cfg = ExplainConfig(max_heads_per_unit=0)
+    on = head_mod.build_jobs(rows["units"], rows["contexts"], rows["heads"], cfg, None, marked=marked)
+    off = head_mod.build_jobs(rows["units"], rows["contexts"], rows["heads"], cfg, None)
+    trigger = {f"L{l}H{h}": word.strip() for (l, h), word in planted.answer.heads.items()}
+    for job_on, job_off in zip(on, off):
+        if job_on.unit_id != "L2N37":
+            continue
+        text = job_on.messages[0]["content"]
+        assert prompts.HEAD_TEMPLATE.lookup_note in text and prompts.HEAD_TEMPLATE.lookup_note not in \
+            job_off.messages[0]["content"]
+        assert all(f"[[{trigger[job_on.head]}]]" in ex for ex in job_on.active)
+        assert not any("[[" in ex for ex in job_on.inactive)
+        assert [ex.replace("[[", "").replace("]]", "").strip() for ex in job_on.active] == \
+            [ex.strip() for ex in job_off.active]
+    # off: the paper's prompt, unchanged (the digest of this exact text before issue 16)
+    m = prompts.head_messages(" paris", ["the city of france", "a new\nfrance"], ["the old river"], "round2")
+    assert hashlib.sha256(m[0]["content"].encode()).hexdigest() == \
+        "a4169a533872ae78619a81a43e60d70290b5a64bb4433b404338cc67ca233ebe"
+
+
+def test_deterministic_judge_E_and_auroc_equal_a_hand_computed_six_prompt_example():
+    """Pattern {" france" (weight 1), " louvre" (weight 0.5)} on six held-out prompts, three active:
+    Yes on prompts 1, 2 (true positives) and 5 (a false positive): TPR = TNR = 2/3, E = 2/3; graded scores
+    positives (1, 0.5, 0), negatives (0, 1, 0): AUROC = (2.5 + 2 + 1) / 9 = 11/18."""
+    from sae_lens_ctx import score
+    from sae_lens_ctx.config import ScoreConfig
+    from sae_lens_ctx.lookups import judge
+
+    pattern = {"tokens": [{"token_ids": [5], "weight": 1.0}, {"token_ids": [6], "weight": 0.5}]}
+    prompts = [([7, 5, 8], True), ([6, 9], True), ([7, 8, 9], True), ([10, 11], False), ([5, 10], False), ([12], False)]
+    judged = [judge(pattern, tokens) for tokens, _ in prompts]
+    assert [a for a, _ in judged] == [True, True, False, False, True, False]
+    js = [score.Judgement("head", "L2N37", "L0H3", "L2N37/L0H3", "top", i, label, 1.0, answer=a, p_yes=g,
+                          explainer="lookup") for i, ((_, label), (a, g)) in enumerate(zip(prompts, judged))]
+    records = {r.scorer: r for r in score.compute_scores(js, {}, ScoreConfig(), seed=0)}
+    assert records["E"].value == pytest.approx(2 / 3) and records["auroc"].value == pytest.approx(11 / 18)
+    assert records["E"].explainer == "lookup" and records["E"].control_kind is None
+    assert (records["E"].n, records["E"].n_positive, records["E"].n_negative) == (6, 3, 3)
+
+
+def _record(rank, active, sources, status="ok", n=5):
+    from sae_lens_ctx.lookups import LookupRecord
+
+    return LookupRecord(unit_id="U", head="L0H0", split="train", rank=rank, active=active, branch="in",
+                        attribution=sum(s["contribution"] for s in sources), n_positions=n, offset=1,
+                        first_attention=1.0 if status == "first_position_only" else 0.2, first_contribution=0.0,
+                        sources=sources, status=status)
+
+
+def _src(position, token_id, contribution, attention=0.5):
+    return {"position": position, "token_id": token_id, "token": f" w{token_id}", "attention": attention,
+            "contribution": contribution}
+
+
+def test_bad_input_is_recorded_in_status_and_counts_never_invented():
+    from sae_lens_ctx.lookups import explain_pair
+
+    kw = dict(min_share=0.1, max_tokens=3, min_support=1, merge=True)
+    tokens = {r: [10 + r] for r in range(4)}
+    # no active prompt
+    text, pattern, error = explain_pair([_record(0, False, [_src(1, 10, 1.0)]), _record(1, False, [])], tokens, **kw)
+    assert text is None and error.startswith("no_examples") and (pattern["n_active"], pattern["n_inactive"]) == (0, 2)
+    # attention all on the first position (the BOS) and a prompt of one position: nothing looked up
+    sink = [_record(0, True, [_src(0, 1, 0.8, 1.0)], "first_position_only"),
+            _record(1, True, [_src(0, 1, 0.5, 1.0)], "one_position", n=1), _record(2, False, [])]
+    text, pattern, error = explain_pair(sink, tokens, **kw)
+    assert text is None and error.startswith("no_lookup") and pattern["tokens"] == []
+    assert (pattern["n_first_position_only"], pattern["n_one_position"]) == (1, 1)
+    # a looked-up token that occurs as often where the head is inactive separates nothing
+    same = [_record(0, True, [_src(1, 7, 1.0)]), _record(1, False, [])]
+    text, pattern, error = explain_pair(same, {0: [7], 1: [7]}, **kw)
+    assert text is None and error.startswith("no_pattern")
+
+
+def test_a_one_position_prompt_is_recorded_as_such(random_dir):
+    from sae_lens_ctx.lookups import lookup_records
+
+    view = load_model(ModelConfig(model_name=str(random_dir)))
+    unit = discover_units(view, DiscoverConfig(unit_ids=["L2N3"], controls=False))[0][0]
+    read = unit_read(view, unit, AttributeConfig(), {})
+    prompts = [[1], [1, 9, 12]]
+    sources: dict = {}
+    a, _ = attribute_prompts(view, read, prompts, sources=sources)
+    active = torch.ones_like(a[read.rank_branch], dtype=torch.bool)
+    records = lookup_records(view.tokenizer, unit.unit_id, read.labels, [0], prompts, [0, 1], "train", active,
+                             sources.pop("attention"), sources, read.rank_branch, 1, 5)
+    assert records[0].status == "one_position" and records[1].status in ("ok", "first_position_only")
+    assert records[0].first_attention == pytest.approx(1.0) and len(records[0].sources) == 1
+    assert records[0].first_contribution == pytest.approx(records[0].attribution)
