@@ -255,3 +255,35 @@ def test_a_one_position_prompt_is_recorded_as_such(random_dir):
     assert records[0].status == "one_position" and records[1].status in ("ok", "first_position_only")
     assert records[0].first_attention == pytest.approx(1.0) and len(records[0].sources) == 1
     assert records[0].first_contribution == pytest.approx(records[0].attribution)
+
+
+def test_the_paper_presets_pin_mark_lookups_off():
+    from pathlib import Path
+
+    import yaml
+
+    from sae_lens_ctx.config import RunConfig
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "wandb_configs").glob("*.yaml"))
+    paper = [p for p in presets if p.stem.startswith(("gpt2-", "pythia-"))]
+    assert len(paper) == 9
+    for path in paper:
+        assert yaml.safe_load(path.read_text())["explain"]["mark_lookups"] is False, path.name
+        assert RunConfig.from_yaml(path).explain.mark_lookups is False
+
+
+def test_the_report_shades_each_planted_prompt_by_look_up(planted, planted_run):
+    """The unit page shows the planted heads' active prompts shaded by look-up contribution: the trigger
+    carries the whole shade (it holds > 99 % of the head's attribution), and no other token does."""
+    import re
+
+    from sae_lens_ctx.dashboard import LOOKUP_SHADE
+
+    html = (planted_run / "report" / "index.html").read_text()
+    page = html.split('id="unit-L2N37"')[1].split("</section>")[0]
+    section = page.split("<h3>Look-ups</h3>")[1].split("<h3>")[0]
+    rows = re.findall(r"<tr><td>(L\d+H\d+)</td>.*?</tr>", section)
+    assert set(rows) == {f"L{l}H{h}" for l, h in planted.answer.heads} and len(rows) == 6
+    full = re.findall(rf'rgba\({LOOKUP_SHADE},1\.00\)[^>]*>([^<]*)</span>', section)
+    assert sorted(set(full)) == sorted(planted.answer.heads.values())
+    assert not re.findall(rf'rgba\({LOOKUP_SHADE},0\.(?:[1-9]\d|0[1-9])\)', section)  # nothing else shaded
