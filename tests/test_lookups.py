@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_lens_ctx.attribute import attribute_prompts, attribute_unit, unit_read
+from sae_lens_ctx.attribute import attribute_prompts, unit_read
 from sae_lens_ctx.config import AttributeConfig, DiscoverConfig, ModelConfig
 from sae_lens_ctx.discover import discover_units
 from sae_lens_ctx.model import load_model

@@ -136,5 +136,5 @@ def summary_text(s: dict, this_run: dict) -> str:
     if "lookup" in s:
         lk = s["lookup"]
         lines.append(f"  look-up explanations (no LLM): {lk['ok']}/{lk['total']} relevant pairs"
-                     + (f"; skipped: " + ", ".join(f"{k} {v}" for k, v in lk["reasons"].items()) if lk["reasons"] else ""))
+                     + ("; skipped: " + ", ".join(f"{k} {v}" for k, v in lk["reasons"].items()) if lk["reasons"] else ""))
     return "\n".join(lines)
