@@ -37,6 +37,16 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
         assert set(summary["headline"]["E"][side]) >= {"mean", "ci_low", "ci_high", "n"}
     assert summary["headline"]["E"]["real_minus_random_units"]["verdict"]
     assert "not built yet" not in proc.stdout and "scored" in proc.stdout
+    # look-ups: every relevant pair has its look-up records, its look-up explanation, and (where explained)
+    # its look-up scores beside the LLM's
+    rows = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]  # noqa: E731
+    relevant = {(h["unit_id"], h["head"]) for h in rows("heads.jsonl") if h["relevant"]}
+    assert relevant and {(r["unit_id"], r["head"]) for r in rows("lookups.jsonl")} == relevant
+    lookup = {(e["unit_id"], e["head"]): e for e in rows("explanations.jsonl") if e["explainer"] == "lookup"}
+    assert set(lookup) == relevant
+    scored = {(s["unit_id"], s["head"]) for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "E"}
+    assert scored == {k for k, e in lookup.items() if e["status"] == "ok"}
+    assert "lookup" in summary["explainers"]
     again = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
                            env=env, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and "skipped" in again.stdout

@@ -28,8 +28,8 @@ from sae_lens_ctx.stages.report.tables import cell
 from sae_lens_ctx.pipeline.wandb_log import RESULTS_TYPE, TABLE_TYPE, log_run, redact, run_files
 
 PRESETS = Path(__file__).resolve().parents[1] / "wandb_configs"
-TABLE_OF_STAGE = {"discover": "units", "mine": "contexts", "attribute": "heads", "explain": "explanations",
-                  "score": "scores"}
+TABLE_OF_STAGE = {"discover": ("units",), "mine": ("contexts",), "attribute": ("heads", "lookups"),
+                  "explain": ("explanations",), "score": ("scores",)}
 
 
 @pytest.fixture(scope="session")
@@ -84,6 +84,14 @@ class Offline:
 def expected(out: Path, name: str) -> tuple[list[str], list[list]]:
     """The run directory's JSONL rows as table rows, and the record dataclass's fields."""
     spec = table(name)
+    if name == "lookups":  # one row per source position (wandb_log.lookup_table), checked against the file here
+        rows = list(iter_jsonl(out / spec.name))
+        from sae_lens_ctx.stages.report.tables import RunTables
+        from sae_lens_ctx.pipeline.wandb_log import LOOKUP_COLUMNS, lookup_table
+
+        cols, data = lookup_table(RunTables.load(out))
+        assert cols == LOOKUP_COLUMNS and len(data) == sum(len(r["sources"]) for r in rows) > 0
+        return cols, data
     rows = list(iter_jsonl(out / spec.name))
     cols = spec.record_columns()
     assert set(spec.documented) <= set(cols)  # the run-directory contract's columns are all there
@@ -119,7 +127,7 @@ def test_an_offline_run_per_stage_holds_every_table_and_the_whole_run_directory(
 
     stages = list(tracked_run.STAGE_FILES)
     done = stages[: stages.index(stage) + 1]
-    present = {TABLE_OF_STAGE[s] for s in done if s in TABLE_OF_STAGE}
+    present = {t for s in done for t in TABLE_OF_STAGE.get(s, ())}
     assert present == {t.table for t in TABLES if (out / t.name).exists()}
     assert_tables_match(run, out, present)
 
@@ -306,7 +314,8 @@ def test_plots_are_files_and_identical_when_the_records_are(base_run, tmp_path):
     run_pipeline(cfg, out, only="report")  # the report re-runs every time: same records, same bytes
     assert {p: p.read_bytes() for p in outputs} == first
     assert report["tables"] == {"units": 2, "contexts": len(list(iter_jsonl(out / "contexts.jsonl"))), "heads": 32,
-                                "explanations": 4, "scores": 10}
+                                "explanations": 4, "scores": 10,
+                                "lookups": len(list(iter_jsonl(out / "lookups.jsonl")))}
 
 
 # -- presets, sweep, dashboard ---------------------------------------------------------------------
@@ -417,7 +426,7 @@ def test_a_pipeline_invocation_logs_one_wandb_run(base_run, tmp_path):
     assert len(runs) == 1
     run = Offline(str(runs[0]))
     assert run.run["job_type"] == "report" and "cost/seconds/report" in run.summary
-    assert_tables_match(run, out, {"units", "contexts", "heads", "explanations", "scores"})
+    assert_tables_match(run, out, {"units", "contexts", "heads", "explanations", "scores", "lookups"})
     assert os.environ.get("WANDB_DATA_DIR") is None  # staging was pointed into the run only while logging
     sync = subprocess.run(["wandb", "sync", "--dry-run"], cwd=out, capture_output=True, text=True, timeout=120)
     assert sync.returncode == 0 and "Would sync 1 run" in sync.stdout + sync.stderr  # `wandb sync` finds it later

@@ -295,8 +295,18 @@ class AttributeConfig:
     batch_size: int = 32
     """Prompts per forward pass."""
 
+    lookups: bool = True
+    """Split each relevant head's attribution exactly over the source positions it attended to
+    (`hook_pattern` at the last position and `hook_v`, in the same forward) and write `lookups.jsonl`,
+    which the look-up explainer, its scores and the report read. False writes an empty file."""
+
+    lookup_top_k: int = 5
+    """Source positions kept per (unit, head, prompt) in `lookups.jsonl`, largest |contribution| first
+    (position 0, the attention sink, is recorded on its own as well)."""
+
     def validate(self) -> None:
         _positive("attribute.n_prompts", self.n_prompts)
+        _positive("attribute.lookup_top_k", self.lookup_top_k)
         _positive("attribute.batch_size", self.batch_size)
         _fraction("attribute.band_low", self.band_low, closed=True)
         _fraction("attribute.band_high", self.band_high, closed=True)
@@ -404,6 +414,27 @@ class ExplainConfig:
     unit_few_shot: str = "original"
     """neuron-explainer's few-shot example set: 'original', 'newer' or 'test' (one tiny example)."""
 
+    mark_lookups: bool = False
+    """Mark, in each active example of the head prompt, the tokens the head looked up (from
+    `lookups.jsonl`) between `LOOKUP_OPEN` and `LOOKUP_CLOSE` of `explain/prompts.py` ('[[', ']]'); the
+    rest of the paper's prompt is unchanged. Off by default so that the LLM's explanations and scores
+    stay the paper's and comparable with it (the look-up evidence has its own explainer, 'lookup');
+    the paper presets pin it off."""
+
+    lookup_min_share: float = 0.1
+    """Look-up explainer (no LLM, always run): a position counts as looked up on a prompt when it
+    contributes at least this share of the pair's largest single-position contribution."""
+
+    lookup_max_tokens: int = 3
+    """Look-up explainer: at most this many tokens in a pair's pattern (chosen greedily by balanced accuracy)."""
+
+    lookup_min_support: int = 2
+    """Look-up explainer: a token enters a pattern only if it was looked up on at least this many active
+    train prompts."""
+
+    lookup_merge: bool = True
+    """Look-up explainer: treat tokens that differ only in case and leading space (' France', 'france') as one."""
+
     def validate(self) -> None:
         check_backend_name(self.backend)
         if self.backend == "openai-compatible" and not self.base_url:
@@ -418,6 +449,9 @@ class ExplainConfig:
                             "(like OPENROUTER_API_KEY), never the key itself")
         for name in ("max_concurrency", "timeout_s", "max_tokens", "context_window", "n_active", "unit_n_top"):
             _positive(f"explain.{name}", getattr(self, name))
+        _fraction("explain.lookup_min_share", self.lookup_min_share)
+        _positive("explain.lookup_max_tokens", self.lookup_max_tokens)
+        _positive("explain.lookup_min_support", self.lookup_min_support)
         for name in ("max_retries", "n_inactive", "unit_n_random", "backoff_s", "max_heads_per_unit"):
             if getattr(self, name) < 0:
                 raise UserError(f"explain.{name} must not be negative, got {getattr(self, name)}")

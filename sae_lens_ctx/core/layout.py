@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .lookups import LookupRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
 
@@ -96,6 +97,8 @@ FILES: tuple[RunFile, ...] = (
              "ablation_pvalue")),
     RunFile("attributions.safetensors", "attribute"),
     RunFile("attribute.json", "attribute", summary=True),
+    RunFile("lookups.jsonl", "attribute", LookupRecord, "lookups",
+            ("unit_id", "head", "split", "rank", "active", "attribution", "sources")),
     RunFile("explanations.jsonl", "explain", ExplanationRecord, "explanations", ("unit_id", "head", "explainer", "text")),
     RunFile("explain.json", "explain", summary=True),
     RunFile("scores.jsonl", "score", ScoreRecord, "scores", ("unit_id", "head", "scorer", "value", "ci_low", "ci_high", "n")),

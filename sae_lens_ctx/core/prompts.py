@@ -26,6 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 FENCE = '"""'
+LOOKUP_OPEN, LOOKUP_CLOSE = "[[", "]]"
+"""Marks around a looked-up token in a head prompt's active examples (`explain.mark_lookups`): plain
+ASCII brackets that BPE and SentencePiece vocabularies keep as their own tokens."""
 
 
 def flatten(text: str) -> str:
@@ -63,14 +66,21 @@ class HeadPromptTemplate:
     """6. Closing line by name (`explain.prompt_ending`): round 1's open completion stem, which the
     model continues, or round 2's instruction."""
 
-    def render(self, token: str, active: Sequence[str], inactive: Sequence[str], ending: str) -> str:
-        """The prompt for one (unit, head) pair; `active`/`inactive` are prompt texts in display order."""
+    lookup_note: str = (f"In the active documents, the tokens the attention head looked up are marked "
+                        f"{LOOKUP_OPEN}like this{LOOKUP_CLOSE}.")
+    """Said after the instruction only when the active examples mark look-ups (`explain.mark_lookups`)."""
+
+    def render(self, token: str, active: Sequence[str], inactive: Sequence[str], ending: str,
+               marked: bool = False) -> str:
+        """The prompt for one (unit, head) pair; `active`/`inactive` are prompt texts in display order
+        (`marked`: the active ones mark looked-up tokens, and the note that says so follows the instruction)."""
         if ending not in self.endings:
             raise KeyError(f"unknown prompt ending {ending!r}: choose one of {sorted(self.endings)}")
         return "\n".join([
             self.context,
             self.head_line.format(token=token),
             self.instruction,
+            *([self.lookup_note] if marked else []),
             "",
             self.active_header,
             fenced_list(example_line(t, token) for t in active),
@@ -91,9 +101,22 @@ HEAD_TEMPLATE = HeadPromptTemplate()
 """The head-explanation template in use (replace it to change the wording)."""
 
 
-def head_messages(token: str, active: Sequence[str], inactive: Sequence[str], ending: str) -> list[dict[str, str]]:
+def head_messages(token: str, active: Sequence[str], inactive: Sequence[str], ending: str,
+                  marked: bool = False) -> list[dict[str, str]]:
     """The chat request of the paper: one user message, no system prompt."""
-    return [{"role": "user", "content": HEAD_TEMPLATE.render(token, active, inactive, ending)}]
+    return [{"role": "user", "content": HEAD_TEMPLATE.render(token, active, inactive, ending, marked)}]
+
+
+def mark_tokens(pieces: Sequence[str], positions: set[int]) -> str:
+    """The text of `pieces` (one per token, word starts as a leading space) with the pieces at `positions`
+    marked between `LOOKUP_OPEN` and `LOOKUP_CLOSE`, the leading space left outside: ' [[france]]'."""
+    out = []
+    for i, piece in enumerate(pieces):
+        if i in positions and piece.strip():
+            lead = piece[: len(piece) - len(piece.lstrip())]
+            piece = f"{lead}{LOOKUP_OPEN}{piece.lstrip()}{LOOKUP_CLOSE}"
+        out.append(piece)
+    return "".join(out)
 
 
 JUDGE_TEMPLATES: dict[str, str] = {

@@ -270,6 +270,9 @@ class ExplanationRecord:
     """Inactive examples shown (head explanations) or random records shown (unit explanations)."""
     n_dropped: int = 0
     """Examples left out so that the prompt fits the explainer's context window."""
+    pattern: dict | None = None
+    """The structured pattern a deterministic explanation states (explainer 'lookup', `lookups.py`): its
+    tokens with their ids and train counts, which the deterministic judge simulates; None for LLM text."""
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,11 @@ class ScoreRecord:
     """Judge calls that failed: counted, never scored."""
     skipped: str | None = None
     """Why `value` is None ('one class only', 'no logprobs from the judge', ...)."""
+    explainer: str = ""
+    """The `explainer` of the scored explanation ('paper-round1', 'paper-round2', 'neuron-explainer', 'lookup'), or,
+    for a confound control that scores no explanation, the control's name ('length', 'token')."""
+    control_kind: str | None = None
+    """None for a real score; for a control: 'random_unit', 'shuffled', 'length' or 'token'."""
 
 
 # -- units -----------------------------------------------------------------------------------------

@@ -263,6 +263,8 @@ def table_rows(name: str, res: RunTables, renderer: ContextRenderer | None = Non
     `control`, whether the score's unit is a control unit."""
     import wandb
 
+    if name == "lookups":
+        return lookup_table(res)
     spec = table(name)
     rows = res.rows(name)
     cols = columns(spec, rows)
@@ -277,6 +279,23 @@ def table_rows(name: str, res: RunTables, renderer: ContextRenderer | None = Non
         for line, (row, out) in enumerate(zip(rows, data)):
             out.append(wandb.Html(standalone(renderer.html(row, line, peaks.get(row["unit_id"], 0.0))), inject=False))
     return cols, data
+
+
+LOOKUP_COLUMNS = ["unit_id", "head", "split", "rank", "prompt", "active", "token", "position", "attention",
+                  "contribution", "attribution"]
+"""The `lookups` table: one row per recorded source position of a (unit, head, prompt) (`lookups.jsonl`)."""
+
+
+def lookup_table(res: RunTables) -> tuple[list[str], list[list]]:
+    """`lookups.jsonl` flattened to one row per source position, with the prompt's text from `contexts.jsonl`."""
+    text = {(c["unit_id"], c["split"], c["rank"]): c.get("text") for c in res.rows("contexts") if c.get("kind") == "top"}
+    data = []
+    for r in res.rows("lookups"):
+        prompt = text.get((r["unit_id"], r["split"], r["rank"]))
+        for s in r.get("sources") or []:
+            data.append([r["unit_id"], r["head"], r["split"], r["rank"], prompt, r["active"], s["token"],
+                         s["position"], s["attention"], s["contribution"], r["attribution"]])
+    return LOOKUP_COLUMNS, data
 
 
 def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import json
 import logging
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,9 @@ from tqdm.auto import tqdm
 from ..core.config import AttributeConfig
 from ..core.errors import UserError
 from ..core.records import ContextRecord, HeadRecord, UnitRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
+from ..core.lookups import SINK_SHARE, LookupRecord
 from ..core.rules import parse_rule
+from ..inputs.tokens import token_strings
 from ..inputs.context import RunContext
 from ..inputs.model import ModelView, optional_bias, pad_batch, pad_id
 from ..inputs.sae import SaeSource
@@ -139,9 +142,18 @@ def pad_prompts(prompts: list[list[int]], view: ModelView) -> tuple[torch.Tensor
 
 @torch.inference_mode()
 def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]], batch_size: int = 32,
-                      divide_by_scale: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per branch: `[n_prompts, n_upstream_heads]` attributions, and `[n_prompts]` pre-activations."""
+                      divide_by_scale: bool = True, sources: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per branch: `[n_prompts, n_upstream_heads]` attributions, and `[n_prompts]` pre-activations.
+
+    Given a dict `sources`, the same forward also hooks `hook_pattern` (the last position's row) and
+    `hook_v` and fills it with the exact per-source split of every attribution (`lookups.py`):
+    'attention' and, per branch, the contributions, each `[n_prompts, n_upstream_heads, longest prompt]`
+    (zero past a prompt's end); a branch's contributions sum over the last axis to its attributions."""
+
     folded = folded_heads(view, read)
+    per_source: dict[str, list[torch.Tensor]] = defaultdict(list)
+    width = max((len(p) for p in prompts), default=0)
     layer = read.unit.layer if read.sae is None else read.sae.layer
     attributions: dict[str, list[torch.Tensor]] = defaultdict(list)
     pre: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -157,6 +169,11 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
 
         hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in read.head_layers]
         hooks += _post_scale_hooks(view, read.head_layers, save)
+        if sources is not None:
+            for l in read.head_layers:
+                hooks.append((view.hook_name("pattern", l), lambda x, hook, l=l: got.__setitem__(
+                    f"pattern{l}", x[rows, :, last.to(x.device)].detach())))  # [batch, head, key] at T
+                hooks.append((view.hook_name("v", l), lambda x, hook, l=l: got.__setitem__(f"v{l}", x.detach())))
         hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
         if read.scale_kind:
             hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
@@ -176,6 +193,18 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
                 a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1)
             attributions[branch].append((a / scale if divide_by_scale else a).cpu())
             pre[branch].append(((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu())
+            if sources is not None:
+                c = torch.cat([source_contributions(got[f"pattern{l}"], got[f"v{l}"], f[i])
+                               for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
+                    else torch.zeros(len(last), 0, tokens.shape[1])
+                c = c / scale[:, :, None] if divide_by_scale else c
+                per_source[branch].append(torch.nn.functional.pad(c.cpu(), (0, width - c.shape[-1])))
+        if sources is not None:
+            att = torch.cat([got[f"pattern{l}"].float() for l in read.head_layers], dim=1) if z is not None \
+                else torch.zeros(len(last), 0, tokens.shape[1])
+            per_source["attention"].append(torch.nn.functional.pad(att.cpu(), (0, width - att.shape[-1])))
+    if sources is not None:
+        sources.update({k: torch.cat(v) for k, v in per_source.items()})
     return ({b: torch.cat(v) for b, v in attributions.items()}, {b: torch.cat(v) for b, v in pre.items()})
 
 
@@ -347,12 +376,18 @@ def _ks_2samp(a, b):
 
 def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test: list[list[int]],
                    train_ranks: list[int], test_ranks: list[int], cfg: AttributeConfig,
-                   mean_z: dict[int, torch.Tensor] | None = None) -> tuple[list[HeadRecord], dict, dict]:
+                   mean_z: dict[int, torch.Tensor] | None = None, lookups: list | None = None,
+                   offset: int = 0) -> tuple[list[HeadRecord], dict, dict]:
     """Attribution, active heads, relevance band and ablation for one unit; returns its head records, the
-    per-prompt matrices (for `attributions.safetensors`) and its summary line."""
+    per-prompt matrices (for `attributions.safetensors`) and its summary line. Given a list `lookups`,
+    appends a `lookups.LookupRecord` per relevant head and train/test prompt (`offset`: tokens prepended
+    to the context tokens, 1 for BOS)."""
     rule = parse_rule(cfg.rule)
-    a_train, pre_train = attribute_prompts(view, read, train, cfg.batch_size, cfg.divide_by_scale)
-    a_test, _ = attribute_prompts(view, read, test, cfg.batch_size, cfg.divide_by_scale) if test else ({}, {})
+    src_train: dict | None = {} if lookups is not None else None
+    src_test: dict | None = {} if lookups is not None else None
+    a_train, pre_train = attribute_prompts(view, read, train, cfg.batch_size, cfg.divide_by_scale, src_train)
+    a_test, _ = attribute_prompts(view, read, test, cfg.batch_size, cfg.divide_by_scale, src_test) \
+        if test else ({}, {})
     branch = read.rank_branch
     labels = read.labels
     active_train = rule.mask(a_train[branch])
@@ -386,6 +421,13 @@ def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test
             branch=branch, branch_mean_attribution={b: float(a[:, j].mean()) for b, a in a_train.items()},
             **ablation,
         ))
+    if lookups is not None:
+
+        for split, prompts_, ranks, active, src in (("train", train, train_ranks, active_train, src_train),
+                                                    ("test", test, test_ranks, active_test, src_test)):
+            if prompts_:
+                lookups += lookup_records(view.tokenizer, read.unit.unit_id, labels, chosen, prompts_, ranks, split,
+                                          active, src.pop("attention"), src, branch, offset, cfg.lookup_top_k)
     matrices = {f"{read.unit.unit_id}/{split}/{b}": a.contiguous()
                 for split, per_branch in (("train", a_train), ("test", a_test)) for b, a in per_branch.items()}
     matrices[f"{read.unit.unit_id}/train/ranks"] = torch.tensor(train_ranks)
@@ -415,6 +457,7 @@ def run_stage(ctx: RunContext) -> None:
     records: list[HeadRecord] = []
     matrices: dict[str, torch.Tensor] = {}
     per_unit, skipped = [], []
+    lookups: list | None = [] if cfg.lookups else None
     for unit in tqdm(units, desc="attribute", unit="unit", disable=None):
         train = prompts.get((unit.unit_id, "train"), [])[: cfg.n_prompts]
         test = prompts.get((unit.unit_id, "test"), [])
@@ -428,12 +471,13 @@ def run_stage(ctx: RunContext) -> None:
             continue
         recs, mats, summary = attribute_unit(
             view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
-            [c.rank for c in train], [c.rank for c in test], cfg, mean_z)
+            [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
         summary["control"] = unit.control
         records += recs
         matrices.update(mats)
         per_unit.append(summary)
     write_jsonl(ctx.path("heads.jsonl"), records)
+    write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")
@@ -483,3 +527,43 @@ def summary_text(report: dict) -> str:
         lines.append(f"  ablation: mean token-probability drop {ks['mean_drop_active']:.4f} where active vs "
                      f"{ks['mean_drop_inactive']:.4f} where inactive (KS p = {ks['pvalue']:.2g}, {ks['n_pairs']} pairs)")
     return "\n".join(lines)
+
+
+def source_contributions(pattern_t: torch.Tensor, v: torch.Tensor, folded: torch.Tensor) -> torch.Tensor:
+    """Per-source split of `z_h[T] · f_h` for one layer.
+
+    `pattern_t` `[batch, n_heads, pos]` (the attention row of each prompt's last position), `v`
+    `[batch, pos, n_kv_heads, d_head]` (hooked, bias included), `folded` `[n_heads, d_head]` (`W_O[h] @ read`)
+    → `[batch, n_heads, pos]`, which sums over `pos` to `einsum(z[T], folded)` exactly (fp round-off)."""
+    group = pattern_t.shape[1] // v.shape[2]
+    vf = torch.einsum("bskd,khd->bkhs", v.float(), folded.float().reshape(v.shape[2], group, -1))
+    return pattern_t.float() * vf.reshape(pattern_t.shape)
+
+
+def lookup_records(tokenizer, unit_id: str, labels: Sequence[str], chosen: Sequence[int], prompts: Sequence[list[int]],
+                   ranks: Sequence[int], split: str, active: torch.Tensor, attention: torch.Tensor,
+                   contributions: dict[str, torch.Tensor], branch: str, offset: int, top_k: int) -> list[LookupRecord]:
+    """Records of the heads `chosen` (indices into `labels`) on every prompt. `attention` and
+    `contributions[b]` are `[n_prompts, n_heads, width]` (zero past each prompt's end), `active`
+    `[n_prompts, n_heads]`."""
+    records = []
+    for p, tokens in enumerate(prompts):
+        n = len(tokens)
+        text = token_strings(tokenizer, tokens)
+        for j in chosen:
+            c = contributions[branch][p, j, :n]
+            a = attention[p, j, :n]
+            order = sorted(range(n), key=lambda s: (-abs(float(c[s])), s))[:top_k]
+            sources = []
+            for s in order:
+                entry = {"position": s, "token_id": int(tokens[s]), "token": text[s], "attention": float(a[s]),
+                         "contribution": float(c[s])}
+                if len(contributions) > 1:
+                    entry["branches"] = {b: float(v[p, j, s]) for b, v in contributions.items()}
+                sources.append(entry)
+            status = "one_position" if n == 1 else "first_position_only" if float(a[0]) >= SINK_SHARE else "ok"
+            records.append(LookupRecord(
+                unit_id=unit_id, head=labels[j], split=split, rank=int(ranks[p]), active=bool(active[p, j]),
+                branch=branch, attribution=float(c.sum()), n_positions=n, offset=offset,
+                first_attention=float(a[0]), first_contribution=float(c[0]), sources=sources, status=status))
+    return records

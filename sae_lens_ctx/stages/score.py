@@ -33,7 +33,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +46,8 @@ from ..core.config import ScoreConfig
 from ..core.layout import require_inputs
 from ..core.records import ScoreRecord, atomic_write, iter_jsonl, write_jsonl
 from ..inputs.context import RunContext
+from ..core.lookups import EXPLAINER as LOOKUP
+from ..core.lookups import judge as lookup_judge
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,9 @@ class Judgement:
     cost_usd: float | None = None
     """USD of the call (0 in-process; None when the judge model has no price), whether this run made it or
     read its answer from the cache: what the judgement costs, the same on every re-run."""
+    explainer: str = ""
+    """The `explainer` of the explanation shown ('paper-round2', 'neuron-explainer', 'lookup', ...). 'lookup'
+    explanations are judged by `lookups.judge` (no call; `p_yes` then holds its graded score)."""
 
 
 def unit_judge_messages(explanation: str, prompt_text: str) -> list[dict[str, str]]:
@@ -335,6 +340,8 @@ class Inputs:
     not_scored: Counter = field(default_factory=Counter)
     scorable: dict[tuple[str, str], str] = field(default_factory=dict)
     """(unit, head) → explanation text of every pair that is judged (filled by `build_jobs`)."""
+    lookup_explanations: dict[tuple[str, str], dict] = field(default_factory=dict)
+    """(unit, head) → its look-up explanation (explainer 'lookup', judged without an LLM)."""
 
 
 def read_inputs(ctx: RunContext) -> Inputs:
@@ -348,13 +355,15 @@ def read_inputs(ctx: RunContext) -> Inputs:
         for rows in per_kind.values():
             rows.sort(key=lambda c: c["rank"])
     heads = [h for h in iter_jsonl(ctx.path("heads.jsonl")) if h["relevant"]]
-    head_expl, unit_expl = {}, {}
+    head_expl, unit_expl, lookup_expl = {}, {}, {}
     for e in iter_jsonl(ctx.path("explanations.jsonl")):
-        if e["head"] is None:
+        if e.get("explainer") == LOOKUP:
+            lookup_expl[(e["unit_id"], e["head"])] = e
+        elif e["head"] is None:
             unit_expl[e["unit_id"]] = e
         else:
             head_expl[(e["unit_id"], e["head"])] = e
-    return Inputs(units, test, heads, head_expl, unit_expl)
+    return Inputs(units, test, heads, head_expl, unit_expl, lookup_explanations=lookup_expl)
 
 
 def shuffled_partner(pairs: Sequence[tuple[str, str]], seed: int) -> dict[tuple[str, str], tuple[str, str]]:
@@ -408,7 +417,7 @@ def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Job]:
         for c in rows:
             for whose, task in shown:
                 j = Judgement(task, h["unit_id"], h["head"], "/".join(whose), c["kind"], c["rank"],
-                              c["rank"] in active, c["activation"])
+                              c["rank"] in active, c["activation"], explainer=e["explainer"])
                 jobs.append((j, prompts.judge_messages(inp.scorable[whose], c["text"], token, cfg.judge_prompt)))
     if not cfg.unit_scores:
         return jobs
@@ -420,8 +429,33 @@ def build_jobs(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Job]:
         if not rows:
             inp.not_scored["unit without held-out prompts"] += 1
             continue
-        jobs += [unit_job("unit", unit_id, None, e["text"], c) for c in rows]
+        jobs += [unit_job("unit", unit_id, None, e["text"], c, e["explainer"]) for c in rows]
     return jobs
+
+
+def lookup_judgements(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Judgement]:
+    """Every pair with a look-up explanation judged by its pattern (`lookups.judge`, no LLM) on the same
+    held-out prompts as the LLM's explanations, and again with another pair's pattern (the shuffled
+    control, `score.shuffled_control`)."""
+    patterns = {}
+    for h in inp.pairs:
+        key = (h["unit_id"], h["head"])
+        e = inp.lookup_explanations.get(key)
+        if e is None or e["status"] != "ok" or not inp.test.get(h["unit_id"], {}).get("top"):
+            continue
+        patterns[key] = (h, e["pattern"])
+    partner = shuffled_partner(list(patterns), seed) if cfg.shuffled_control else {}
+    out = []
+    for key, (h, pattern) in patterns.items():
+        shown = [(key, "head")] + ([(partner[key], "shuffled")] if key in partner else [])
+        active = set(h["active_test_ranks"])
+        for c in inp.test[h["unit_id"]]["top"][: cfg.n_prompts]:
+            for whose, task in shown:
+                answer, graded = lookup_judge(patterns[whose][1], c["tokens"])
+                out.append(Judgement(task, h["unit_id"], h["head"], "/".join(whose), c["kind"], c["rank"],
+                                     c["rank"] in active, c["activation"], answer=answer, p_yes=graded,
+                                     explainer=LOOKUP))
+    return out
 
 
 def unit_prompts(inp: Inputs, unit_id: str, cfg: ScoreConfig, kinds: Sequence[str]) -> list[dict]:
@@ -429,10 +463,10 @@ def unit_prompts(inp: Inputs, unit_id: str, cfg: ScoreConfig, kinds: Sequence[st
     return [c for kind in kinds for c in per_kind.get(kind, [])[: cfg.n_prompts]]
 
 
-def unit_job(task: str, unit_id: str, head: str | None, explanation: str, c: dict) -> Job:
+def unit_job(task: str, unit_id: str, head: str | None, explanation: str, c: dict, explainer: str = "") -> Job:
     label = {"top": True, "low": False}.get(c["kind"])
     j = Judgement(task, unit_id, head, unit_id if head is None else f"{unit_id}/{head}", c["kind"], c["rank"],
-                  label, c["activation"])
+                  label, c["activation"], explainer=explainer)
     return j, unit_judge_messages(explanation, c["text"])
 
 
@@ -555,15 +589,36 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg:
     """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head."""
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
-        groups[(j.task, j.unit_id, j.head)].append(j)
+        groups[(j.task, j.unit_id, j.head, j.explainer)].append(j)
     prefix = {"head": "", "shuffled": "shuffled_", "unit": "unit_", "unit+head": "unit_plus_head_"}
     records: list[ScoreRecord] = []
-    for (task, unit_id, head), js in groups.items():
+    for (task, unit_id, head, explainer), js in groups.items():
         control = bool(units.get(unit_id, {}).get("control", False))
-        records += score_group(js, unit_id, head, prefix[task], control, cfg, seed)
+        group = score_group(js, unit_id, head, prefix[task], control, cfg, seed)
         if task == "unit":
-            records.append(simulation_score(js, unit_id, control, cfg, seed))
+            group.append(simulation_score(js, unit_id, control, cfg, seed))
+        kind = "shuffled" if task == "shuffled" else "random_unit" if control else None
+        records += [replace(r, explainer=explainer, control_kind=kind) for r in group]
     return records
+
+
+def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreConfig, seed: int,
+                      well_explained: float) -> dict[str, Any]:
+    """One explainer's E and AUROC (real pairs, random control units, shuffled explanations), the same
+    aggregates and comparisons as the headline (`summarize`), and its paper statistics."""
+    boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
+    mine = [s for s in scores if s.explainer == explainer]
+    out: dict[str, Any] = {}
+    for scorer in ("E", "auroc"):
+        real, ctrl = _values(mine, scorer, False), _values(mine, scorer, True)
+        out[scorer] = {"real": aggregate(real, **boot), "random_units": aggregate(ctrl, **boot),
+                       "real_minus_random_units": compare(real, ctrl, **boot)}
+        paired_real, shuffled = _paired(mine, scorer, f"shuffled_{scorer}", False)
+        out[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
+        out[scorer]["real_minus_shuffled"] = compare(paired_real, shuffled, paired=True, **boot)
+    out["paper_statistics"] = paper_statistics(_values(mine, "E", False), well_explained)
+    out["pairs_scored"] = len([s for s in mine if s.scorer == "E" and s.value is not None])
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,7 +678,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         real, shuffled = _paired(scores, scorer, f"shuffled_{scorer}", False)
         headline[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
-    head_js = [j for j in judgements if j.task == "head" and j.status == "ok"]
+    head_js = [j for j in judgements if j.task == "head" and j.status == "ok" and j.explainer != LOOKUP]
     labels = [j.label for j in head_js]
     yes_rate = float(np.mean([j.answer for j in head_js])) if head_js else None
     headline["constant_judges"] = {
@@ -666,6 +721,11 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {'':<21} vs random units: {h[scorer]['real_minus_random_units']['verdict']}")
         if "real_minus_shuffled" in h[scorer]:
             lines.append(f"  {'':<21} vs shuffled explanations: {h[scorer]['real_minus_shuffled']['verdict']}")
+    for name, block in s.get("explainers", {}).items():
+        for scorer in ("E", "auroc"):
+            b = block[scorer]
+            lines.append(f"  {name + ' ' + scorer:<21} real {fmt(b['real'])}; shuffled {fmt(b['shuffled_explanations'])}; "
+                         f"random units {fmt(b['random_units'])}")
     return "\n".join(lines)
 
 
@@ -701,10 +761,22 @@ def run_stage(ctx: RunContext) -> None:
         judgements += run_judgements(llm, build_joined_jobs(inp, judgements, cfg), cfg)
     finally:
         llm.close()
-    write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements])
-    scores = compute_scores(judgements, inp.units, cfg, ctx.config.seed)
+    looked_up = lookup_judgements(inp, cfg, ctx.config.seed)
+    write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements + looked_up])
+    scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed)
     write_jsonl(ctx.path("scores.jsonl"), scores)
-    summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained)
+    llm_scores = [s for s in scores if s.explainer != LOOKUP]
+    well = ctx.config.logging.well_explained
+    summary = summarize(llm_scores, judgements + looked_up, inp, cfg, ctx.config.seed, well)
+    summary["explainers"] = {LOOKUP: explainer_summary(scores, LOOKUP, cfg, ctx.config.seed, well)}
+    by_unit = defaultdict(lambda: defaultdict(list))
+    for s in scores:
+        if s.explainer == LOOKUP and s.control_kind != "shuffled" and s.value is not None:
+            by_unit[s.unit_id][s.scorer].append(s.value)
+    for row in summary["head_versus_neuron"]:
+        for scorer in ("E", "auroc"):
+            v = by_unit[row["unit_id"]][scorer]
+            row[f"lookup_{scorer}_mean"] = float(np.mean(v)) if v else None
     summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1))

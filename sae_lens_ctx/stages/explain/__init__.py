@@ -19,8 +19,12 @@ from collections import Counter
 
 from ...clients.llm import LLM, token_counter
 from ...core.layout import require_inputs
+from ...core.prompts import mark_tokens
+from ...core.lookups import EXPLAINER as LOOKUP
+from ...core.lookups import explain_lookups, looked_up_positions
 from ...core.records import ExplanationRecord, atomic_write, iter_jsonl, write_jsonl
 from ...inputs.context import RunContext
+from ...inputs.tokens import token_strings
 from . import heads as head_mod
 from . import units as unit_mod
 
@@ -41,7 +45,9 @@ def run_stage(ctx: RunContext) -> None:
     llm = LLM.from_config(cfg, ctx.out)
     try:
         count = token_counter(llm.client)
-        head_jobs = head_mod.build_jobs(units, contexts, heads, cfg, count, seed=ctx.config.seed)
+        lookup_rows = list(iter_jsonl(ctx.path("lookups.jsonl"))) if ctx.path("lookups.jsonl").is_file() else []
+        marked = marked_examples(contexts, lookup_rows, ctx.model.tokenizer, cfg) if cfg.mark_lookups else None
+        head_jobs = head_mod.build_jobs(units, contexts, heads, cfg, count, seed=ctx.config.seed, marked=marked)
         unit_jobs = []
         if cfg.explain_units:
             unit_jobs = unit_mod.build_jobs(units, contexts, ctx.path("context_acts.safetensors"),
@@ -51,12 +57,29 @@ def run_stage(ctx: RunContext) -> None:
         unit_records = unit_mod.explain_units(llm, unit_jobs, cfg, count) if unit_jobs else []
     finally:
         llm.close()
-    records = ordered(units, head_records, unit_records)
+    # no LLM, seconds; none from a run directory without look-ups (attribute.lookups=false)
+    lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg) if lookup_rows else []
+    records = ordered(units, head_records + lookup_records, unit_records)
     write_jsonl(ctx.path("explanations.jsonl"), records)
-    summary = summarize(records, llm)
+    summary = summarize([r for r in records if r.explainer != LOOKUP], llm)
+    c = Counter(r.status for r in lookup_records)
+    summary["lookup"] = {"total": len(lookup_records), "ok": c["ok"], "skipped": c["skipped"],
+                         "reasons": dict(sorted(Counter(r.error.split(":", 1)[0] for r in lookup_records
+                                                        if r.error).items())),
+                         "source": "lookups.jsonl" if lookup_rows else "none (attribute.lookups is off)"}
     atomic_write(ctx.path("explain.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(llm=llm.summary(), seconds=round(time.perf_counter() - start, 1))
     print(summary_text(summary, ctx.this_run))
+
+
+def marked_examples(contexts: list[dict], lookup_rows: list[dict], tokenizer, cfg) -> dict[tuple[str, str, int], str]:
+    """(unit, head, train rank) → the active prompt's text with the tokens the head looked up marked
+    (`prompts.mark_tokens`), for `explain.mark_lookups`."""
+
+    tokens_of = {(c["unit_id"], c["rank"]): c["tokens"] for c in contexts if c["split"] == "train" and c["kind"] == "top"}
+    return {(u, h, r): mark_tokens(token_strings(tokenizer, tokens_of[(u, r)]), positions)
+            for (u, h, r), positions in looked_up_positions(lookup_rows, cfg.lookup_min_share).items()
+            if (u, r) in tokens_of}
 
 
 def ordered(units: list[dict], head_records: list[ExplanationRecord],
@@ -104,4 +127,8 @@ def summary_text(s: dict, this_run: dict) -> str:
              f"{run['failed']} failed calls in {run['seconds']}s"]
     if s["failures"]:
         lines.append("  failures: " + ", ".join(f"{k} {v}" for k, v in s["failures"].items()))
+    if "lookup" in s:
+        lk = s["lookup"]
+        lines.append(f"  look-up explanations (no LLM): {lk['ok']}/{lk['total']} relevant pairs"
+                     + ("; skipped: " + ", ".join(f"{k} {v}" for k, v in lk["reasons"].items()) if lk["reasons"] else ""))
     return "\n".join(lines)

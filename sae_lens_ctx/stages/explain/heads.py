@@ -39,6 +39,8 @@ class HeadJob:
     n_dropped: int = 0
     problem: str | None = None
     """Why `messages` is None ('reason: detail')."""
+    marked: bool = False
+    """The active examples mark the looked-up tokens (`explain.mark_lookups`)."""
 
 
 def explainer_name(cfg: ExplainConfig) -> str:
@@ -46,8 +48,11 @@ def explainer_name(cfg: ExplainConfig) -> str:
 
 
 def build_jobs(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[dict], cfg: ExplainConfig,
-               count_tokens: Callable[[str], int] | None, seed: int = 0) -> list[HeadJob]:
-    """A job per relevant pair (at most `explain.max_heads_per_unit` per unit), in the order of `heads.jsonl`."""
+               count_tokens: Callable[[str], int] | None, seed: int = 0,
+               marked: dict[tuple[str, str, int], str] | None = None) -> list[HeadJob]:
+    """A job per relevant pair (at most `explain.max_heads_per_unit` per unit), in the order of `heads.jsonl`.
+    `marked` ((unit, head, rank) → text with the looked-up tokens marked, `explain.mark_lookups`) replaces
+    the active examples' texts, and the prompt then says what the marks are."""
     token_of = {u["unit_id"]: u["token"] for u in units}
     text_of = {(c["unit_id"], c["rank"]): c["text"] for c in contexts if c["split"] == "train" and c["kind"] == "top"}
     chosen = explained_heads(heads, cfg.max_heads_per_unit)
@@ -61,12 +66,16 @@ def build_jobs(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[
             return [text_of[(unit_id, r)] for r in sorted(ranks) if (unit_id, r) in text_of]
 
         active = texts(h["active_train_ranks"])[:cfg.n_active]
+        if marked is not None:
+            ranks = [r for r in sorted(h["active_train_ranks"]) if (unit_id, r) in text_of][:cfg.n_active]
+            active = [marked.get((unit_id, h["head"], r), t) for r, t in zip(ranks, active)]
         inactive = texts(h["inactive_train_ranks"])[:cfg.n_inactive]
         if cfg.shuffle_examples:
             rng = random.Random(f"{seed}:{unit_id}:{h['head']}")
             rng.shuffle(active)
             rng.shuffle(inactive)
-        jobs.append(_fit(HeadJob(unit_id, h["head"], token, active, inactive, None), cfg, count_tokens))
+        jobs.append(_fit(HeadJob(unit_id, h["head"], token, active, inactive, None, marked=marked is not None),
+                         cfg, count_tokens))
     return jobs
 
 
@@ -91,7 +100,7 @@ def _fit(job: HeadJob, cfg: ExplainConfig, count_tokens: Callable[[str], int] | 
         return job
     budget = cfg.context_window - cfg.max_tokens - CHAT_OVERHEAD
     while True:
-        messages = prompts.head_messages(job.token, job.active, job.inactive, cfg.prompt_ending)
+        messages = prompts.head_messages(job.token, job.active, job.inactive, cfg.prompt_ending, marked=job.marked)
         n = count_tokens(messages[0]["content"]) if count_tokens else 0
         if n <= budget:
             job.messages = messages

@@ -93,6 +93,30 @@ def context_html(pieces: list[str] | None, acts: list[float] | None, text: str, 
     return f'<span class="ctx">{"".join(spans)}</span>'
 
 
+LOOKUP_SHADE = "30,136,229"
+"""RGB of the look-up shading (alpha = a position's contribution / the largest one recorded on the prompt)."""
+
+
+def lookup_html(pieces: list[str] | None, record: dict) -> str:
+    """A prompt's context tokens shaded by what the head drew from each (`lookups.jsonl`: the recorded
+    top positions; a negative contribution is underlined). Without pieces, the looked-up tokens alone."""
+    sources = [s for s in record.get("sources") or [] if s["position"] >= record.get("offset", 0)]
+    peak = max((abs(s["contribution"]) for s in record.get("sources") or []), default=0.0)
+    by_pos = {s["position"] - record.get("offset", 0): s for s in sources}
+    if pieces is None:
+        pieces = [s["token"] for s in sorted(sources, key=lambda s: s["position"])]
+        by_pos = {i: s for i, s in enumerate(sorted(sources, key=lambda s: s["position"]))}
+    spans = []
+    for i, piece in enumerate(pieces):
+        s = by_pos.get(i)
+        alpha = 0.0 if s is None or peak <= 0 else min(1.0, abs(s["contribution"]) / peak)
+        title = "" if s is None else f' title="attention {s["attention"]:.3g}, contribution {s["contribution"]:.4g}"'
+        under = ";text-decoration:underline" if s is not None and s["contribution"] < 0 else ""
+        spans.append(f'<span class="tok" style="background:rgba({LOOKUP_SHADE},{alpha:.2f}){under}"{title}>'
+                     f"{esc(piece)}</span>")
+    return f'<span class="ctx">{"".join(spans)}</span>'
+
+
 def standalone(fragment: str) -> str:
     """An HTML fragment as a small self-contained document (for W&B's HTML cells)."""
     return f'<!doctype html><meta charset="utf-8"><style>{CSS}</style>{fragment}'
@@ -222,6 +246,7 @@ class Report:
         self.contexts: dict[str, list[tuple[int, dict]]] = {}
         for line, c in enumerate(res.rows("contexts")):
             self.contexts.setdefault(c["unit_id"], []).append((line, c))
+        self.lookups = res.grouped("lookups")
 
     def ordered_units(self) -> list[dict]:
         return sorted(self.res.units, key=lambda u: (bool(u.get("control")), u.get("layer", 0), str(u.get("index")),
@@ -254,7 +279,7 @@ class Report:
         parts = [f'<section id="{esc(unit_anchor(uid))}" class="page unit">',
                  '<p><a href="#units">← all units</a> · <a href="#summary">run summary</a></p>',
                  f"<h2>{esc(uid)} → <code>{esc(u.get('token'))}</code>{control}</h2><dl>{facts}</dl>",
-                 self._heads(uid), self._contexts(uid), self._explanations(uid), self._scores(uid),
+                 self._heads(uid), self._contexts(uid), self._lookups(uid), self._explanations(uid), self._scores(uid),
                  self._versus(uid), "</section>"]
         return "".join(parts)
 
@@ -295,6 +320,31 @@ class Report:
             items.append(f'<li>{self.renderer.html(c, line, peak)}<span class="muted">activation '
                          f'{fmt(c.get("activation"))}{nxt}</span> {badges}</li>')
         return f"<h3>Top contexts (train)</h3><ol class=contexts>{''.join(items)}</ol>"
+
+    def _lookups(self, uid: str, per_head: int = 3) -> str:
+        """Per relevant head, its first active train prompts twice: shaded by the unit's activation and by
+        the head's look-up contribution, with the first position's share (the attention sink)."""
+        records = [r for r in self.lookups.get(uid, []) if r.get("split") == "train" and r.get("active")]
+        if not records:
+            return ""
+        rows_of = {c.get("rank"): (line, c) for line, c in self.contexts.get(uid, [])
+                   if c.get("split") == "train" and c.get("kind", "top") == "top"}
+        peak = self.peaks.get(uid, 0.0)
+        shown: dict[str, int] = {}
+        rows = []
+        for r in sorted(records, key=lambda r: (r["head"], r["rank"])):
+            if shown.get(r["head"], 0) >= per_head or r["rank"] not in rows_of:
+                continue
+            shown[r["head"]] = shown.get(r["head"], 0) + 1
+            line, c = rows_of[r["rank"]]
+            rows.append([_td(r["head"]), _td(r["rank"], True), f"<td>{self.renderer.html(c, line, peak)}</td>",
+                         f"<td>{lookup_html(self.renderer.pieces(c), r)}</td>", _td(r.get("attribution"), True),
+                         _td(r.get("first_attention"), True), _td(r.get("first_contribution"), True)])
+        return ("<h3>Look-ups</h3><p class=muted>What each relevant head drew from the context on its active train "
+                "prompts: orange, the unit's activation; blue, the head's contribution from each token (exact: "
+                "they sum to the head's attribution; the top recorded positions shaded).</p>"
+                + _table(["head", "prompt", "unit activation", "look-up contribution", "head attribution",
+                          "first position: attention", "first position: contribution"], rows, "lookups"))
 
     def _explanations(self, uid: str) -> str:
         ex = self.explanations.get(uid, [])

@@ -111,7 +111,7 @@ class RunTables:
         for s in self.rows("scores"):
             if number(s.get("value")) is None:
                 continue
-            scorer = str(s.get("scorer"))
+            scorer = scorer_label(s)
             if s.get("head") is None and scorer in UNIT_SCORERS:
                 scorer = UNIT_SCORERS[scorer]  # the unit's own score beside its heads' score of the same kind
             key = (s.get("unit_id"), scorer)
@@ -205,13 +205,19 @@ class RunTables:
                 continue
             target = "units" if s.get("head") is None else "heads"
             control = "_control" if self.is_control(s) else ""
-            by[(safe_name(str(s.get("scorer"))), target, control)].append(value)
+            by[(safe_name(scorer_label(s)), target, control)].append(value)
         for (scorer, target, control), values in sorted(by.items()):
             m[f"scores/{scorer}/{target}_mean{control}"] = _mean(values)
             m[f"scores/{scorer}/{target}_n{control}"] = len(values)
             m[f"scores/{scorer}/{target}_well_explained{control}"] = (
                 sum(v >= well_explained for v in values) / len(values))
         return m
+
+
+def scorer_label(score: dict) -> str:
+    """A score's scorer, prefixed 'lookup_' for the look-up explainer's (kept apart from the LLM's)."""
+    scorer = str(score.get("scorer"))
+    return f"lookup_{scorer}" if score.get("explainer") == "lookup" else scorer
 
 
 def number(value: Any) -> float | None:
