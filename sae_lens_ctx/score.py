@@ -15,7 +15,8 @@ backend and cache):
 
 Metrics are pure functions of labels and judge outputs (`balanced_accuracy`, `auroc`, `parse_answer`,
 `p_yes`, `bootstrap_ci`, `compare`, `paper_statistics`) so that they are checked by hand in tests.
-A failed call, or a reply with no Yes/No, is counted and never scored.
+A failed call, or a reply with no standalone yes/no word (`parse_answer`), or whose Yes/No position
+holds less than `MIN_YES_NO_MASS` of Yes/No probability, is counted (unparsed) and never scored.
 
 Outputs: `scores.jsonl` (`ScoreRecord`s), `judgements.jsonl` (every judge call, to trace a score
 back to the answers), `summary.json` (aggregates beside their controls).
@@ -57,40 +58,67 @@ INPUTS = {"units.jsonl": "discover", "contexts.jsonl": "mine", "heads.jsonl": "a
 # Judge replies
 # --------------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[a-z]+")
+_ANSWER_WORD = re.compile(r"(?<![a-z0-9])(yes|no)(?![a-z0-9])", re.IGNORECASE)
+
+MIN_YES_NO_MASS = 0.1
+"""P(Yes) is read only where the Yes/No variants hold at least this much probability (summed over the
+answer token and its alternatives) at the reply's Yes/No position; below it the reply is unparsed."""
 
 
 def parse_answer(text: str | None) -> bool | None:
-    """The judge's Yes/No from its reply: 'Yes', 'yes.', '**Yes**', 'Answer: No', ' NO!' all parse;
-    the first 'yes' or 'no' word wins; anything else is None (unparseable, never scored)."""
-    if not text:
-        return None
-    for word in _WORD.findall(text.lower()):
-        if word in ("yes", "no"):
-            return word == "yes"
-        if word not in ("answer", "the", "is", "a", "my"):
-            return None
-    return None
+    """The judge's Yes/No from its reply: the first standalone 'yes' or 'no' word (any case, any
+    punctuation or markdown around it) decides. 'Yes', '**YES**', 'Sure, yes.' and 'I would say yes'
+    are Yes; 'Answer: No', 'Final answer: No' and 'No, it does not.' are No; a reply with no
+    standalone yes/no word ('Sure', 'Not sure', 'Maybe') is None: unparsed, never scored."""
+    match = _ANSWER_WORD.search(text or "")
+    return None if match is None else match.group(1).lower() == "yes"
 
 
 def _yes_no(token: str) -> bool | None:
-    word = token.strip().strip("*_`'\".:!").lower()
+    word = token.strip().strip("*_`'\".:!,").lower()
     return True if word == "yes" else False if word == "no" else None
 
 
-def p_yes(logprobs: Sequence[Any] | None) -> float | None:
-    """P(Yes) / (P(Yes) + P(No)) at the first answer token whose alternatives hold Yes or No (variants
-    of case and spacing summed); None when the backend gave no logprobs or neither word appears."""
-    for position in logprobs or []:
-        alternatives = list(position.top) or [(position.token, position.logprob)]
-        mass = {True: 0.0, False: 0.0}
-        for token, logprob in alternatives:
-            side = _yes_no(token)
-            if side is not None:
-                mass[side] += math.exp(logprob)
-        if mass[True] + mass[False] > 0:
-            return mass[True] / (mass[True] + mass[False])
-    return None
+def answer_position(logprobs: Sequence[Any], text: str | None) -> int | None:
+    """Index of the generated token that carries the reply's deciding Yes/No word (`parse_answer`'s):
+    the token whose span holds the word's first character when the tokens join to the reply, else
+    the first token that is itself a yes/no word. None when the reply has no Yes/No."""
+    match = _ANSWER_WORD.search(text or "")
+    if match is None or not logprobs:
+        return None
+    if "".join(p.token for p in logprobs) == text:
+        offset = 0
+        for i, p in enumerate(logprobs):
+            offset += len(p.token)
+            if offset > match.start():
+                return i
+    return next((i for i, p in enumerate(logprobs) if _yes_no(p.token) is not None), None)
+
+
+def p_yes(logprobs: Sequence[Any] | None, text: str | None = None) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) at the position where the reply carries its Yes/No token
+    (`answer_position`; with no `text`, the first token that is a yes/no word), variants of case,
+    spacing and punctuation summed over the token and its alternatives. None when the backend gave no
+    logprobs, the reply has no Yes/No token, or the Yes/No mass there is below `MIN_YES_NO_MASS`
+    (a "Sure" whose alternatives hold Yes and No at 1e-5 is never read as an answer)."""
+    if not logprobs:
+        return None
+    if text is None:
+        text = "".join(p.token for p in logprobs)
+    i = answer_position(logprobs, text)
+    if i is None:
+        return None
+    position = logprobs[i]
+    alternatives = dict(position.top)
+    alternatives.setdefault(position.token, position.logprob)
+    mass = {True: 0.0, False: 0.0}
+    for token, logprob in alternatives.items():
+        side = _yes_no(token)
+        if side is not None:
+            mass[side] += math.exp(logprob)
+    if mass[True] + mass[False] < MIN_YES_NO_MASS:
+        return None
+    return mass[True] / (mass[True] + mass[False])
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,11 +339,12 @@ def _fill(j: Judgement, result: CallResult) -> Judgement:
     j.prompt_tokens, j.completion_tokens = result.response.prompt_tokens, result.response.completion_tokens
     j.cost_usd = result.cost_usd
     j.answer = parse_answer(result.text)
-    j.p_yes = p_yes(result.response.logprobs)
-    if j.answer is None and j.p_yes is not None:
-        j.answer = j.p_yes >= 0.5  # a reply cut to one odd token still has its Yes/No mass
+    lps = result.response.logprobs
+    j.p_yes = p_yes(lps, result.text) if j.answer is not None else None
+    if j.answer is not None and j.p_yes is None and answer_position(lps or [], result.text) is not None:
+        j.answer = None  # the Yes/No token is there but its Yes/No mass is negligible (< MIN_YES_NO_MASS)
     if j.answer is None:
-        j.status = "unparsed"
+        j.status = "unparsed"  # no Yes/No in the reply: never scored, whatever its alternatives hold
     return j
 
 

@@ -126,7 +126,7 @@ def scores_of(out) -> dict[tuple, dict]:
 
 @pytest.mark.parametrize("reply, answer", [
     ("Yes", True), ("yes.", True), ("**Yes**", True), ("Answer: No", False), (" NO!", False),
-    ("No, it is not", False), ("Maybe", None), ("", None), (None, None), ("I think yes", None)])
+    ("No, it is not", False), ("Maybe", None), ("", None), (None, None), ("I think yes", True)])
 def test_replies_are_parsed_robustly_and_the_rest_is_unparseable(reply, answer):
     assert score.parse_answer(reply) is answer
 
