@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESULTS_FORMAT = 1
-"""Version of the run-directory layout. A directory written under another version is refused."""
+RESULTS_FORMAT = 2
+"""Version of the run-directory layout. A directory written under another version is refused. 2: held-out
+negatives matched to the positives' lengths and confound controls beside every score (results of 1 hold
+length-confounded unit scores)."""
 
 MANIFEST = "stages.json"
 CONFIG_FILE = "config.yaml"

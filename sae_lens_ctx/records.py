@@ -291,3 +291,8 @@ class ScoreRecord:
     """Judge calls that failed: counted, never scored."""
     skipped: str | None = None
     """Why `value` is None ('one class only', 'no logprobs from the judge', ...)."""
+    explainer: str = ""
+    """The `explainer` of the scored explanation ('paper-round1', 'paper-round2', 'neuron-explainer', 'lookup'), or,
+    for a confound control that scores no explanation, the control's name ('length', 'token')."""
+    control_kind: str | None = None
+    """None for a real score; for a control: 'random_unit', 'shuffled', 'length' or 'token'."""

@@ -34,7 +34,7 @@ import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -365,6 +365,8 @@ class Inputs:
     not_scored: Counter = field(default_factory=Counter)
     scorable: dict[tuple[str, str], str] = field(default_factory=dict)
     """(unit, head) → explanation text of every pair that is judged (filled by `build_jobs`)."""
+    train: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    """unit_id → kind → its train prompts (what the length control is fitted on)."""
 
 
 def read_inputs(ctx: RunContext) -> Inputs:
@@ -373,10 +375,10 @@ def read_inputs(ctx: RunContext) -> Inputs:
             raise UserError(f"{ctx.path(name)} is missing: run the {stage} stage first (`sae-lens-ctx run --out DIR`)")
     units = {u["unit_id"]: u for u in iter_jsonl(ctx.path("units.jsonl"))}
     test: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    train: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for c in iter_jsonl(ctx.path("contexts.jsonl")):
-        if c["split"] == "test":
-            test[c["unit_id"]][c["kind"]].append(c)
-    for per_kind in test.values():
+        (test if c["split"] == "test" else train)[c["unit_id"]][c["kind"]].append(c)
+    for per_kind in [*test.values(), *train.values()]:
         for rows in per_kind.values():
             rows.sort(key=lambda c: c["rank"])
     heads = [h for h in iter_jsonl(ctx.path("heads.jsonl")) if h["relevant"]]
@@ -386,7 +388,7 @@ def read_inputs(ctx: RunContext) -> Inputs:
             unit_expl[e["unit_id"]] = e
         else:
             head_expl[(e["unit_id"], e["head"])] = e
-    return Inputs(units, test, heads, head_expl, unit_expl)
+    return Inputs(units, test, heads, head_expl, unit_expl, train=train)
 
 
 def shuffled_partner(pairs: Sequence[tuple[str, str]], seed: int) -> dict[tuple[str, str], tuple[str, str]]:
@@ -585,8 +587,12 @@ def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[fl
 
 
 def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg: ScoreConfig,
-                   seed: int) -> list[ScoreRecord]:
-    """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head."""
+                   seed: int, inp: Inputs | None = None) -> list[ScoreRecord]:
+    """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head;
+    with `inp`, each record's `explainer` and the confound controls beside them (`controls.py`).
+    `control_kind`: 'random_unit' for a random control unit's scores, 'shuffled' for `shuffled_*`."""
+    from .controls import control_scores
+
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
         groups[(j.task, j.unit_id, j.head)].append(j)
@@ -597,6 +603,17 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg:
         records += score_group(js, unit_id, head, prefix[task], control, cfg, seed)
         if task == "unit":
             records.append(simulation_score(js, unit_id, control, cfg, seed))
+    explainers = {} if inp is None else {
+        **{f"{u}/{h}": e.get("explainer", "") for (u, h), e in inp.head_explanations.items()},
+        **{u: e.get("explainer", "") for u, e in inp.unit_explanations.items()}}
+    whose = {(j.task, j.unit_id, j.head): j.explanation_of for j in judgements}
+    for i, r in enumerate(records):
+        task = next(t for t, p in sorted(prefix.items(), key=lambda kv: -len(kv[1])) if r.scorer.startswith(p))
+        of = whose.get((task, r.unit_id, r.head), "")
+        records[i] = replace(r, explainer=explainers.get(of, explainers.get(of.split("/")[0], "")),  # unit+head: unit's
+                             control_kind="shuffled" if task == "shuffled" else "random_unit" if r.control else None)
+    if inp is not None:
+        records += control_scores(judgements, inp, cfg, seed)
     return records
 
 
@@ -605,14 +622,27 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg:
 # --------------------------------------------------------------------------------------------
 
 
-def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool) -> list[float]:
-    return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None]
+ONE_SIDED = 0.1
+"""A judge that says Yes to fewer than this share of prompts, or No to fewer, is flagged as one-sided."""
+CONFOUNDS = ("length", "token")
+"""`control_kind`s of the confound controls (`controls.py`): judges that read no explanation."""
 
 
-def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool) -> tuple[list, list]:
-    by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control}
-    keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control]
-    return [by.get((*k, a)) for k in keys], [by.get((*k, b)) for k in keys]
+def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool, kind: str | None = None) -> list[float]:
+    """Values of one scorer on real (`control=False`) or random control units; `kind` picks a confound
+    control's records instead of the judge's."""
+    return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None
+            and (s.control_kind if s.control_kind in CONFOUNDS else None) == kind]
+
+
+def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool, kind: str | None = None) -> tuple[list, list]:
+    """Values of scorer `a` (the judge's) and `b` (of confound `kind`, or the judge's) per (unit, head)."""
+    def key_of(s):
+        return s.control_kind if s.control_kind in CONFOUNDS else None
+    by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control and key_of(s) == kind}
+    keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control and key_of(s) is None]
+    real = {(s.unit_id, s.head): s.value for s in scores if s.scorer == a and s.control == control and key_of(s) is None}
+    return [real[k] for k in keys], [by.get((*k, b)) for k in keys]
 
 
 def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
@@ -620,7 +650,8 @@ def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
     prompts, its head explanations' mean E/AUROC on head activity, and the best unit+head AUROC."""
     by_unit: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for s in scores:
-        by_unit[s.unit_id][s.scorer].append(s.value)
+        if s.control_kind not in CONFOUNDS:
+            by_unit[s.unit_id][s.scorer].append(s.value)
     rows = []
     for unit_id, m in by_unit.items():
         if not m.get("E"):
@@ -657,6 +688,16 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         real, shuffled = _paired(scores, scorer, f"shuffled_{scorer}", False)
         headline[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
+    warnings_ = []
+    for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation"):
+        for kind in CONFOUNDS:
+            real, other = _paired(scores, scorer, scorer, False, kind)
+            headline[scorer][f"{kind}_control"] = aggregate([v for v in other if v is not None], **boot)
+            headline[scorer][f"real_minus_{kind}"] = c = compare(real, other, paired=True, **boot)
+            if c["n_real"] and not c["distinguishable"]:
+                warnings_.append(f"{scorer}: the real score does not beat its {kind}-only control "
+                                 f"(real − {kind} = {_num(c['difference'])}, CI [{_num(c['ci_low'])}, "
+                                 f"{_num(c['ci_high'])}]): {c['verdict']}")
     head_js = [j for j in judgements if j.task == "head" and j.status == "ok"]
     labels = [j.label for j in head_js]
     yes_rate = float(np.mean([j.answer for j in head_js])) if head_js else None
@@ -668,20 +709,41 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
     }
     rows = head_versus_neuron(scores)
     counts = Counter(j.status for j in judgements)
-    by_scorer = Counter((s.scorer, s.skipped) for s in scores if s.skipped)
+    by_scorer = Counter((s.scorer if s.control_kind not in CONFOUNDS else f"{s.scorer} ({s.control_kind} control)",
+                         s.skipped) for s in scores if s.skipped)
+    from .controls import length_gaps
+
+    answered = [j.answer for j in judgements if j.status == "ok" and j.task in ("head", "unit")]
+    overall_yes = float(np.mean(answered)) if answered else None
+    headline["constant_judges"]["judge_yes_rate_all"] = overall_yes
+    if overall_yes is not None and not ONE_SIDED < overall_yes < 1 - ONE_SIDED:
+        warnings_.append(f"the judge answers one way almost always: Yes to {overall_yes:.1%} of {len(answered)} "
+                         f"prompts (outside [{ONE_SIDED:.0%}, {1 - ONE_SIDED:.0%}]); its E is close to a constant "
+                         "judge's 0.5 by construction")
+
+    gaps = length_gaps(judgements, inp)
+    if gaps["gaps"]:
+        warnings_.append(gaps["verdict"])
     return {
         "headline": headline,
+        "confound_warnings": warnings_,
+        "length_gaps": gaps,
         "paper_statistics": {"real": paper_statistics(_values(scores, "E", False), well_explained),
                              "random_units": paper_statistics(_values(scores, "E", True), well_explained)},
         "head_versus_neuron": rows,
         "counts": {"pairs_relevant": len(inp.pairs),
-                   "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None]),
+                   "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None
+                                        and s.control_kind not in CONFOUNDS]),
                    "not_scored": dict(inp.not_scored),
                    "skipped_scores": {f"{k}: {r}": v for (k, r), v in sorted(by_scorer.items())},
                    "judgements": len(judgements), "parsed": counts["ok"], "unparsed": counts["unparsed"],
                    "failed": counts["failed"]},
         "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs},
     }
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def summary_text(s: dict) -> str:
@@ -700,6 +762,11 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {'':<21} vs random units: {h[scorer]['real_minus_random_units']['verdict']}")
         if "real_minus_shuffled" in h[scorer]:
             lines.append(f"  {'':<21} vs shuffled explanations: {h[scorer]['real_minus_shuffled']['verdict']}")
+        for kind in CONFOUNDS:
+            if f"real_minus_{kind}" in h[scorer]:
+                lines.append(f"  {'':<21} vs {kind}-only judge {fmt(h[scorer][f'{kind}_control'])}: "
+                             f"{h[scorer][f'real_minus_{kind}']['verdict']}")
+    lines += [f"warning: {w}" for w in s.get("confound_warnings", [])]
     return "\n".join(lines)
 
 
@@ -738,7 +805,7 @@ def run_stage(ctx: RunContext) -> None:
     finally:
         llm.close()
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements])
-    scores = compute_scores(judgements, inp.units, cfg, ctx.config.seed)
+    scores = compute_scores(judgements, inp.units, cfg, ctx.config.seed, inp)
     write_jsonl(ctx.path("scores.jsonl"), scores)
     summary = summarize(scores, judgements, inp, cfg, ctx.config.seed, ctx.config.logging.well_explained)
     summary["cost"] = run_cost(ctx, judgements)

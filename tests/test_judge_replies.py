@@ -59,7 +59,8 @@ def test_case13_a_judge_that_says_sure_gives_no_scored_judgement(tmp_path, serve
     judgements, scores = _score(tmp_path, server, "judge-sure")
     assert judgements and all(j["reply"] == "Sure" for j in judgements)
     assert all(j["status"] == "unparsed" and j["answer"] is None and j["p_yes"] is None for j in judgements)
-    assert all(s["value"] is None and s["n_parsed"] == 0 for s in scores)
+    judged = [s for s in scores if s["control_kind"] not in ("length", "token")]  # the confound controls read
+    assert judged and all(s["value"] is None and s["n_parsed"] == 0 for s in judged)  # no reply: they score
 
 
 def test_case14_chatty_replies_parse_to_their_stated_answers(tmp_path, server):

@@ -115,8 +115,10 @@ def make_ctx(out, backend=KeywordJudge.backend, **score_cfg):
     return RunContext(out=out, config=cfg)
 
 
-def scores_of(out) -> dict[tuple, dict]:
-    return {(s["unit_id"], s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")}
+def scores_of(out, control_kind=None) -> dict[tuple, dict]:
+    """The judge's scores (or one confound control's, `control_kind` 'length' / 'token') by (unit, head, scorer)."""
+    return {(s["unit_id"], s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")
+            if (s["control_kind"] if s["control_kind"] in ("length", "token") else None) == control_kind}
 
 
 # --------------------------------------------------------------------------------------------
