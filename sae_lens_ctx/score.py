@@ -127,61 +127,53 @@ def p_yes(logprobs: Sequence[Any] | None, text: str | None = None) -> float | No
 
 
 def balanced_accuracy(labels: Sequence[bool], predictions: Sequence[bool], single_class: str = "skip") -> float | None:
-    """E = ½(TPR + TNR) (paper-method §5.3), scikit-learn's `balanced_accuracy_score`. With one class
-    only: None ('skip', round 2) or the one rate there is ('single-rate', round 1; what scikit-learn
-    returns then). None for no examples."""
-    from sklearn.metrics import balanced_accuracy_score
-
+    """E = ½(TPR + TNR) (paper-method §5.3). With one class only: None ('skip', round 2) or the one
+    rate there is ('single-rate', round 1). None for no examples."""
     y, p = np.asarray(labels, bool), np.asarray(predictions, bool)
-    if y.size == 0 or (single_class == "skip" and (y.all() or not y.any())):
+    if y.size == 0:
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": the single-rate case
-        return float(balanced_accuracy_score(y, p))
+    rates = []
+    if y.any():
+        rates.append(float((p & y).sum() / y.sum()))
+    if (~y).any():
+        rates.append(float((~p & ~y).sum() / (~y).sum()))
+    if len(rates) == 1 and single_class == "skip":
+        return None
+    return sum(rates) / len(rates)
 
 
 def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
     """Area under the ROC curve = P(score of a positive > score of a negative), ties counting ½
-    (the Mann-Whitney U over n₊·n₋), scikit-learn's `roc_auc_score`. None with one class."""
-    from sklearn.metrics import roc_auc_score
-
+    (the Mann-Whitney U over n₊·n₋). None with one class."""
     y, s = np.asarray(labels, bool), np.asarray(scores, float)
-    if y.all() or not y.any():
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
         return None
-    return float(roc_auc_score(y, s))
+    ranks = stats.rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
-    """Pearson's r (`scipy.stats.pearsonr`); None with fewer than two values or a constant side."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(stats.pearsonr(x, y).statistic)
+    return float(np.corrcoef(x, y)[0, 1])
 
 
 def bootstrap_ci(statistic: Callable[..., float | None], arrays: Sequence[Sequence], n_resamples: int,
                  confidence: float, seed: int) -> tuple[float | None, float | None]:
-    """Percentile bootstrap over items (the arrays are resampled together): `scipy.stats.bootstrap`
-    (paired) draws the resamples and evaluates the statistic. Resamples on which the statistic is
-    undefined (one class left: None) are dropped and the percentile interval is taken over the rest;
-    fewer than half defined gives (None, None). (scipy's own interval is NaN as soon as one resample is
-    undefined; where every resample is defined the two are the same numbers.)"""
+    """Percentile bootstrap over items (the arrays are resampled together). Resamples on which the
+    statistic is undefined (one class left) are dropped; fewer than half defined gives (None, None)."""
     columns = [np.asarray(a) for a in arrays]
     n = len(columns[0])
     if n < 2:
         return None, None
-
-    def defined(*cols):
-        v = statistic(*cols)
-        return np.nan if v is None else v
-
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")  # degenerate (constant or NaN) distributions: handled below
-        res = stats.bootstrap(columns, defined, paired=True, vectorized=False, n_resamples=n_resamples,
-                              confidence_level=confidence, method="percentile",
-                              random_state=np.random.default_rng(seed))
-    values = np.asarray(res.bootstrap_distribution, float)
-    values = values[np.isfinite(values)]
+    rng = np.random.default_rng(seed)
+    values = []
+    for idx in rng.integers(0, n, size=(n_resamples, n)):
+        v = statistic(*(c[idx] for c in columns))
+        if v is not None and np.isfinite(v):
+            values.append(v)
     if len(values) < n_resamples / 2:
         return None, None
     tail = (1 - confidence) / 2 * 100

@@ -335,29 +335,3 @@ def test_explanations_with_template_markers_are_data_in_the_judge_prompts():
         assert hostile in text and " the city paris" in text
     unit_text = score.unit_judge_messages(hostile, " the city")[0]["content"]
     assert hostile in unit_text and unit_text.count(" the city") == 1
-
-
-def test_library_statistics_equal_the_former_hand_written_ones():
-    """scikit-learn / scipy (issue 18) give the numbers the hand-written statistics gave, bootstrap
-    intervals included (the same seeded resamples; undefined resamples dropped as before)."""
-    def auroc_by_ranks(y, s):
-        r = stats.rankdata(s)
-        return (r[y].sum() - y.sum() * (y.sum() + 1) / 2) / (y.sum() * (~y).sum())
-
-    def bootstrap_by_hand(statistic, arrays, n_resamples, confidence, seed):
-        rng, n = np.random.default_rng(seed), len(arrays[0])
-        values = [v for idx in rng.integers(0, n, size=(n_resamples, n))
-                  if (v := statistic(*(a[idx] for a in arrays))) is not None]
-        return tuple(np.percentile(values, [(1 - confidence) * 50, 100 - (1 - confidence) * 50]))
-
-    rng = np.random.default_rng(1)
-    for t in range(4):
-        n = 8 + 3 * t
-        y, s, p, x = rng.random(n) < 0.4, rng.random(n), rng.random(n) < 0.5, rng.random(n)
-        assert score.auroc(y, s) == pytest.approx(auroc_by_ranks(y, s), abs=1e-12)
-        assert score.balanced_accuracy(y, p) == pytest.approx(0.5 * ((p & y).sum() / y.sum() + (~p & ~y).sum() / (~y).sum()))
-        assert score.balanced_accuracy(np.ones(n, bool), p, "single-rate") == pytest.approx(p.mean())
-        assert score.pearson(x, s) == pytest.approx(np.corrcoef(x, s)[0, 1], abs=1e-12)
-        for stat, arrays in ((score.auroc, (y, s)), (score.pearson, (x, s))):  # auroc: some resamples undefined
-            assert np.allclose(score.bootstrap_ci(stat, arrays, 300, 0.9, t),
-                               bootstrap_by_hand(stat, arrays, 300, 0.9, t), atol=1e-12)
