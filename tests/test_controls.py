@@ -80,3 +80,28 @@ def test_a_judge_that_answers_by_length_does_not_beat_its_length_control(tmp_pat
     assert any(w.startswith("unit_E: the real score does not beat its length-only control")
                for w in summary["confound_warnings"])
     assert any("length gap" in w for w in summary["confound_warnings"])  # 8 vs 2 tokens: reported
+
+
+def test_report_opens_with_the_headline_and_gives_no_badge_where_real_and_control_overlap(tmp_path):
+    """The same run reported: the headline box shows real versus the length-only judge with the verdict
+    in words, and the unit's E of 1.0 gets no "well explained" badge (its length control scores 1.0
+    too); checked in the HTML and, where chromium is installed, in the DOM a real browser renders."""
+    from sae_lens_ctx import dashboard
+
+    test_a_judge_that_answers_by_length_does_not_beat_its_length_control(tmp_path)
+    cfg = RunConfig.from_dict({"explain": {"backend": LengthJudge.backend, "cache": False}})
+    dashboard.run_stage(RunContext(out=tmp_path, config=cfg))
+    html = (tmp_path / dashboard.REPORT_FILE).read_text()
+    assert html.index('id="headline"') < html.index('id="units"')  # the report opens with it
+    assert "length-only judge" in html and "cannot be told apart" in html
+    assert "does not beat its length-only control" in html
+    assert "well explained" not in html.split('id="summary"')[0]
+    from test_report import CHROMIUM, Dom, chromium
+
+    if CHROMIUM is None:
+        return
+    dom = Dom()
+    dom.feed(chromium(["--dump-dom", (tmp_path / dashboard.REPORT_FILE).as_uri()], tmp_path / "profile"))
+    headline = " ".join(dom.text.get("headline", []))
+    assert "length-only judge" in headline and "cannot be told apart" in headline
+    assert not any("well explained" in "".join(r) for rows in dom.rows.values() for r in rows)
