@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from planted import planted_corpus
-from sae_lens_ctx import mine
+from sae_lens_ctx import mine, score
 from sae_lens_ctx.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
 from sae_lens_ctx.corpus import TokenContext, build_corpus
 from sae_lens_ctx.errors import UserError
@@ -419,6 +419,8 @@ def assert_negatives_match_positives(records, report):
             mean_top = np.mean([len(r["tokens"]) for r in top])
             assert abs(np.mean([len(r["tokens"]) for r in low]) - mean_top) <= 0.1 * mean_top
             assert max(r["activation"] for r in low) <= 0.1 * max(0.0, max(r["activation"] for r in top)) + 1e-6
+            lengths_auroc = score.auroc([True] * len(top) + [False] * len(low), [len(r["tokens"]) for r in top + low])
+            assert 0.40 <= lengths_auroc <= 0.60  # a judge that reads only the length is at chance
         assert not {(r["doc_id"], r["end"]) for r in low} & {(r["doc_id"], r["end"]) for r in top}  # never a positive
         lengths = per_unit[unit]["test_lengths"]
         assert lengths["top"]["lengths"] == [len(r["tokens"]) for r in top]
