@@ -18,6 +18,10 @@
                       stops), then closes it
   ``ok``              200, ``"a fixed explanation"`` with logprobs and usage
   ``slow-ok``         the same after 20 ms (to hold many calls in flight at once)
+  ``judge-sure``      every reply is the single token "Sure", whose alternatives hold "Yes" and "No"
+                      at a combined probability of 1e-5 (case 13: must be unparsed, never scored)
+  ``judge-chatty``    replies cycled per request from CHATTY_REPLIES (case 14: "Sure! Yes.",
+                      "Final answer: No", ...), each token with its logprob and Yes/No alternatives
   ``fault-mix``       per request, from a seeded draw: 10 % 429, 5 % 500, 5 % hang, 5 % malformed;
                       otherwise a keyword Yes/No judge (Yes when the explanation's last word is in
                       the fenced example), with logprobs
@@ -116,7 +120,38 @@ def _judge(prompt: str) -> dict:
     return out
 
 
-MODELS = ("ok", "slow-ok", "fault-mix", "fault-429", "fault-500", "fault-malformed", "fault-empty", "fault-hang",
+def _sure() -> dict:
+    """Case 13: the reply "Sure", with Yes/No alternatives of negligible probability at its position."""
+    out = _completion("Sure")
+    out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [
+        {"token": "Sure", "logprob": -0.1, "bytes": None}, {"token": "Yes", "logprob": math.log(0.7e-5), "bytes": None},
+        {"token": "No", "logprob": math.log(0.3e-5), "bytes": None}]
+    return out
+
+
+CHATTY_REPLIES = {"Sure! Yes.": True, "Final answer: No": False, "I would say yes": True, "**YES**": True,
+                  "No, it does not.": False, "Not sure": None}
+"""Case 14's chatty replies and the answer each must parse to (None: unparsed)."""
+
+
+def _chatty(i: int) -> dict:
+    """Case 14: the i-th chatty reply, tokenised on word starts, every token with its alternatives: at
+    a yes token P(Yes) = 0.8 / 0.9, at a no token 0.2 / 0.9, elsewhere Yes and No at 1e-6 each."""
+    text = list(CHATTY_REPLIES)[i % len(CHATTY_REPLIES)]
+    pieces = [p for p in text.replace(" ", "\0 ").split("\0") if p]
+    content = []
+    for piece in pieces:
+        word = piece.strip(" *!.,:").lower()
+        top = ([(piece, 0.8), ("No", 0.1)] if word == "yes" else [(piece, 0.7), ("Yes", 0.2)] if word == "no"
+               else [(piece, 0.95), ("Yes", 1e-6), ("No", 1e-6)])
+        content.append({"token": piece, "logprob": math.log(top[0][1]), "bytes": None,
+                        "top_logprobs": [{"token": t, "logprob": math.log(q), "bytes": None} for t, q in top]})
+    out = _completion(text)
+    out["choices"][0]["logprobs"]["content"] = content
+    return out
+
+
+MODELS = ("ok", "slow-ok", "judge-sure", "judge-chatty", "fault-mix", "fault-429", "fault-500", "fault-malformed", "fault-empty", "fault-hang",
           "fault-401")
 """What the fault server lists at /v1/models."""
 
@@ -181,6 +216,10 @@ class FaultInjectionServer:
                              if draw < 0.20 else "fault-malformed" if draw < 0.25 else "judge")
                 if model == "judge":
                     self._send(200, json.dumps(_judge(body["messages"][-1]["content"])).encode())
+                elif model == "judge-sure":
+                    self._send(200, json.dumps(_sure()).encode())
+                elif model == "judge-chatty":
+                    self._send(200, json.dumps(_chatty(server.counts[model] - 1)).encode())
                 elif model == "slow-ok":
                     time.sleep(0.02)
                     self._send(200, json.dumps(_completion(server.ok_text)).encode())

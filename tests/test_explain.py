@@ -508,19 +508,23 @@ def test_stage_is_registered():
 
 
 @pytest.mark.embedded
-def test_in_process_first_token_logprobs_equal_llama_cpp_logits_all():
-    """The embedded backend reads the first answer token's logprobs from the sampler's logits (no
-    second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all."""
+def test_in_process_logprobs_at_every_position_equal_llama_cpp_logits_all():
+    """The embedded backend reads every generated token's logprobs from the sampler's logits (no
+    second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all, at
+    each of several generated positions, and the tokens join to the reply."""
     from sae_lens_ctx.clients.llm import load_llama
 
     client = make_client(ExplainConfig())
     messages = prompts.judge_messages("The head is active when the text is about taxes.",
                                       "and the Congress shall appropriate the funds so that the", " right")
-    got = client.generate(messages, max_tokens=1, temperature=0.0, top_logprobs=5).logprobs
+    r = client.generate(messages, max_tokens=4, temperature=0.0, top_logprobs=5)
+    got = r.logprobs
     reference, _ = load_llama(client.path, client.context_window, logits_all=True)
-    out = reference.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0, logprobs=True,
+    out = reference.create_chat_completion(messages=messages, max_tokens=4, temperature=0.0, logprobs=True,
                                            top_logprobs=5)
-    want = out["choices"][0]["logprobs"]["content"][0]
-    assert len(got) == 1 and got[0].token == want["token"]
-    assert [t for t, _ in got[0].top] == [a["token"] for a in want["top_logprobs"]]
-    assert np.allclose([lp for _, lp in got[0].top], [a["logprob"] for a in want["top_logprobs"]], atol=1e-4)
+    want = out["choices"][0]["logprobs"]["content"]
+    assert len(got) == len(want) >= 1 and "".join(t.token for t in got) == r.text
+    for g, w in zip(got, want):
+        assert g.token == w["token"]
+        assert [t for t, _ in g.top] == [a["token"] for a in w["top_logprobs"]]
+        assert np.allclose([lp for _, lp in g.top], [a["logprob"] for a in w["top_logprobs"]], atol=1e-4)

@@ -6,12 +6,14 @@ import json
 import random
 import tracemalloc
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from planted import planted_corpus
 from sae_lens_ctx.stages.mine import scan as mine
+from sae_lens_ctx.stages import score
 from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
 from sae_lens_ctx.inputs.corpus import TokenContext, build_corpus
 from sae_lens_ctx.core.errors import UserError
@@ -393,6 +395,7 @@ def test_stage_writes_contexts_acts_and_summary(planted_gpt2, tmp_path):
     assert counts[target]["train_top"] == 10 and counts[target]["test_top"] == 5
     assert counts[target]["test_low"] == counts[target]["test_random"] == 5 and counts[target]["train_random"] == 4
     assert report["never_fired"] == [] and report["splits"]["train"]["n_tokens"] > 0
+    assert_negatives_match_positives(records, report)
 
     # held-out split: no test document in any train prompt, by id and by text
     train = [r for r in records if r["split"] == "train"]
@@ -401,6 +404,30 @@ def test_stage_writes_contexts_acts_and_summary(planted_gpt2, tmp_path):
     for r in train:
         assert r["text"].strip() in corpus.text(r["doc_id"])
         assert not any(corpus.text(d) in r["text"] for d in test_docs)
+
+
+def assert_negatives_match_positives(records, report):
+    """Held-out negatives (issue 18): one per positive, of the positive's exact token length (so the
+    classes' mean lengths agree, within 10 % as the issue asks), from another document, not firing
+    at their last token, and mine.json records both classes' lengths."""
+    per_unit = {u["unit_id"]: u for u in report["per_unit"]}
+    units = {r["unit_id"] for r in records}
+    for unit in units:
+        top = [r for r in records if r["unit_id"] == unit and r["split"] == "test" and r["kind"] == "top"]
+        low = [r for r in records if r["unit_id"] == unit and r["split"] == "test" and r["kind"] == "low"]
+        assert len(low) == len(top), unit
+        assert sorted(len(r["tokens"]) for r in low) == sorted(len(r["tokens"]) for r in top)
+        if top:
+            mean_top = np.mean([len(r["tokens"]) for r in top])
+            assert abs(np.mean([len(r["tokens"]) for r in low]) - mean_top) <= 0.1 * mean_top
+            assert max(r["activation"] for r in low) <= 0.1 * max(0.0, max(r["activation"] for r in top)) + 1e-6
+            lengths_auroc = score.auroc([True] * len(top) + [False] * len(low), [len(r["tokens"]) for r in top + low])
+            assert 0.40 <= lengths_auroc <= 0.60  # a judge that reads only the length is at chance
+        assert not {(r["doc_id"], r["end"]) for r in low} & {(r["doc_id"], r["end"]) for r in top}  # never a positive
+        lengths = per_unit[unit]["test_lengths"]
+        assert lengths["top"]["lengths"] == [len(r["tokens"]) for r in top]
+        assert lengths["low"]["lengths"] == [len(r["tokens"]) for r in low]
+    assert report["trim"]["n_positives_without_negative"] == 0
 
 
 def test_stage_killed_and_resumed_writes_the_uninterrupted_files(planted_gpt2, tmp_path, monkeypatch):
@@ -440,7 +467,8 @@ def test_unit_that_never_fires_is_recorded_not_fatal(planted_gpt2, tmp_path, cap
     assert report["never_fired"] == [target]
     assert "never fired" in capsys.readouterr().out
     assert not [r for r in records if r["unit_id"] == target and r["kind"] == "top"]
-    assert [r for r in records if r["unit_id"] == target and r["kind"] == "low"]  # negatives still kept
+    # negatives are matched to positives one by one: no positive, no negative (the unit cannot be scored)
+    assert not [r for r in records if r["unit_id"] == target and r["kind"] == "low"]
 
 
 def test_bad_mine_input(planted_gpt2, tmp_path):

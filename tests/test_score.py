@@ -115,8 +115,10 @@ def make_ctx(out, backend=KeywordJudge.backend, **score_cfg):
     return RunContext(out=out, config=cfg)
 
 
-def scores_of(out) -> dict[tuple, dict]:
-    return {(s["unit_id"], s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")}
+def scores_of(out, control_kind=None) -> dict[tuple, dict]:
+    """The judge's scores (or one confound control's, `control_kind` 'length' / 'token') by (unit, head, scorer)."""
+    return {(s["unit_id"], s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")
+            if (s["control_kind"] if s["control_kind"] in ("length", "token") else None) == control_kind}
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def scores_of(out) -> dict[tuple, dict]:
 
 @pytest.mark.parametrize("reply, answer", [
     ("Yes", True), ("yes.", True), ("**Yes**", True), ("Answer: No", False), (" NO!", False),
-    ("No, it is not", False), ("Maybe", None), ("", None), (None, None), ("I think yes", None)])
+    ("No, it is not", False), ("Maybe", None), ("", None), (None, None), ("I think yes", True)])
 def test_replies_are_parsed_robustly_and_the_rest_is_unparseable(reply, answer):
     assert score.parse_answer(reply) is answer
 

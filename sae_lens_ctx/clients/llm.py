@@ -294,9 +294,10 @@ class LlamaCppClient:
     """A GGUF model in this process. Calls are serialised (one model, one sequence); consecutive calls
     that share a prompt prefix reuse its evaluation. A deadline (`timeout_s`) stops generation.
 
-    Logprobs (`top_logprobs`) are given for the first answer token only, which is what the Yes/No judge
-    needs: they are read from the logits the sampler sees at that position, so no second model with
-    llama-cpp-python's `logits_all` (logits at every prompt position, about twice the cost) is needed."""
+    Logprobs (`top_logprobs`) are given for every generated token, so the Yes/No judge reads P(Yes) where
+    the reply carries its Yes/No token: they are read from the logits the sampler sees at each generated
+    position (before the deadline processor), so no second model with llama-cpp-python's `logits_all`
+    (logits at every prompt position, about twice the cost) is needed."""
 
     def __init__(self, backend: str, path: Path, model: str, *, n_ctx: int, timeout_s: float):
         if not path.is_file():
@@ -316,14 +317,14 @@ class LlamaCppClient:
         llm, lock = load_llama(self.path, self.context_window)
         kwargs = {k: v for k, v in params.items() if k in ("max_tokens", "temperature", "top_p", "stop", "seed")
                   and v is not None}
-        first: list[Any] = []  # the logits at the first answer position, when logprobs are asked for
+        steps: list[tuple[int, Any]] = []  # (last token so far, logits) per generated position, when asked for
         with lock:
             deadline = time.monotonic() + self.timeout_s
             eos = llm.token_eos()
 
             def end_at_deadline(input_ids: Any, scores: Any) -> Any:  # past the deadline, only EOS is possible
-                if top and not first:
-                    first.append(np.array(scores, dtype=np.float64))
+                if top:
+                    steps.append((int(input_ids[-1]), np.array(scores, dtype=np.float64)))
                 if time.monotonic() > deadline:
                     scores[:] = -float("inf")
                     scores[eos] = 0.0
@@ -341,7 +342,7 @@ class LlamaCppClient:
             raise LLMError("timeout", f"generation passed explain.timeout_s ({self.timeout_s}s)", transient=True)
         choice = out["choices"][0]
         text = choice["message"].get("content") or ""
-        lps = [self._first_token_logprobs(llm, first[0], text, top)] if first else None
+        lps = self._token_logprobs(llm, steps, top, eos) if steps else None
         usage = out.get("usage") or {}
         return Response(text=text, logprobs=lps,
                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
@@ -349,17 +350,22 @@ class LlamaCppClient:
                         finish_reason=choice.get("finish_reason"))
 
     @staticmethod
-    def _first_token_logprobs(llm: Any, logits: np.ndarray, text: str, top: int) -> TokenLogprob:
-        """The answer's first token and the `top` most likely tokens at its position, log-softmaxed."""
-        logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
-        best = np.argsort(-logprobs)[:top]
+    def _token_logprobs(llm: Any, steps: list[tuple[int, Any]], top: int, eos: int) -> list[TokenLogprob]:
+        """One `TokenLogprob` per generated token (EOS excluded): the chosen token (read back from the
+        next step's last input id; the last one is the greedy pick) and the `top` most likely, log-softmaxed."""
 
         def piece(i: int) -> str:
             return llm.detokenize([int(i)]).decode("utf-8", errors="replace")
 
-        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
-        chosen = int(ids[0]) if ids else int(best[0])
-        return TokenLogprob(piece(chosen), float(logprobs[chosen]), [(piece(i), float(logprobs[i])) for i in best])
+        out = []
+        for k, (_, logits) in enumerate(steps):
+            logprobs = logits - (logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+            best = np.argsort(-logprobs)[:top]
+            chosen = steps[k + 1][0] if k + 1 < len(steps) else int(best[0])
+            if chosen == eos:
+                break
+            out.append(TokenLogprob(piece(chosen), float(logprobs[chosen]), [(piece(i), float(logprobs[i])) for i in best]))
+        return out
 
 
 _VOCAB: list[Any] = []

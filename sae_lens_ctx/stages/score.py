@@ -15,7 +15,8 @@ backend and cache):
 
 Metrics are pure functions of labels and judge outputs (`balanced_accuracy`, `auroc`, `parse_answer`,
 `p_yes`, `bootstrap_ci`, `compare`, `paper_statistics`) so that they are checked by hand in tests.
-A failed call, or a reply with no Yes/No, is counted and never scored.
+A failed call, or a reply with no standalone yes/no word (`parse_answer`), or whose Yes/No position
+holds less than `MIN_YES_NO_MASS` of Yes/No probability, is counted (unparsed) and never scored.
 
 Outputs: `scores.jsonl` (`ScoreRecord`s), `judgements.jsonl` (every judge call, to trace a score
 back to the answers), `summary.json` (aggregates beside their controls).
@@ -48,6 +49,7 @@ from ..core.records import ScoreRecord, atomic_write, iter_jsonl, write_jsonl
 from ..inputs.context import RunContext
 from ..core.lookups import EXPLAINER as LOOKUP
 from ..core.lookups import judge as lookup_judge
+from .controls import control_scores, length_gaps
 
 log = logging.getLogger(__name__)
 
@@ -58,40 +60,67 @@ INPUTS = ("units.jsonl", "contexts.jsonl", "heads.jsonl", "explanations.jsonl")
 # Judge replies
 # --------------------------------------------------------------------------------------------
 
-_WORD = re.compile(r"[a-z]+")
+_ANSWER_WORD = re.compile(r"(?<![a-z0-9])(yes|no)(?![a-z0-9])", re.IGNORECASE)
+
+MIN_YES_NO_MASS = 0.1
+"""P(Yes) is read only where the Yes/No variants hold at least this much probability (summed over the
+answer token and its alternatives) at the reply's Yes/No position; below it the reply is unparsed."""
 
 
 def parse_answer(text: str | None) -> bool | None:
-    """The judge's Yes/No from its reply: 'Yes', 'yes.', '**Yes**', 'Answer: No', ' NO!' all parse;
-    the first 'yes' or 'no' word wins; anything else is None (unparseable, never scored)."""
-    if not text:
-        return None
-    for word in _WORD.findall(text.lower()):
-        if word in ("yes", "no"):
-            return word == "yes"
-        if word not in ("answer", "the", "is", "a", "my"):
-            return None
-    return None
+    """The judge's Yes/No from its reply: the first standalone 'yes' or 'no' word (any case, any
+    punctuation or markdown around it) decides. 'Yes', '**YES**', 'Sure, yes.' and 'I would say yes'
+    are Yes; 'Answer: No', 'Final answer: No' and 'No, it does not.' are No; a reply with no
+    standalone yes/no word ('Sure', 'Not sure', 'Maybe') is None: unparsed, never scored."""
+    match = _ANSWER_WORD.search(text or "")
+    return None if match is None else match.group(1).lower() == "yes"
 
 
 def _yes_no(token: str) -> bool | None:
-    word = token.strip().strip("*_`'\".:!").lower()
+    word = token.strip().strip("*_`'\".:!,").lower()
     return True if word == "yes" else False if word == "no" else None
 
 
-def p_yes(logprobs: Sequence[Any] | None) -> float | None:
-    """P(Yes) / (P(Yes) + P(No)) at the first answer token whose alternatives hold Yes or No (variants
-    of case and spacing summed); None when the backend gave no logprobs or neither word appears."""
-    for position in logprobs or []:
-        alternatives = list(position.top) or [(position.token, position.logprob)]
-        mass = {True: 0.0, False: 0.0}
-        for token, logprob in alternatives:
-            side = _yes_no(token)
-            if side is not None:
-                mass[side] += math.exp(logprob)
-        if mass[True] + mass[False] > 0:
-            return mass[True] / (mass[True] + mass[False])
-    return None
+def answer_position(logprobs: Sequence[Any], text: str | None) -> int | None:
+    """Index of the generated token that carries the reply's deciding Yes/No word (`parse_answer`'s):
+    the token whose span holds the word's first character when the tokens join to the reply, else
+    the first token that is itself a yes/no word. None when the reply has no Yes/No."""
+    match = _ANSWER_WORD.search(text or "")
+    if match is None or not logprobs:
+        return None
+    if "".join(p.token for p in logprobs) == text:
+        offset = 0
+        for i, p in enumerate(logprobs):
+            offset += len(p.token)
+            if offset > match.start():
+                return i
+    return next((i for i, p in enumerate(logprobs) if _yes_no(p.token) is not None), None)
+
+
+def p_yes(logprobs: Sequence[Any] | None, text: str | None = None) -> float | None:
+    """P(Yes) / (P(Yes) + P(No)) at the position where the reply carries its Yes/No token
+    (`answer_position`; with no `text`, the first token that is a yes/no word), variants of case,
+    spacing and punctuation summed over the token and its alternatives. None when the backend gave no
+    logprobs, the reply has no Yes/No token, or the Yes/No mass there is below `MIN_YES_NO_MASS`
+    (a "Sure" whose alternatives hold Yes and No at 1e-5 is never read as an answer)."""
+    if not logprobs:
+        return None
+    if text is None:
+        text = "".join(p.token for p in logprobs)
+    i = answer_position(logprobs, text)
+    if i is None:
+        return None
+    position = logprobs[i]
+    alternatives = dict(position.top)
+    alternatives.setdefault(position.token, position.logprob)
+    mass = {True: 0.0, False: 0.0}
+    for token, logprob in alternatives.items():
+        side = _yes_no(token)
+        if side is not None:
+            mass[side] += math.exp(logprob)
+    if mass[True] + mass[False] < MIN_YES_NO_MASS:
+        return None
+    return mass[True] / (mass[True] + mass[False])
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,11 +344,12 @@ def _fill(j: Judgement, result: CallResult) -> Judgement:
     j.prompt_tokens, j.completion_tokens = result.response.prompt_tokens, result.response.completion_tokens
     j.cost_usd = result.cost_usd
     j.answer = parse_answer(result.text)
-    j.p_yes = p_yes(result.response.logprobs)
-    if j.answer is None and j.p_yes is not None:
-        j.answer = j.p_yes >= 0.5  # a reply cut to one odd token still has its Yes/No mass
+    lps = result.response.logprobs
+    j.p_yes = p_yes(lps, result.text) if j.answer is not None else None
+    if j.answer is not None and j.p_yes is None and answer_position(lps or [], result.text) is not None:
+        j.answer = None  # the Yes/No token is there but its Yes/No mass is negligible (< MIN_YES_NO_MASS)
     if j.answer is None:
-        j.status = "unparsed"
+        j.status = "unparsed"  # no Yes/No in the reply: never scored, whatever its alternatives hold
     return j
 
 
@@ -342,16 +372,18 @@ class Inputs:
     """(unit, head) → explanation text of every pair that is judged (filled by `build_jobs`)."""
     lookup_explanations: dict[tuple[str, str], dict] = field(default_factory=dict)
     """(unit, head) → its look-up explanation (explainer 'lookup', judged without an LLM)."""
+    train: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    """unit_id → kind → its train prompts (what the length control is fitted on)."""
 
 
 def read_inputs(ctx: RunContext) -> Inputs:
     require_inputs(ctx.out, INPUTS)
     units = {u["unit_id"]: u for u in iter_jsonl(ctx.path("units.jsonl"))}
     test: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    train: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for c in iter_jsonl(ctx.path("contexts.jsonl")):
-        if c["split"] == "test":
-            test[c["unit_id"]][c["kind"]].append(c)
-    for per_kind in test.values():
+        (test if c["split"] == "test" else train)[c["unit_id"]][c["kind"]].append(c)
+    for per_kind in [*test.values(), *train.values()]:
         for rows in per_kind.values():
             rows.sort(key=lambda c: c["rank"])
     heads = [h for h in iter_jsonl(ctx.path("heads.jsonl")) if h["relevant"]]
@@ -363,7 +395,7 @@ def read_inputs(ctx: RunContext) -> Inputs:
             unit_expl[e["unit_id"]] = e
         else:
             head_expl[(e["unit_id"], e["head"])] = e
-    return Inputs(units, test, heads, head_expl, unit_expl, lookup_explanations=lookup_expl)
+    return Inputs(units, test, heads, head_expl, unit_expl, lookup_explanations=lookup_expl, train=train)
 
 
 def shuffled_partner(pairs: Sequence[tuple[str, str]], seed: int) -> dict[tuple[str, str], tuple[str, str]]:
@@ -585,8 +617,11 @@ def simulate_and_score_correlation(true: Sequence[float], simulated: Sequence[fl
 
 
 def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg: ScoreConfig,
-                   seed: int) -> list[ScoreRecord]:
-    """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head."""
+                   seed: int, inp: Inputs | None = None) -> list[ScoreRecord]:
+    """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head;
+    with `inp`, each record's `explainer` and the confound controls beside them (`controls.py`).
+    `control_kind`: 'random_unit' for a random control unit's scores, 'shuffled' for `shuffled_*`."""
+
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
         groups[(j.task, j.unit_id, j.head, j.explainer)].append(j)
@@ -599,6 +634,8 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg:
             group.append(simulation_score(js, unit_id, control, cfg, seed))
         kind = "shuffled" if task == "shuffled" else "random_unit" if control else None
         records += [replace(r, explainer=explainer, control_kind=kind) for r in group]
+    if inp is not None:  # the confound controls of the LLM's explanations
+        records += control_scores([j for j in judgements if j.explainer != LOOKUP], inp, cfg, seed)
     return records
 
 
@@ -626,14 +663,27 @@ def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreC
 # --------------------------------------------------------------------------------------------
 
 
-def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool) -> list[float]:
-    return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None]
+ONE_SIDED = 0.1
+"""A judge that says Yes to fewer than this share of prompts, or No to fewer, is flagged as one-sided."""
+CONFOUNDS = ("length", "token")
+"""`control_kind`s of the confound controls (`controls.py`): judges that read no explanation."""
 
 
-def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool) -> tuple[list, list]:
-    by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control}
-    keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control]
-    return [by.get((*k, a)) for k in keys], [by.get((*k, b)) for k in keys]
+def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool, kind: str | None = None) -> list[float]:
+    """Values of one scorer on real (`control=False`) or random control units; `kind` picks a confound
+    control's records instead of the judge's."""
+    return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None
+            and (s.control_kind if s.control_kind in CONFOUNDS else None) == kind]
+
+
+def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool, kind: str | None = None) -> tuple[list, list]:
+    """Values of scorer `a` (the judge's) and `b` (of confound `kind`, or the judge's) per (unit, head)."""
+    def key_of(s):
+        return s.control_kind if s.control_kind in CONFOUNDS else None
+    by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control and key_of(s) == kind}
+    keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control and key_of(s) is None]
+    real = {(s.unit_id, s.head): s.value for s in scores if s.scorer == a and s.control == control and key_of(s) is None}
+    return [real[k] for k in keys], [by.get((*k, b)) for k in keys]
 
 
 def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
@@ -641,7 +691,8 @@ def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
     prompts, its head explanations' mean E/AUROC on head activity, and the best unit+head AUROC."""
     by_unit: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for s in scores:
-        by_unit[s.unit_id][s.scorer].append(s.value)
+        if s.control_kind not in CONFOUNDS:
+            by_unit[s.unit_id][s.scorer].append(s.value)
     rows = []
     for unit_id, m in by_unit.items():
         if not m.get("E"):
@@ -678,6 +729,16 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         real, shuffled = _paired(scores, scorer, f"shuffled_{scorer}", False)
         headline[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
+    warnings_ = []
+    for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation"):
+        for kind in CONFOUNDS:
+            real, other = _paired(scores, scorer, scorer, False, kind)
+            headline[scorer][f"{kind}_control"] = aggregate([v for v in other if v is not None], **boot)
+            headline[scorer][f"real_minus_{kind}"] = c = compare(real, other, paired=True, **boot)
+            if c["n_real"] and not c["distinguishable"]:
+                warnings_.append(f"{scorer}: the real score does not beat its {kind}-only control "
+                                 f"(real − {kind} = {_num(c['difference'])}, CI [{_num(c['ci_low'])}, "
+                                 f"{_num(c['ci_high'])}]): {c['verdict']}")
     head_js = [j for j in judgements if j.task == "head" and j.status == "ok" and j.explainer != LOOKUP]
     labels = [j.label for j in head_js]
     yes_rate = float(np.mean([j.answer for j in head_js])) if head_js else None
@@ -689,20 +750,40 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
     }
     rows = head_versus_neuron(scores)
     counts = Counter(j.status for j in judgements)
-    by_scorer = Counter((s.scorer, s.skipped) for s in scores if s.skipped)
+    by_scorer = Counter((s.scorer if s.control_kind not in CONFOUNDS else f"{s.scorer} ({s.control_kind} control)",
+                         s.skipped) for s in scores if s.skipped)
+
+    answered = [j.answer for j in judgements if j.status == "ok" and j.task in ("head", "unit")]
+    overall_yes = float(np.mean(answered)) if answered else None
+    headline["constant_judges"]["judge_yes_rate_all"] = overall_yes
+    if overall_yes is not None and not ONE_SIDED < overall_yes < 1 - ONE_SIDED:
+        warnings_.append(f"the judge answers one way almost always: Yes to {overall_yes:.1%} of {len(answered)} "
+                         f"prompts (outside [{ONE_SIDED:.0%}, {1 - ONE_SIDED:.0%}]); its E is close to a constant "
+                         "judge's 0.5 by construction")
+
+    gaps = length_gaps(judgements, inp)
+    if gaps["gaps"]:
+        warnings_.append(gaps["verdict"])
     return {
         "headline": headline,
+        "confound_warnings": warnings_,
+        "length_gaps": gaps,
         "paper_statistics": {"real": paper_statistics(_values(scores, "E", False), well_explained),
                              "random_units": paper_statistics(_values(scores, "E", True), well_explained)},
         "head_versus_neuron": rows,
         "counts": {"pairs_relevant": len(inp.pairs),
-                   "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None]),
+                   "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None
+                                        and s.control_kind not in CONFOUNDS]),
                    "not_scored": dict(inp.not_scored),
                    "skipped_scores": {f"{k}: {r}": v for (k, r), v in sorted(by_scorer.items())},
                    "judgements": len(judgements), "parsed": counts["ok"], "unparsed": counts["unparsed"],
                    "failed": counts["failed"]},
         "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs},
     }
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:+.3f}"
 
 
 def summary_text(s: dict) -> str:
@@ -721,6 +802,11 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {'':<21} vs random units: {h[scorer]['real_minus_random_units']['verdict']}")
         if "real_minus_shuffled" in h[scorer]:
             lines.append(f"  {'':<21} vs shuffled explanations: {h[scorer]['real_minus_shuffled']['verdict']}")
+        for kind in CONFOUNDS:
+            if f"real_minus_{kind}" in h[scorer]:
+                lines.append(f"  {'':<21} vs {kind}-only judge {fmt(h[scorer][f'{kind}_control'])}: "
+                             f"{h[scorer][f'real_minus_{kind}']['verdict']}")
+    lines += [f"warning: {w}" for w in s.get("confound_warnings", [])]
     for name, block in s.get("explainers", {}).items():
         for scorer in ("E", "auroc"):
             b = block[scorer]
@@ -763,7 +849,7 @@ def run_stage(ctx: RunContext) -> None:
         llm.close()
     looked_up = lookup_judgements(inp, cfg, ctx.config.seed)
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements + looked_up])
-    scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed)
+    scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed, inp)
     write_jsonl(ctx.path("scores.jsonl"), scores)
     llm_scores = [s for s in scores if s.explainer != LOOKUP]
     well = ctx.config.logging.well_explained

@@ -15,7 +15,8 @@ uninterrupted result.
 Per split it keeps these tracks (each context at most once per track):
 
 * train: `top` (`mine.top_k`, the paper's max-activating contexts) and `random` (`mine.n_random`);
-* test: `top`, `low` and `random`, `mine.n_test_prompts` each (held-out positives and negatives).
+* test: `top` and `random`, `mine.n_test_prompts` each, and the negatives' candidates: `low` (the
+  `n_test_prompts` lowest-max contexts) and `pool` (`POOL_FACTOR × n_test_prompts` random contexts).
 
 A *random* context is one of the unit's `n` contexts with the smallest pseudo-random key
 `hash(seed, doc_id, context index, unit_id)`: a seeded uniform sample, independent of reading order.
@@ -23,9 +24,10 @@ A *random* context is one of the unit's `n` contexts with the smallest pseudo-ra
 Prompts (the paper §3): a top prompt is its context's text from after BOS up to and including the
 max-activation token (the unit fires there and predicts the next token), then trimmed (`trim.py`) to
 the shortest suffix keeping `trim_ratio` of the activation; prompts still `max_prompt_tokens` long
-are dropped. Only positions after BOS count for the max. A low prompt ends at its context's max
-token, a random prompt at its context's last token (both cut to fewer than `max_prompt_tokens`
-tokens, never trimmed). A unit "fires" in a context when its max there is above 0; a unit that fires
+are dropped. Only positions after BOS count for the max. A random prompt ends at its context's last
+token (cut to fewer than `max_prompt_tokens` tokens, never trimmed). The held-out negatives ('low'
+prompts) are matched to the held-out positives one by one: same token length, from other documents,
+ending where the unit does not fire (`negatives.py`); `mine.json` records each class's lengths. A unit "fires" in a context when its max there is above 0; a unit that fires
 nowhere on the train side is recorded in `mine.json` and the summary, not an error.
 """
 
@@ -54,6 +56,7 @@ from ...inputs.model import ModelView, pad_batch, pad_id
 from ...inputs.sae import SaeSource
 from .trim import Prompt, trim_prompts
 from ...inputs.tokens import token_strings
+from .negatives import length_summary, match_negatives
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,13 @@ EMPTY = 2**62
 """Context index of an empty slot (sorts after every real context among equal values)."""
 SORT_WINDOW = 8
 """Batches whose contexts are sorted by length together (less padding; checkpoints fall between)."""
+POOL_FACTOR = 4
+"""The test split's `pool` track (candidate contexts for matched negatives) holds this many times
+`mine.n_test_prompts` random contexts per unit."""
+RANDOM_TRACKS = ("random", "pool")
+"""Tracks ranked by a seeded random key, not by activation."""
+NEGATIVE_POOLS = ("low", "pool")
+"""Tracks whose contexts are candidates for matched negatives, never prompts themselves."""
 
 _fault_injection_after_batch: Callable[[str, int], None] | None = None
 """Test seam: called as (split, batches done) after every scanned batch; raising here simulates a kill."""
@@ -335,7 +345,7 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
             index = torch.tensor(idxs, device=view.device).expand(n_units, -1)
             values = best.T.double()
             for name, tr in state.items():
-                v = values if name != "random" else torch.from_numpy(
+                v = values if name not in RANDOM_TRACKS else torch.from_numpy(
                     random_keys(seed, [contexts[i] for i in idxs], reader.unit_ids)).to(view.device)
                 state[name] = tr.merge(v, index, where.T, full)
         n_batches, since = n_batches + 1, since + 1
@@ -383,6 +393,26 @@ def collect_prompts(result: ScanResult, split: str, contexts: Sequence[TokenCont
                     end = min(end, bos + max_tokens - 2)  # fewer than max_tokens tokens
                 out.append(Prompt(u, split, kind, c, end, float(row[end]), row))
     return out
+
+
+def with_matched_negatives(reader: UnitReader, prompts: list[Prompt], bos: int, bos_ids: list[int],
+                           token_budget: int, seed: int, max_tokens: int) -> tuple[list[Prompt], int]:
+    """The prompts with the candidate tracks (`NEGATIVE_POOLS`) replaced by one length-matched negative
+    per kept held-out positive (`negatives.match_negatives`); also how many positives got none."""
+    keep = [p for p in prompts if p.kind not in NEGATIVE_POOLS]
+    positives: dict[int, list[Prompt]] = {}
+    pools: dict[int, list[Prompt]] = {}
+    for p in prompts:
+        if p.split == "test" and p.kind == "top" and p.end - bos - p.start + 1 < max_tokens:
+            positives.setdefault(p.unit, []).append(p)
+        elif p.split == "test" and p.kind in NEGATIVE_POOLS:
+            pools.setdefault(p.unit, []).append(p)
+    unmatched = 0
+    for unit, pos in positives.items():
+        negatives, missing = match_negatives(reader, pos, pools.get(unit, []), bos, bos_ids, token_budget, seed)
+        keep += negatives
+        unmatched += missing
+    return keep, unmatched
 
 
 # -- records and the stage ----------------------------------------------------------------------
@@ -465,7 +495,8 @@ def _scan_args(ctx: RunContext) -> tuple[int, dict[str, dict[str, int]], str]:
     cfg, run = ctx.config.mine, ctx.config
     bos = 1 if run.corpus.prepend_bos else 0
     sizes = {"train": {"top": cfg.top_k, "random": cfg.n_random},
-             "test": {"top": cfg.n_test_prompts, "low": cfg.n_test_prompts, "random": cfg.n_test_prompts}}
+             "test": {"top": cfg.n_test_prompts, "low": cfg.n_test_prompts, "random": cfg.n_test_prompts,
+                      "pool": POOL_FACTOR * cfg.n_test_prompts}}
     return bos, sizes, digest([run.model.__dict__, run.corpus.__dict__])
 
 
@@ -511,6 +542,9 @@ def finish_stage(ctx: RunContext, units: list[UnitRecord], reader: UnitReader,
     t0 = time.perf_counter()
     trim = trim_prompts(reader, prompts, cfg, bos, bos_ids, width)
     trim_seconds = round(time.perf_counter() - t0, 3)
+    prompts, unmatched = with_matched_negatives(reader, prompts, bos, bos_ids, cfg.batch_size * width, run.seed,
+                                                cfg.max_prompt_tokens)
+    trim["n_positives_without_negative"] = unmatched
     records, acts, dropped = build_records(prompts, units, ctx.model.tokenizer, ctx.corpus.text, bos,
                                            cfg.max_prompt_tokens)
     write_jsonl(ctx.path("contexts.jsonl"), records)
@@ -530,17 +564,26 @@ def mine_report(units: Sequence[UnitRecord], records: Sequence[ContextRecord], r
     for r in records:
         key = f"{r.split}_{r.kind}"
         counts[r.unit_id][key] = counts[r.unit_id].get(key, 0) + 1
+    lengths: dict[str, dict[str, list[int]]] = {u.unit_id: {} for u in units}
+    for r in records:
+        if r.split == "test":
+            lengths[r.unit_id].setdefault(r.kind, []).append(len(r.tokens))
     best = results["train"].tracks["top"].values[:, 0].tolist()
     per_unit = [{"unit_id": u.unit_id, "control": u.control, "fired": best[j] > 0,
                  "max_train_activation": best[j] if np.isfinite(best[j]) else None,
-                 **{f"{s}_{k}": counts[u.unit_id].get(f"{s}_{k}", 0) for s in SPLITS for k in results[s].tracks}}
+                 **{f"{s}_{k}": counts[u.unit_id].get(f"{s}_{k}", 0) for s in SPLITS for k in results[s].tracks
+                    if k != "pool"},
+                 "test_lengths": {k: length_summary(lengths[u.unit_id].get(k, [])) for k in ("top", "low", "random")}}
                 for j, u in enumerate(units)]
+    every = {k: [n for per in lengths.values() for n in per.get(k, [])] for k in ("top", "low", "random")}
     return {
         "n_units": len(units), "n_records": len(records),
         "never_fired": [u["unit_id"] for u in per_unit if not u["fired"]],
         "splits": {name: {"n_contexts": r.n_contexts, "n_tokens": r.n_tokens, "n_skipped_contexts": r.n_skipped}
                    for name, r in results.items()},
-        "trim": trim, "per_unit": per_unit,
+        "trim": trim,
+        "test_lengths": {k: {f: v for f, v in length_summary(n).items() if f != "lengths"} for k, n in every.items()},
+        "per_unit": per_unit,
     }
 
 

@@ -55,6 +55,10 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weig
 """
 
 
+CONFOUNDS = ("length", "token")
+"""`control_kind`s of the confound controls (score.CONFOUNDS): shown in the headline, not as unit scores."""
+
+
 def esc(value: Any) -> str:
     """Any value as inert HTML text (quotes included)."""
     return html.escape("" if value is None else str(value), quote=True)
@@ -238,7 +242,9 @@ class Report:
         self.n_contexts, self.well_explained = n_contexts, well_explained
         self.heads = res.grouped("heads")
         self.explanations = res.grouped("explanations")
-        self.scores = res.grouped("scores")
+        every = res.grouped("scores")
+        self.scores = {u: [r for r in rows if r.get("control_kind") not in CONFOUNDS] for u, rows in every.items()}
+        self.confounds = {u: [r for r in rows if r.get("control_kind") in CONFOUNDS] for u, rows in every.items()}
         self.comparison: dict[str, list[dict]] = {}
         for row in res.comparison():
             self.comparison.setdefault(row["unit_id"], []).append(row)
@@ -362,9 +368,44 @@ class Report:
             return ""
         rows = [[_td(s.get("head") or "(unit)"), _td(s.get("scorer")), _td(s.get("value"), True),
                  f'<td class="num">[{fmt(s.get("ci_low"))}, {fmt(s.get("ci_high"))}]</td>', _td(s.get("n"), True),
-                 _td("well explained" if (number(s.get("value")) or 0) >= self.well_explained else "")]
+                 _td("well explained" if self.well_explained_badge(uid, s) else "")]
                 for s in sc]
         return "<h3>Scores</h3>" + _table(["head", "scorer", "value", "95% CI", "n", ""], rows)
+
+    def well_explained_badge(self, uid: str, s: dict) -> bool:
+        """The "well explained" badge: an E score (the paper's threshold applies to E, not AUROC) at or
+        above the threshold whose whole interval lies above chance (0.5) and above every confound
+        control's score on the same prompts, never on a point value (E = 0.75 [0.5, 1] gets none)."""
+        value, low = number(s.get("value")), number(s.get("ci_low"))
+        if not str(s.get("scorer")).endswith("E") or value is None or value < self.well_explained or low is None:
+            return False
+        controls = [number(c.get("value")) for c in self.confounds.get(uid, [])
+                    if c.get("head") == s.get("head") and c.get("scorer") == s.get("scorer")]
+        return low > max([0.5, *(c for c in controls if c is not None)])
+
+    def headline(self) -> str:
+        """The box the report opens with: per scorer, real versus each control, the difference with its
+        CI and the verdict in words (summary.json's `headline`), then its confound warnings."""
+        summary = self.res.side.get("summary") or {}
+        h = summary.get("headline") or {}
+        rows = []
+        for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation"):
+            block = h.get(scorer) or {}
+            real = (block.get("real") or {}).get("mean")
+            for name, label in (("random_units", "random units"), ("shuffled", "shuffled explanations"),
+                                ("length", "length-only judge"), ("token", "token-present judge")):
+                c = block.get(f"real_minus_{name}")
+                if c is None:
+                    continue
+                rows.append([_td(scorer), _td(real, True), _td(label), _td(c.get("difference"), True),
+                             f'<td class="num">[{fmt(c.get("ci_low"))}, {fmt(c.get("ci_high"))}]</td>',
+                             f'<td class="verdict">{esc(c.get("verdict"))}</td>'])
+        if not rows:
+            return ""
+        warn = "".join(f"<li>{esc(w)}</li>" for w in summary.get("confound_warnings") or [])
+        return ('<section id="headline" class="headline"><h2>Headline: real scores against their controls</h2>'
+                + _table(["scorer", "real (mean)", "control", "real − control", "95% CI", "verdict"], rows)
+                + (f'<ul class="warnings">{warn}</ul>' if warn else "") + "</section>")
 
     def _versus(self, uid: str) -> str:
         rows = self.comparison.get(uid, [])
@@ -407,7 +448,8 @@ class Report:
 
     def render(self, metrics: dict[str, Any]) -> str:
         model = (self.res.side.get("model") or {}).get("model_name", "")
-        pages = [self.unit_list()] + [self.unit_page(u) for u in self.ordered_units()] + [self.summary(metrics)]
+        pages = [self.headline(), self.unit_list()] + [self.unit_page(u) for u in self.ordered_units()] + [
+            self.summary(metrics)]
         return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<meta name=\"viewport\" content=\"width=device-width\"><title>sae-lens-ctx: {esc(model)}</title>"
                 f"<style>{CSS}</style></head><body><header><h1>sae-lens-ctx report: {esc(model)}</h1>"

@@ -201,8 +201,8 @@ class RunTables:
         by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
         for s in self.rows("scores"):
             value = number(s.get("value"))
-            if value is None:
-                continue
+            if value is None or s.get("control_kind") in ("length", "token"):
+                continue  # confound controls: in summary.json's headline, beside the real scores
             target = "units" if s.get("head") is None else "heads"
             control = "_control" if self.is_control(s) else ""
             by[(safe_name(scorer_label(s)), target, control)].append(value)
