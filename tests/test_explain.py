@@ -506,11 +506,12 @@ def test_stage_is_registered():
 
 @pytest.mark.embedded
 def test_in_process_first_token_logprobs_equal_llama_cpp_logits_all():
-    """The embedded backend reads the first answer token's logprobs from the sampler's logits (no
+    """The llama-cpp backend (on the embedded GGUF) reads the first answer token's logprobs from the sampler's logits (no
     second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all."""
+    from sae_lens_ctx.embedded import embedded_gguf_path
     from sae_lens_ctx.explain.llm import load_llama
 
-    client = make_client(ExplainConfig())
+    client = make_client(ExplainConfig(backend="llama-cpp", model=str(embedded_gguf_path())))
     messages = prompts.judge_messages("The head is active when the text is about taxes.",
                                       "and the Congress shall appropriate the funds so that the", " right")
     got = client.generate(messages, max_tokens=1, temperature=0.0, top_logprobs=5).logprobs
