@@ -9,20 +9,37 @@ SAE objects or names, returning typed records with `.to_pandas()`; the same conf
 
 __version__ = "0.1.0"
 
-from .config import (  # noqa: E402
-    AttributeConfig, CorpusConfig, DiscoverConfig, ExplainConfig, LoggingConfig, MineConfig, ModelConfig, RunConfig,
-    ScoreConfig,
-)
-from .errors import UserError  # noqa: E402
-from .model import ModelView, load_model  # noqa: E402
-from .pipeline import run_pipeline  # noqa: E402
-from . import stages as _stages  # noqa: E402,F401  (registers the pipeline's stages)
-from .records import ContextRecord, ExplanationRecord, HeadRecord, ScoreRecord  # noqa: E402
-from .units import SaeSource, UnitRecord  # noqa: E402
-from .api import (  # noqa: E402
-    Contexts, Explanations, Heads, Records, RunResult, Scores, Units, attribute_heads, explain_units,
-    find_next_token_units, latent_explanations, mine_contexts, open_run, run, score_explanations, to_neuronpedia,
-)
+_EXPORTS = {
+    "config": ["AttributeConfig", "CorpusConfig", "DiscoverConfig", "ExplainConfig", "LoggingConfig", "MineConfig",
+               "ModelConfig", "RunConfig", "ScoreConfig"],
+    "errors": ["UserError"],
+    "model": ["ModelView", "load_model"],
+    "pipeline": ["run_pipeline"],
+    "records": ["ContextRecord", "ExplanationRecord", "HeadRecord", "ScoreRecord"],
+    "units": ["SaeSource", "UnitRecord"],
+    "api": ["Contexts", "Explanations", "Heads", "Records", "RunResult", "Scores", "Units", "attribute_heads",
+            "explain_units", "find_next_token_units", "latent_explanations", "mine_contexts", "open_run", "run",
+            "score_explanations", "to_neuronpedia"],
+}
+"""Where each public name lives. Names are imported on first use (module `__getattr__`, PEP 562), so that
+`import sae_lens_ctx` and the CLI's help import no torch."""
+
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_WHERE))
+
 
 __all__ = [
     "AttributeConfig", "ContextRecord", "Contexts", "CorpusConfig", "DiscoverConfig", "ExplainConfig",

@@ -332,3 +332,6 @@ def _require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None
         if manifest["stages"].get(upstream, {}).get("fingerprint") != prints[upstream]:
             raise UserError(f"stage '{name}' needs stage '{upstream}' to be up to date in this run directory: "
                             f"run `sae-lens-ctx run --out DIR` (or `sae-lens-ctx {upstream}`) first")
+
+
+from . import stages as _stages  # noqa: E402,F401  (registers the pipeline's stages; light: they import on call)

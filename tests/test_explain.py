@@ -500,7 +500,7 @@ def test_stage_is_registered():
     from sae_lens_ctx.pipeline import STAGES
 
     stage = STAGES["explain"]
-    assert stage.run is run_stage and stage.outputs == ("explanations.jsonl", "explain.json")
+    assert stage.run.__qualname__ == "explain.run_stage" and stage.outputs == ("explanations.jsonl", "explain.json")
     assert "explain" in stage.config_sections
 
 
