@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from scipy import stats as scipy_stats
-from tqdm.auto import tqdm
+from .progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from .config import AttributeConfig
 from .errors import UserError

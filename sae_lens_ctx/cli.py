@@ -50,7 +50,7 @@ def _config_parser(prog: str, description: str, defaults: RunConfig, usage: str 
                      argument_generation_mode=ArgumentGenerationMode.NESTED, nested_mode=NestedMode.WITHOUT_ROOT,
                      formatter_class=SimpleHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
-                        help="run directory: every result of the run is written here (default: runs/<model>)")
+                        help="run directory: every result of the run is written here (None: runs/<model>)")
     parser.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
     parser.add_arguments(RunConfig, dest="config", default=defaults)
     return parser

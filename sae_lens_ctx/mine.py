@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from .corpus import SPLITS, TokenContext
 from .errors import UserError

@@ -35,6 +35,12 @@ def base_run(planted_gpt2, tmp_path_factory):
     return tracked_run.build(planted_gpt2, tmp_path_factory.mktemp("tracked"))
 
 
+@pytest.fixture(autouse=True)
+def offline_wandb(monkeypatch):
+    """These tests are about W&B: offline runs (conftest disables W&B for every other test)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
 def log(out: Path, job_type="run", **logging):
     cfg = RunDirectory(out).read_config()
     cfg.logging.log_to_wandb = True
