@@ -36,12 +36,17 @@ def _every_s() -> float:
 class _LogLines(_bar):
     """tqdm that writes a log line at its (slow) refresh pace instead of redrawing a bar."""
 
+    _logged: float | None = None
+
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         d = self.format_dict
+        if d["n"] == self._logged and d["n"] != 0:
+            return True  # nothing new since the last line (tqdm redraws on close)
+        self._logged = d["n"]
         n, total, rate = d["n"], d["total"], d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else None)
         unit = d["unit"]
         done = f"{n:.0f}/{total:.0f} {unit} ({100 * n / total:.0f}%)" if total else f"{n:.0f} {unit}"
-        speed = f", {rate:.3g} {unit}/s" if rate else ""
+        speed = f", {rate:.0f} {unit}/s" if rate and rate >= 10 else f", {rate:.2g} {unit}/s" if rate else ""
         left = ""
         if rate and total and n < total:
             left = f", {self.format_interval((total - n) / rate)} left"
