@@ -93,7 +93,12 @@ def test_run_until_attribute_writes_units_contexts_heads_without_an_llm_and_logs
     lines = [line for line in p.stderr.splitlines() if re.fullmatch(
         r"mine[^:]*: \d+/\d+ tok \(\d+%\)(, [\d.e+]+ tok/s)?(, \S+ left|, done in \S+)?", line)]
     assert len(lines) >= 3, p.stderr[-3000:]
-    done = [int(re.search(r": (\d+)/", line).group(1)) for line in lines]
-    assert done == sorted(done) and done[-1] == int(re.search(r"/(\d+) tok", lines[-1]).group(1))
-    assert any(" left" in line for line in lines) and "done in" in lines[-1]
+    scans: dict[str, list[str]] = {}  # one bar per scan (its desc names it), each with its own lines
+    for line in lines:
+        scans.setdefault(line.split(":")[0], []).append(line)
+    for scan in scans.values():
+        done = [int(re.search(r": (\d+)/", line).group(1)) for line in scan]
+        assert done == sorted(done) and done[-1] == int(re.search(r"/(\d+) tok", scan[-1]).group(1))
+        assert "done in" in scan[-1]
+    assert any(" left" in line for line in lines)
     assert re.search(r"^attribute: \d+/\d+ unit", p.stderr, re.M)
