@@ -102,3 +102,27 @@ def test_run_until_attribute_writes_units_contexts_heads_without_an_llm_and_logs
         assert "done in" in scan[-1]
     assert any(" left" in line for line in lines)
     assert re.search(r"^attribute: \d+/\d+ unit", p.stderr, re.M)
+
+
+def test_wandb_is_on_by_default_and_offline_inside_the_run_directory_without_a_login(tmp_path, planted_gpt2):
+    from planted import planted_corpus
+    from test_track import Offline
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(planted_gpt2, n_docs=120)))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED")}
+    env.update(NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    args = ["run", "--model", str(planted_gpt2.directory), "--corpus", str(docs), "--out", str(out),
+            "--until", "discover", "corpus.context_size=16", "corpus.max_tokens=4000", "corpus.min_documents=10"]
+    code = f"import sys; from sae_lens_ctx.cli import main; sys.exit(main({args!r}))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=RUN_HANG_GUARD_S,
+                       env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr.count("no login found") == 1  # announced once
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = Offline(str(runs[0]))
+    units = [json.loads(line) for line in (out / "units.jsonl").read_text().splitlines()]
+    assert run.run["job_type"] == "discover" and run.summary["units/n_units"] == sum(not u["control"] for u in units)
+    assert json.loads((out / "tracking.json").read_text())["mode"] == "offline"
