@@ -29,7 +29,7 @@ from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, Nested
 from . import __version__
 from .config import EMBEDDED, RunConfig, field_paths
 from .errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
-from .pipeline import STAGES, RunDirectory, StageResult, get_stage, run_pipeline
+from .pipeline import CONFIG_FILE, STAGES, RunDirectory, StageResult, get_stage, run_pipeline
 
 log = logging.getLogger("sae_lens_ctx")
 
@@ -122,7 +122,7 @@ def cmd_stage(name: str, args: list[str]) -> int:
         args = [a for i, a in enumerate(args) if not (a == "--shard" or a.startswith("--shard=")
                                                       or (i > 0 and args[i - 1] == "--shard"))]
     wants_help = any(a in ("-h", "--help") for a in args)
-    if known.out and not wants_help and not RunDirectory(known.out).exists() and not get_stage(name).reads_what_exists:
+    if known.out and not wants_help and not (known.out / CONFIG_FILE).is_file() and not get_stage(name).reads_what_exists:
         until = "" if name == "load" else f" --until {name}"
         raise UserError(f"{known.out} is not a run directory yet: `sae-lens-ctx {name}` runs one stage on an existing "
                         f"one; to run every stage up to this one, use `sae-lens-ctx run --out {known.out}{until}`")
