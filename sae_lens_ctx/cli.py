@@ -1,13 +1,15 @@
 """`sae-lens-ctx`: run the whole pipeline, or one stage, over a run directory.
 
-    sae-lens-ctx run [CONFIG.yaml] [--model NAME_OR_PATH] [--corpus NAME_OR_PATH] [--out DIR] [overrides...]
+    sae-lens-ctx run [CONFIG.yaml] [--model NAME_OR_PATH] [--corpus NAME_OR_PATH] [--out DIR] [--until STAGE] [overrides...]
     sae-lens-ctx <stage> --out DIR [overrides...]
     sae-lens-ctx mine --out DIR --shard i/n      (then: sae-lens-ctx merge --out DIR)
     sae-lens-ctx bench [--shape S | --model NAME] [--out FILE]
 
 Every config field is an option with a dotted name (`--corpus.context_size 128`,
 `--corpus.context_size=128`, or `corpus.context_size=128`), so W&B sweeps (`--param=value`) work.
-Bad input ends with a one-line error and exit code 2; `--debug` shows the traceback.
+Bad input ends with a one-line error and exit code 2; `--debug` shows the traceback; `-v` shows
+library messages and per-request details. Help and config errors import no torch (heavy imports
+happen where they are needed).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from pathlib import Path
 from typing import NoReturn
 
 from simple_parsing import ArgumentParser
+from simple_parsing.help_formatter import SimpleHelpFormatter
 from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
-from .core.version import __version__
+from .core import layout
 from .core.config import EMBEDDED, RunConfig, field_paths
 from .core.errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
-from .pipeline.engine import STAGES, RunDirectory, StageResult, run_pipeline
+from .core.layout import CONFIG_FILE, STAGE_NAMES, read_run_config
+from .core.version import __version__
 
 log = logging.getLogger("sae_lens_ctx")
 
@@ -40,12 +44,14 @@ class _Parser(ArgumentParser):
         raise UserError(f"{message} (see `{self.prog} --help`)")
 
 
-def _config_parser(prog: str, description: str, defaults: RunConfig) -> _Parser:
+def _config_parser(prog: str, description: str, defaults: RunConfig, usage: str | None = None) -> _Parser:
+    """Every config field as a `--section.key` option, with its default, grouped by section."""
     parser = _Parser(prog=prog, description=description, add_config_path_arg=False,
+                     usage=usage or f"{prog} --out DIR [--SECTION.KEY VALUE | SECTION.KEY=VALUE ...]",
                      argument_generation_mode=ArgumentGenerationMode.NESTED, nested_mode=NestedMode.WITHOUT_ROOT,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                     formatter_class=SimpleHelpFormatter)
     parser.add_argument("--out", type=Path, default=None,
-                        help="run directory: every result of the run is written here (default: runs/<model>)")
+                        help="run directory: every result of the run is written here (None: runs/<model>)")
     parser.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
     parser.add_arguments(RunConfig, dest="config", default=defaults)
     return parser
@@ -60,7 +66,8 @@ def _parse_config(parser: _Parser, args: list[str]) -> argparse.Namespace:
     ns, unknown = parser.parse_known_args(_normalise_overrides(args))
     if unknown:
         flag = unknown[0].split("=", 1)[0]
-        options = [f"--{p}" for p in field_paths()] + ["--out", "--force", "--overwrite", "--model", "--corpus"]
+        options = [f"--{p}" for p in field_paths()] + ["--out", "--force", "--overwrite", "--model", "--corpus",
+                                                       "--until"]
         if flag.startswith("-"):
             raise UserError(f"unknown option '{flag}'{did_you_mean(flag, options)}")
         raise UserError(f"unexpected argument '{unknown[0]}': overrides look like section.key=value")
@@ -79,13 +86,17 @@ def cmd_run(args: list[str]) -> int:
     if args and not args[0].startswith("-") and args[0].endswith((".yaml", ".yml")):
         config_path, args = args[0], args[1:]
     defaults = RunConfig.from_yaml(config_path) if config_path else RunConfig()
-    parser = _config_parser("sae-lens-ctx run", _RUN_HELP, defaults)
+    parser = _config_parser("sae-lens-ctx run", _RUN_HELP, defaults, usage="sae-lens-ctx run [CONFIG.yaml] "
+                            "[--model M] [--corpus C] [--out DIR] [--until STAGE] [--SECTION.KEY VALUE ...]")
     parser.add_argument("--model", dest="model_shortcut", default=None,
                         help="shortcut for --model.model_name: 'embedded', a hub id, a directory or a .gguf")
     parser.add_argument("--corpus", dest="corpus_shortcut", default=None,
                         help="shortcut for --corpus.dataset_path: 'embedded', an HF dataset, a file or directory")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the results of a different run in --out")
+    parser.add_argument("--until", default=None, metavar="STAGE", choices=list(STAGE_NAMES),
+                        help=f"stop after this stage ({', '.join(STAGE_NAMES)}); e.g. --until attribute writes units, "
+                             "contexts and heads without an LLM")
     ns = _parse_config(parser, args)
     config: RunConfig = ns.config
     if ns.model_shortcut:
@@ -94,14 +105,16 @@ def cmd_run(args: list[str]) -> int:
         config.corpus.dataset_path = ns.corpus_shortcut
     config.validate()
     out = ns.out or _default_out(config)
-    results = run_pipeline(config, out, overwrite=ns.overwrite, force=ns.force)
+    from .pipeline.engine import run_pipeline  # imports torch: after the arguments are checked
+
+    results = run_pipeline(config, out, overwrite=ns.overwrite, force=ns.force, until=ns.until)
     _print_results(out, results)
     return 0
 
 
 def cmd_stage(name: str, args: list[str]) -> int:
     """`<stage> --out DIR`: one stage on an existing run directory (its config.yaml, plus overrides)."""
-    stage = STAGES[name]
+    stage = layout.stage(name)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--out", type=Path)
     if name == "mine":
@@ -112,20 +125,24 @@ def cmd_stage(name: str, args: list[str]) -> int:
         args = [a for i, a in enumerate(args) if not (a == "--shard" or a.startswith("--shard=")
                                                       or (i > 0 and args[i - 1] == "--shard"))]
     wants_help = any(a in ("-h", "--help") for a in args)
-    defaults = RunDirectory(known.out).read_config() if known.out and not wants_help else RunConfig()
+    if known.out and not wants_help and not (known.out / CONFIG_FILE).is_file() and not stage.reads_what_exists:
+        until = "" if name == "load" else f" --until {name}"
+        raise UserError(f"{known.out} is not a run directory yet: `sae-lens-ctx {name}` runs one stage on an existing "
+                        f"one; to run every stage up to this one, use `sae-lens-ctx run --out {known.out}{until}`")
+    defaults = read_run_config(known.out) if known.out and not wants_help else RunConfig()
     parser = _config_parser(f"sae-lens-ctx {name}", f"{stage.summary}.\n\nRuns this stage alone on an existing "
                             "run directory, with its config.yaml plus any overrides.", defaults)
     ns = _parse_config(parser, args)
     if ns.out is None:
         raise UserError(f"`sae-lens-ctx {name}` needs --out DIR, the run directory to work on")
-    if stage.run is None:
-        raise UserError(f"stage '{name}' is not built yet")
     if shard is not None:
         from .stages.mine.shards import parse_shard
         from .pipeline.distributed import run_shard
 
         run_shard(ns.config, ns.out, parse_shard(shard))
         return 0
+    from .pipeline.engine import run_pipeline
+
     results = run_pipeline(ns.config, ns.out, only=name, force=ns.force)
     _print_results(ns.out, results)
     return 0
@@ -146,7 +163,8 @@ def cmd_merge(args: list[str]) -> int:
     return 0
 
 
-def _print_results(out: Path, results: list[StageResult]) -> None:
+def _print_results(out: Path, results: list) -> None:
+    """One line per `pipeline.engine.StageResult`, then where the results are."""
     for r in results:
         took = f" in {r.seconds:.1f}s" if r.status == "ran" else ""
         print(f"  {r.name:<10} {r.status}{took}")
@@ -163,14 +181,15 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="sae-lens-ctx",
         description="Which attention heads switch on a token-predicting neuron or SAE latent, in which contexts, "
                     "and can an LLM say why? (Neo, Cohen & Barez, EMNLP 2024)",
-        epilog="Each command has its own --help. --debug (anywhere) shows tracebacks.")
+        usage="sae-lens-ctx COMMAND [--out DIR] [options]   (sae-lens-ctx run: the embedded default, offline)",
+        epilog="Each command has its own --help, with every option's default. -v (anywhere) shows library "
+               "messages; --debug shows tracebacks.")
     parser.add_argument("--version", action="version", version=f"sae-lens-ctx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="run every stage in order (no arguments: the embedded default, offline)",
                    add_help=False)
-    for stage in STAGES.values():
-        built = "" if stage.run else " [not built yet]"
-        sub.add_parser(stage.name, help=f"{stage.summary}{built}", add_help=False)
+    for stage in layout.STAGES:
+        sub.add_parser(stage.name, help=stage.summary, add_help=False)
     sub.add_parser("merge", help="merge mining shards (mine --shard i/n) into the single-process result",
                    add_help=False)
     sub.add_parser("bench", help="throughput against in-process baselines (scan, attribution, trimming, memory)",
@@ -178,11 +197,25 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_LOGGERS = ("httpx", "httpcore", "openai", "urllib3", "filelock", "datasets", "transformers", "huggingface_hub",
+                 "wandb", "matplotlib", "PIL", "sae_lens", "transformer_lens", "asyncio")
+"""Libraries whose INFO lines (one "HTTP Request: POST ..." per LLM call, loading chatter) are hidden
+unless -v is given."""
+
+
+def _configure_logging(debug: bool, verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not (debug or verbose):
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("--debug", "-v", "--verbose")]
+    _configure_logging(debug, verbose)
     try:
         if not argv or argv[0] in ("-h", "--help", "--version"):
             _top_parser().parse_args(argv or ["--help"])
@@ -190,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         command, rest = argv[0], argv[1:]
         if command == "run":
             return cmd_run(rest)
-        if command in STAGES:
+        if command in STAGE_NAMES:
             return cmd_stage(command, rest)
         if command == "merge":
             return cmd_merge(rest)
@@ -198,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import bench_cli
 
             return bench_cli(rest)
-        raise UserError(f"unknown command '{command}'{did_you_mean(command, ['run', *STAGES, 'merge', 'bench'])}: "
+        raise UserError(f"unknown command '{command}'{did_you_mean(command, ['run', *STAGE_NAMES, 'merge', 'bench'])}: "
                         "see `sae-lens-ctx --help`")
     except UserError as e:
         if debug:

@@ -3,7 +3,9 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach a hub
-os.environ.setdefault("WANDB_MODE", "offline")
+# W&B is on by default (logging.log_to_wandb); tests that are not about W&B run without it, so that
+# determinism and crash tests stay about the run directory. W&B tests set WANDB_MODE themselves.
+os.environ["WANDB_MODE"] = "disabled"
 
 import pytest  # noqa: E402
 

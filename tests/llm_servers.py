@@ -62,7 +62,7 @@ def free_port() -> int:
 class LlamaServer:
     """llama-cpp-python's OpenAI-compatible server on a free loopback port."""
 
-    def __init__(self, gguf: str, *, n_ctx: int = 4096, logits_all: bool = True, startup_s: float = 120.0,
+    def __init__(self, gguf: str, *, n_ctx: int = 4096, logits_all: bool = True, startup_s: float = 900.0,
                  log_path: str | None = None):
         self.port = free_port()
         self.base_url = f"http://{LOOPBACK}:{self.port}/v1"

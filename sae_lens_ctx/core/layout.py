@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .config import RunConfig
+from .errors import UserError, did_you_mean
 from .lookups import LookupRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
@@ -134,3 +135,20 @@ def require_inputs(out: Path, names: Sequence[str]) -> None:
         if not (out / name).is_file():
             raise UserError(f"{out / name} is missing: run the {_BY_NAME[name].stage} stage first "
                             "(`sae-lens-ctx run --out DIR`)")
+
+
+def stage(name: str) -> StageSpec:
+    """The stage named `name` (a `UserError` with the closest name otherwise)."""
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    raise UserError(f"unknown stage '{name}'{did_you_mean(name, STAGE_NAMES)}")
+
+
+def read_run_config(out: Path) -> RunConfig:
+    """The config a run directory was written with (its `config.yaml`); a `UserError` when there is none."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{out} is not a sae-lens-ctx run directory (no {CONFIG_FILE}): "
+                        "run `sae-lens-ctx run --out DIR` first")
+    return RunConfig.from_yaml(path)

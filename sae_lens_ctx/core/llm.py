@@ -104,10 +104,14 @@ def check_backend_name(name: str) -> None:
                         f"choose one of {', '.join(BACKENDS)} (explain.backend)")
 
 
-def request_key(backend: str, model: str, messages: Sequence[Message], params: dict[str, Any]) -> str:
-    """The cache key: backend, model, messages and parameters (no key, no URL)."""
-    blob = json.dumps({"backend": backend, "model": model, "messages": list(messages), "params": params},
-                      sort_keys=True, ensure_ascii=False)
+def request_key(backend: str, model: str, messages: Sequence[Message], params: dict[str, Any],
+                engine: str | None = None) -> str:
+    """The cache key: backend, engine (for in-process backends: 'transformers', 'llama-cpp', so that one
+    engine's answers are never served as another's), model, messages and parameters (no key, no URL)."""
+    request = {"backend": backend, "model": model, "messages": list(messages), "params": params}
+    if engine:
+        request["engine"] = engine
+    blob = json.dumps(request, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..core.config import EMBEDDED, ModelConfig
-from ..core.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from ..core.embedded import EMBEDDED_MODEL_ID, check_gguf_header, embedded_gguf_path, load_gguf
 from ..core.errors import UserError, did_you_mean
 from ..core.records import ModelRecord
 from .tokens import own_bos_token_id, tokenizer_problem
@@ -374,7 +374,7 @@ def load_model(cfg: ModelConfig) -> ModelView:
                             "use model.model_class=bridge for local directories and GGUF files")
         model = _load_hooked(cfg.model_name, cfg, dtype)
     elif source in ("gguf", "embedded-gguf"):
-        hf, tok = _load_gguf(Path(where), dtype)
+        hf, tok = load_gguf(Path(where), dtype)
         label = EMBEDDED_MODEL_ID if source == "embedded-gguf" else Path(where).stem
         model = _boot_bridge(label, cfg, dtype, hf_model=hf, tokenizer=tok)
     elif source == "hf-directory":
@@ -447,39 +447,6 @@ def _load_hooked(name: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
         return HookedTransformer.from_pretrained_no_processing(official, **kwargs)
     except _HUB_ERRORS as e:
         raise _hub_error(official, e) from e
-
-
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """A GGUF file through transformers (dequantised to `dtype`), with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _check_gguf_header(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-    except Exception as e:  # the gguf reader raises many types on a damaged file
-        raise UserError(f"GGUF file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                        "it may be truncated or corrupt: download it again") from e
-    return hf.eval(), tok
-
-
-def _check_gguf_header(path: Path) -> None:
-    """Cheap checks before a slow load: the magic bytes, and that the file is not cut short."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise UserError(f"{path} is not a GGUF file (bad magic bytes): check the path or download it again")
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        size = path.stat().st_size
-        for t in reader.tensors:
-            if int(t.data_offset) + int(t.n_bytes) > size:
-                raise ValueError(f"tensor {t.name} runs past the end of the file")
-    except Exception as e:
-        raise UserError(f"GGUF file {path} is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
-                        "download it again") from e
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -35,7 +35,7 @@ from .. import clients  # noqa: F401  (attaches the built-in LLM backends to the
 from ..core.config import RunConfig
 from ..core.digest import digest
 from ..core.errors import UserError, did_you_mean
-from ..core.layout import CONFIG_FILE, MANIFEST, RESULTS_FORMAT
+from ..core.layout import CONFIG_FILE, MANIFEST, RESULTS_FORMAT, read_run_config
 from ..core.records import atomic_write
 from ..core.version import __version__
 from ..inputs.context import RunContext
@@ -133,11 +133,7 @@ class RunDirectory:
         return manifest
 
     def read_config(self) -> RunConfig:
-        path = self.out / CONFIG_FILE
-        if not path.is_file():
-            raise UserError(f"{self.out} is not a sae-lens-ctx run directory (no {CONFIG_FILE}): "
-                            "run `sae-lens-ctx run --out DIR` first")
-        return RunConfig.from_yaml(path)
+        return read_run_config(self.out)
 
     def prepare(self, config: RunConfig, overwrite: bool) -> dict:
         """Check that `config` may run here, clear it if asked, write `config.yaml`; return the manifest."""
@@ -284,3 +280,4 @@ def require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None:
         if manifest["stages"].get(upstream, {}).get("fingerprint") != prints[upstream]:
             raise UserError(f"stage '{name}' needs stage '{upstream}' to be up to date in this run directory: "
                             f"run `sae-lens-ctx run --out DIR` (or `sae-lens-ctx {upstream}`) first")
+

@@ -223,12 +223,11 @@ def log_run(ctx: RunContext, results: list[StageResult] | tuple = (), job_type: 
 
     `settings` are extra `wandb.Settings` (tests pass the fast offline ones).
     """
-    import wandb
-
     config = ctx.config
     if resolve_mode(config.logging.wandb_mode) == "disabled":
         log.info("W&B logging is disabled (logging.wandb_mode / WANDB_MODE): no W&B files written")
         return None
+    import wandb
     root = wandb_root(config, ctx.out)
     res = RunTables.load(ctx.out)
     with _staging_under(root), tempfile.TemporaryDirectory(prefix="sae-lens-ctx-plots-") as scratch:

