@@ -14,7 +14,7 @@ import pytest
 
 from sae_lens_ctx.stages import score
 from sae_lens_ctx.core.config import RunConfig
-from sae_lens_ctx.stages.controls import fit_length_rule
+from sae_lens_ctx.stages.score.controls import fit_length_rule
 from sae_lens_ctx.core.llm import BACKENDS, Response, TokenLogprob, register_backend
 from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.core.records import iter_jsonl, write_jsonl

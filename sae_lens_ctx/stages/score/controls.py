@@ -27,11 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..core.records import ScoreRecord
+from ...core.records import ScoreRecord
+from .judge import Judgement
+from .metrics import balanced_accuracy, score_group, simulation_score
 
 if TYPE_CHECKING:
-    from ..core.config import ScoreConfig
-    from .score import Inputs, Judgement
+    from ...core.config import ScoreConfig
+    from .jobs import Inputs
 
 CONTROL_JUDGES = ("length", "token")
 LENGTH_GAP = 0.10
@@ -44,8 +46,6 @@ def fit_length_rule(lengths: Sequence[float], labels: Sequence[bool]) -> tuple[i
     highest balanced accuracy on these (train) prompts; direction +1 (longer means Yes) or −1, boundary
     a midpoint between distinct lengths (ties: the first found, longer-means-Yes first). None with one
     class only."""
-    from .score import balanced_accuracy
-
     x, y = np.asarray(lengths, float), np.asarray(labels, bool)
     if y.all() or not y.any():
         return None
@@ -66,8 +66,6 @@ def _judgement(j: Judgement, answer: bool, graded: float) -> Judgement:
 
 def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
     """The length and token controls of every real pair and unit score (see the module doc)."""
-    from .score import score_group, simulation_score
-
     prompt = {(c["unit_id"], c["kind"], c["rank"]): c for per in inp.test.values() for rows in per.values()
               for c in rows}
     heads = {(h["unit_id"], h["head"]): h for h in inp.pairs}
@@ -112,8 +110,6 @@ def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfi
 def _simulation_controls(js, tokens, counts, train_rows, unit_id, control, cfg, seed) -> list[ScoreRecord]:
     """`unit_sim_correlation` of the length simulator (least squares of activation on length, train) and
     the token simulator (10 × occurrences); `simulation_score` reads 10 · p_yes as the simulation."""
-    from .score import simulation_score
-
     out = []
     x = np.array([len(c["tokens"]) for c in train_rows], float)
     a = np.array([c["activation"] for c in train_rows], float)
