@@ -13,6 +13,7 @@ from typing import Any
 
 from ...clients.llm import LLM, CallResult
 from ...core import prompts
+from ...core.progress import tqdm
 from ...core.config import ScoreConfig
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,6 @@ def unit_judge_messages(explanation: str, prompt_text: str) -> list[dict[str, st
 
 def run_judgements(llm: LLM, jobs: list[tuple[Judgement, list[dict[str, str]]]], cfg: ScoreConfig) -> list[Judgement]:
     """Every job through the LLM layer (cached, bounded, retried); fills answer / p_yes / status."""
-    from ..core.progress import tqdm
-
     params: dict[str, Any] = {"max_tokens": cfg.max_tokens, "temperature": 0.0}
     if cfg.top_logprobs:
         params["top_logprobs"] = cfg.top_logprobs
