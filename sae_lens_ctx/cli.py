@@ -24,7 +24,7 @@ from simple_parsing import ArgumentParser
 from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
 from . import __version__
-from .config import EMBEDDED, RunConfig, field_paths
+from .config import EMBEDDED, RunConfig, field_paths, list_field_paths
 from .errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
 from .pipeline import STAGES, RunDirectory, StageResult, run_pipeline
 from . import stages as _stages  # noqa: F401  (registers the stages)
@@ -53,8 +53,22 @@ def _config_parser(prog: str, description: str, defaults: RunConfig) -> _Parser:
 
 
 def _normalise_overrides(args: list[str]) -> list[str]:
-    """`corpus.context_size=128` → `--corpus.context_size=128`."""
-    return [f"--{a}" if _OVERRIDE.match(a) else a for a in args]
+    """`corpus.context_size=128` → `--corpus.context_size=128`; a list as users write it
+    (`discover.unit_ids=[L1N5,L1N6]`, `--discover.layers=9,10`, `--discover.layers 9 10`) → `--key a b`."""
+    lists = list_field_paths()
+    out: list[str] = []
+    for a in args:
+        flag = f"--{a}" if _OVERRIDE.match(a) else a
+        key, eq, value = flag.partition("=")
+        if eq and key.startswith("--") and key[2:] in lists:
+            value = value.strip().removeprefix("[").removesuffix("]")
+            # explain.prices items hold a comma themselves (MODEL=PROMPT,COMPLETION): split before a name only
+            parts = re.split(r",\s*(?=[^\d\s.])", value) if "=" in value else value.split(",")
+            items = [v.strip().strip("'\"") for v in parts]
+            out += [key, *[v for v in items if v]]
+        else:
+            out.append(flag)
+    return out
 
 
 def _parse_config(parser: _Parser, args: list[str]) -> argparse.Namespace:

@@ -180,13 +180,15 @@ def run_tokenizer(ctx: RunContext) -> Any:
     (a report should not load billions of weights to decode tokens), else the model's after loading it."""
     if "model" in ctx.__dict__ or ctx.model_object is not None:
         return ctx.model.tokenizer
-    from .model import _hub_id, resolve_source
+    from .model import _hub_id, cached_snapshot, resolve_source
 
     source, where = resolve_source(ctx.config.model.model_name)
+    if source == "hub":  # the cache's own directory, so that a local folder of the same name never shadows it
+        where = cached_snapshot(_hub_id(str(where))) or _hub_id(str(where))
     if source in ("hf-directory", "hub"):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(where) if source == "hf-directory" else _hub_id(str(where)))
+        return AutoTokenizer.from_pretrained(str(where))
     return ctx.model.tokenizer
 
 

@@ -27,9 +27,10 @@ def load(ctx: RunContext) -> None:
 
 
 register_stage(Stage("load", ("model.json", "documents.jsonl", "corpus.json"), ("model", "corpus"), load,
-                     "load the model and the corpus; record the model's facts and the train/test split"))
+                     "load the model and the corpus; record the model's facts and the train/test split",
+                     inputs=("model", "corpus")))
 register_stage(Stage("discover", ("units.jsonl", "vocab_filter.jsonl"), ("discover", "seed"), discover.run_stage,
-                     "find next-token units (neurons, SAE latents) by congruence, with controls"))
+                     "find next-token units (neurons, SAE latents) by congruence, with controls", inputs=("saes",)))
 register_stage(Stage("mine", ("contexts.jsonl", "context_acts.safetensors", "mine.json"), ("mine", "seed"), mine.run_stage,
                      "top-activating contexts per unit in one streaming scan, trimmed; held-out positives and negatives"))
 register_stage(Stage("attribute", ("heads.jsonl", "attributions.safetensors", "attribute.json"), ("attribute",),

@@ -12,6 +12,7 @@ package costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -44,6 +45,9 @@ def run_stage(ctx: RunContext) -> None:
     heads = list(iter_jsonl(ctx.path("heads.jsonl")))
     start = time.perf_counter()
     llm = LLM.from_config(cfg, ctx.out)
+    window = getattr(llm.client, "context_window", None)
+    if window and window < cfg.context_window:  # an in-process model's own limit (explain.llm._local_n_ctx)
+        cfg = dataclasses.replace(cfg, context_window=window)
     try:
         count = token_counter(llm.client)
         head_jobs = head_mod.build_jobs(units, contexts, heads, cfg, count, seed=ctx.config.seed)
