@@ -102,9 +102,9 @@ def _corpus_digest(config: RunConfig) -> str:
     path = Path(spec).expanduser()
     if not path.exists():
         return f"dataset:{spec}:{config.corpus.dataset_split}"
-    files = _local_files(path)
-    return _digest(*(f"{f.relative_to(path) if path.is_dir() else f.name}:{_file_digest(f, whole=True)}"
-                     for f in files))
+    if path.is_file():  # its path is in the config already
+        return _file_digest(_local_files(path)[0], whole=True)
+    return _digest(*(f"{f.relative_to(path)}:{_file_digest(f, whole=True)}" for f in _local_files(path)))
 
 
 def _path_digest(path: Path) -> str:

@@ -158,13 +158,13 @@ def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys, monkey
     locked.write_text("seed: 1\n")
     locked.chmod(0)
     monkeypatch.chdir("/")  # a working directory 'nobody' may enter (the model name is first tried as a path)
-    from sae_lens_ctx.model import check_model_name
-    from sae_lens_ctx.config import ModelConfig
+    from sae_lens_ctx.config import RunConfig
+    from sae_lens_ctx.preflight import check_inputs
 
-    check_model_name(ModelConfig(model_name="gpt2"))  # imports TransformerLens while root may still read it
+    check_inputs(RunConfig(), ["load", "explain"])  # imports what the checks need while root may still read it
     with unprivileged():
         config_error = run_cli(capsys, "run", str(locked))
-        out_error = run_cli(capsys, "run", "--model", "gpt2", "--out", str(tmp_path / "closed" / "run"))
+        out_error = run_cli(capsys, "run", "--model", "embedded", "--out", str(tmp_path / "closed" / "run"))
     (tmp_path / "closed").mkdir(exist_ok=True)
     assert_one_line_error(*config_error, "permission denied", "locked.yaml")
     assert_one_line_error(*out_error, "permission denied", "closed")
