@@ -291,9 +291,17 @@ def cached_snapshot(hub_id: str) -> Path | None:
 
 
 def check_model_name(cfg: ModelConfig) -> None:
-    """The cheap checks of `load_model`, with no model loaded: the source exists; a hub name is a plausible
-    one and, offline, in the local HF cache; a local directory has a tokenizer and no pickle-only weights;
-    a GGUF file is whole."""
+    """The cheap checks of a model name: the source exists and a hub name is a plausible one."""
+    source, _ = resolve_source(cfg.model_name)
+    if source == "hub":
+        _hub_id(cfg.model_name)
+
+
+def check_model_files(cfg: ModelConfig) -> None:
+    """The checks of `load_model` that load nothing: the name (`check_model_name`); a hub id is, offline,
+    in the local HF cache, and no local folder of its name shadows it; a local directory has a tokenizer
+    and no pickle-only weights; a GGUF file is whole."""
+    check_model_name(cfg)
     source, where = resolve_source(cfg.model_name)
     if source == "hub":
         hub_id = _hub_id(cfg.model_name)

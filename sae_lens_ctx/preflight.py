@@ -40,11 +40,11 @@ def check_inputs(config: RunConfig, stages: Iterable[str], model_given: bool = F
     the SAE directories; and, where explain or score will run, the LLM backend (its name, key, model or
     GGUF file), built but not loaded."""
     from .corpus import check_corpus_source
-    from .model import check_model_name, model_max_context
+    from .model import check_model_files, model_max_context
 
     config.validate()
     if not model_given:
-        check_model_name(config.model)
+        check_model_files(config.model)
         n_ctx = model_max_context(config.model)
         if n_ctx is not None and config.corpus.context_size > n_ctx:
             raise UserError(f"corpus.context_size is {config.corpus.context_size} but the model takes at most "
