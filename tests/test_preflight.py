@@ -3,6 +3,7 @@ is made; names are resolved first (a run directory never shadows a model); input
 model or corpus replaced at the same path re-runs what reads it (case B11); lists as users write them."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -211,7 +212,8 @@ def make_tiny(arch: str, out: Path) -> None:
     subprocess.run([sys.executable, str(MAKE_TINY), arch, str(out)], check=True, capture_output=True, timeout=600)
 
 
-def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys):
+def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="sae_lens_ctx")
     model, corpus, out = tmp_path / "m_swap", tmp_path / "prose.txt", tmp_path / "r"
     shutil.copy(PROSE, corpus)
     args = ["run", "--out", str(out), "--model", str(model), "--corpus", str(corpus), *SMALL]
@@ -222,17 +224,19 @@ def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys):
     capsys.readouterr()
 
     make_tiny("llama-gqa", model)  # another architecture at the same path
+    caplog.clear()
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "load       ran" in captured.out and "discover   ran" in captured.out
-    assert "the model's files changed since the last run" in captured.err
+    assert "the model's files changed since the last run" in caplog.text
     second = json.loads((out / "model.json").read_text())
     assert (first["architecture"], first["normalization"]) == ("gelu-mlp", "LN")
     assert (second["architecture"], second["normalization"]) == ("gated-mlp", "RMS")
     assert (out / "units.jsonl").read_text() != units
 
     corpus.write_text("\n\n".join(reversed(PROSE.read_text().split("\n\n"))) + "\n\nA new closing paragraph here.")
+    caplog.clear()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "load       ran" in captured.out and "the corpus's files changed" in captured.err
+    assert "load       ran" in captured.out and "the corpus's files changed" in caplog.text
     assert main(args) == 0 and "load       skipped" in capsys.readouterr().out  # unchanged: nothing re-runs
