@@ -61,7 +61,7 @@ def small(preset: RunConfig, model: Path, tmp_path: Path) -> dict:
     """The preset with hub names swapped for local paths and sizes a tiny model and corpus can hold."""
     cfg = preset.to_dict()
     cfg["model"].update(model_name=str(model), model_class="bridge")
-    cfg["corpus"].update(dataset_path=str(PROSE), context_size=min(preset.corpus.context_size, 48), max_tokens=4000,
+    cfg["corpus"].update(dataset_path=str(PROSE), context_size=min(preset.corpus.context_size, 32), max_tokens=4000,
                          min_documents=10)
     if preset.discover.layers:
         cfg["discover"]["layers"] = [TINY_LAYERS - 1]
