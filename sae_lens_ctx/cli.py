@@ -27,7 +27,7 @@ from simple_parsing.help_formatter import SimpleHelpFormatter
 from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, NestedMode
 
 from .core import layout
-from .core.config import EMBEDDED, RunConfig, field_paths
+from .core.config import EMBEDDED, RunConfig, field_paths, list_field_paths
 from .core.errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
 from .core.layout import CONFIG_FILE, STAGE_NAMES, read_run_config
 from .core.version import __version__
@@ -58,8 +58,22 @@ def _config_parser(prog: str, description: str, defaults: RunConfig, usage: str 
 
 
 def _normalise_overrides(args: list[str]) -> list[str]:
-    """`corpus.context_size=128` → `--corpus.context_size=128`."""
-    return [f"--{a}" if _OVERRIDE.match(a) else a for a in args]
+    """`corpus.context_size=128` → `--corpus.context_size=128`; a list as users write it
+    (`discover.unit_ids=[L1N5,L1N6]`, `--discover.layers=9,10`, `--discover.layers 9 10`) → `--key a b`."""
+    lists = list_field_paths()
+    out: list[str] = []
+    for a in args:
+        flag = f"--{a}" if _OVERRIDE.match(a) else a
+        key, eq, value = flag.partition("=")
+        if eq and key.startswith("--") and key[2:] in lists:
+            value = value.strip().removeprefix("[").removesuffix("]")
+            # explain.prices items hold a comma themselves (MODEL=PROMPT,COMPLETION): split before a name only
+            parts = re.split(r",\s*(?=[^\d\s.])", value) if "=" in value else value.split(",")
+            items = [v.strip().strip("'\"") for v in parts]
+            out += [key, *[v for v in items if v]]
+        else:
+            out.append(flag)
+    return out
 
 
 def _parse_config(parser: _Parser, args: list[str]) -> argparse.Namespace:

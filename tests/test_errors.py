@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -153,18 +154,28 @@ def unprivileged():
         os.seteuid(0)
 
 
-def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys, monkeypatch):
+def test_unreadable_config_and_unwritable_run_directory(tmp_path, capsys, monkeypatch, planted_gpt2):
+    import tempfile
+
+    readable = Path(tempfile.mkdtemp()) / "model"  # inputs 'nobody' may read: the checks read them first
+    shutil.copytree(planted_gpt2.directory, readable)
+    (readable.parent / "docs.txt").write_text("A readable corpus.\n")
+    for p in [readable.parent, readable, *readable.parent.rglob("*")]:
+        p.chmod(0o755)
     locked = tmp_path / "locked.yaml"
     locked.write_text("seed: 1\n")
     locked.chmod(0)
     monkeypatch.chdir("/")  # a working directory 'nobody' may enter (the model name is first tried as a path)
-    from sae_lens_ctx.inputs.model import check_model_name
-    from sae_lens_ctx.core.config import ModelConfig
+    from sae_lens_ctx.core.config import RunConfig
+    from sae_lens_ctx.pipeline.preflight import check_inputs
 
-    check_model_name(ModelConfig(model_name="gpt2"))  # imports TransformerLens while root may still read it
+    check_inputs(RunConfig(), ["load", "explain"])  # imports what the checks need while root may still read it
     with unprivileged():
         config_error = run_cli(capsys, "run", str(locked))
-        out_error = run_cli(capsys, "run", "--model", "gpt2", "--out", str(tmp_path / "closed" / "run"))
+        out_error = run_cli(capsys, "run", "--model", str(readable), "--corpus", str(readable.parent / "docs.txt"),
+                            "explain.backend=offline-test-llm",
+                            "--out", str(tmp_path / "closed" / "run"))
+    shutil.rmtree(readable.parent)
     (tmp_path / "closed").mkdir(exist_ok=True)
     assert_one_line_error(*config_error, "permission denied", "locked.yaml")
     assert_one_line_error(*out_error, "permission denied", "closed")

@@ -396,13 +396,68 @@ def token_counter(client: Client) -> Callable[[str], int]:
     return getattr(client, "count_tokens", None) or local_token_count
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF metadata value types (gguf spec, `gguf_metadata_value_type`) with a fixed size: struct formats."""
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """The context length a GGUF model was trained with (`<arch>.context_length` in its metadata), read
+    from the header alone (gguf spec v2/v3: key-value pairs after the counts); None where it is not stated
+    or the file is not a GGUF. `gguf.GGUFReader` would also index every tensor, seconds on a busy CPU."""
+    import struct
+
+    def read(f, fmt):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def value(f, kind):
+        if kind in _GGUF_SCALARS:
+            return read(f, _GGUF_SCALARS[kind])
+        if kind == 8:
+            return f.read(read(f, "<Q")).decode("utf-8", "replace")
+        if kind == 9:
+            inner, count = read(f, "<I"), read(f, "<Q")
+            if inner in _GGUF_SCALARS:
+                f.seek(count * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+            elif inner == 8:
+                for _ in range(count):
+                    f.seek(read(f, "<Q"), 1)
+            else:
+                for _ in range(count):
+                    value(f, inner)
+            return None
+        raise ValueError(f"unknown GGUF value type {kind}")
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "<I") < 2:
+                return None
+            _, n_kv = read(f, "<Q"), read(f, "<Q")
+            meta: dict[str, Any] = {}
+            for _ in range(n_kv):
+                key = f.read(read(f, "<Q")).decode("utf-8", "replace")
+                meta[key] = value(f, read(f, "<I"))
+                arch = meta.get("general.architecture")
+                if arch and f"{arch}.context_length" in meta:
+                    return int(meta[f"{arch}.context_length"])
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+def _local_n_ctx(cfg: ExplainConfig, path: Path) -> int:
+    """explain.context_window, but never more than the GGUF model's own context (a preset's 128,000-token
+    window would otherwise make llama.cpp allocate a KV cache the model cannot use)."""
+    own = gguf_context_length(path) if path.is_file() else None
+    return min(cfg.context_window, own) if own else cfg.context_window
+
+
 def _embedded_factory(cfg: ExplainConfig) -> Client:
     if cfg.model and cfg.model != EMBEDDED_LLM:
         raise UserError(f"the embedded backend runs only {EMBEDDED_LLM} (explain.model is '{cfg.model}'): clear "
                         "explain.model, or use explain.backend=llama-cpp with explain.model=/path/to/model.gguf")
     from .local_hf import TransformersClient
 
-    return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=cfg.context_window,
+    return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=_local_n_ctx(cfg, embedded_gguf_path()),
                               timeout_s=cfg.timeout_s)
 
 
@@ -410,7 +465,7 @@ def _llama_cpp_factory(cfg: ExplainConfig) -> Client:
     if not cfg.model:
         raise UserError("explain.model is empty: the llama-cpp backend needs the path of a .gguf file")
     path = Path(cfg.model).expanduser()
-    return LlamaCppClient("llama-cpp", path, str(path), n_ctx=cfg.context_window, timeout_s=cfg.timeout_s)
+    return LlamaCppClient("llama-cpp", path, str(path), n_ctx=_local_n_ctx(cfg, path), timeout_s=cfg.timeout_s)
 
 
 register_backend("embedded", _embedded_factory)

@@ -675,6 +675,20 @@ def field_paths(cls: type = RunConfig, prefix: str = "") -> list[str]:
     return paths
 
 
+def list_field_paths(cls: type = RunConfig, prefix: str = "") -> set[str]:
+    """The dotted keys whose value is a list (`discover.layers`, `discover.unit_ids`, ...)."""
+    import typing
+
+    paths: set[str] = set()
+    for f in dataclasses.fields(cls):
+        sub = _dataclass_type(cls, f.name)
+        if sub:
+            paths |= list_field_paths(sub, f"{prefix}{f.name}.")
+        elif typing.get_origin(_hints(cls)[f.name]) is list:
+            paths.add(prefix + f.name)
+    return paths
+
+
 def _dataclass_type(cls: type, name: str) -> type | None:
     hint = _hints(cls)[name]
     return hint if dataclasses.is_dataclass(hint) else None

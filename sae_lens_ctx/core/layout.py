@@ -42,6 +42,9 @@ class StageSpec:
     reads_what_exists: bool = False
     """A showing stage (`report`): it reads whatever the earlier stages have written so far, so it runs
     even when one of them is not built yet or not up to date, and it runs every time."""
+    inputs: tuple[str, ...] = ()
+    """Inputs the stage reads from outside the run directory ('model', 'corpus', 'saes'): their content
+    digests (`pipeline.preflight.input_digests`) are part of its fingerprint."""
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,9 @@ class RunFile:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("load", "load the model and the corpus; record the model's facts and the train/test split",
-              ("model", "corpus")),
+              ("model", "corpus"), inputs=("model", "corpus")),
     StageSpec("discover", "find next-token units (neurons, SAE latents) by congruence, with controls",
-              ("discover", "seed")),
+              ("discover", "seed"), inputs=("saes",)),
     StageSpec("mine", "top-activating contexts per unit in one streaming scan, trimmed; held-out positives and "
               "negatives", ("mine", "seed")),
     StageSpec("attribute", "upstream heads that drive each unit, with an ablation check", ("attribute",)),

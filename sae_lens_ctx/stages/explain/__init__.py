@@ -12,6 +12,7 @@ package costs nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -43,6 +44,9 @@ def run_stage(ctx: RunContext) -> None:
     heads = list(iter_jsonl(ctx.path("heads.jsonl")))
     start = time.perf_counter()
     llm = LLM.from_config(cfg, ctx.out)
+    window = getattr(llm.client, "context_window", None)
+    if window and window < cfg.context_window:  # an in-process model's own limit (explain.llm._local_n_ctx)
+        cfg = dataclasses.replace(cfg, context_window=window)
     try:
         count = token_counter(llm.client)
         lookup_rows = list(iter_jsonl(ctx.path("lookups.jsonl"))) if ctx.path("lookups.jsonl").is_file() else []

@@ -23,7 +23,7 @@ from typing import Any
 
 from ...core.errors import UserError
 from ...inputs.context import RunContext
-from ...inputs.model import hub_id, resolve_source
+from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
 from ...core.records import atomic_write
 from ...core.layout import TABLES
@@ -201,10 +201,12 @@ def run_tokenizer(ctx: RunContext) -> Any:
         return ctx.model.tokenizer
 
     source, where = resolve_source(ctx.config.model.model_name)
+    if source == "hub":  # the cache's own directory, so that a local folder of the same name never shadows it
+        where = cached_snapshot(hub_id(str(where))) or hub_id(str(where))
     if source in ("hf-directory", "hub"):
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(where) if source == "hf-directory" else hub_id(str(where)))
+        return AutoTokenizer.from_pretrained(str(where))
     return ctx.model.tokenizer
 
 
