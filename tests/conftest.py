@@ -1,4 +1,4 @@
-"""Shared fixtures: the planted models (tests/planted.py) and the embedded SmolLM2, all offline."""
+"""Shared fixtures: the planted models (tests/support/planted.py) and the embedded SmolLM2, all offline."""
 
 import os
 
@@ -7,7 +7,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may reach a hub
 # determinism and crash tests stay about the run directory. W&B tests set WANDB_MODE themselves.
 os.environ["WANDB_MODE"] = "disabled"
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+_TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(_TESTS / "support"))  # planted models, servers, harnesses
+# a few tests reuse another layer's test helpers (`from test_score import write_planted_run`): every test
+# folder is importable whatever the collection order
+sys.path[1:1] = [str(d) for d in sorted(_TESTS.iterdir()) if d.is_dir() and d.name != "support" and not d.name.startswith((".", "_"))]
 
 import offline_llm  # noqa: E402,F401  (registers the offline-test-llm backend)
 from planted import make_planted_gpt2, make_planted_llama  # noqa: E402

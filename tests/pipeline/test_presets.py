@@ -3,7 +3,7 @@
 The preset is read as a user would (`sae-lens-ctx run PRESET.yaml`), then only what cannot run here is
 swapped: the hub model for a tiny random model of the same family built offline (cases/common/make_tiny.py:
 GPT-2 → gpt2, Pythia → neox, the embedded SmolLM2 → llama-gqa), pile-10k for a small prose file, the SAE
-release for a tiny SAE saved on disk, OpenAI for the offline test LLM (tests/offline_llm.py), and sizes
+release for a tiny SAE saved on disk, OpenAI for the offline test LLM (tests/support/offline_llm.py), and sizes
 that exceed a 2-layer model or a few thousand tokens (layers, context size, token budget). Everything else
 (mine.top_k 30, trimming without BOS, the attribution rule and band, every relevant head explained, the
 judge) is the preset's own. W&B logging is turned off: its offline runs are tested in test_track.py.
@@ -20,7 +20,7 @@ import yaml
 from sae_lens_ctx.cli import main
 from sae_lens_ctx.core.config import RunConfig
 
-PRESETS = Path(__file__).resolve().parent.parent / "wandb_configs"
+PRESETS = Path(__file__).resolve().parents[2] / "wandb_configs"
 RUN_PRESETS = sorted(p for p in PRESETS.glob("*.yaml") if p.name not in ("sweep.yaml", "dashboard.yaml"))
 MAKE_TINY = Path("/work/shared/cases/common/make_tiny.py")
 PROSE = MAKE_TINY.parent / "prose.txt"
@@ -74,14 +74,7 @@ def small(preset: RunConfig, model: Path, tmp_path: Path) -> dict:
     return cfg
 
 
-def _xfail_pythia(path: Path):
-    if "pythia" in path.stem:  # NeoX's attribution crash (KeyError 'resid', case 10) is issue 17's fix
-        return pytest.param(path, id=path.stem, marks=pytest.mark.xfail(
-            strict=False, reason="case 10: NeoX/Pythia attribution KeyError 'resid', fixed by the families issue"))
-    return pytest.param(path, id=path.stem)
-
-
-@pytest.mark.parametrize("path", [_xfail_pythia(p) for p in RUN_PRESETS])
+@pytest.mark.parametrize("path", RUN_PRESETS, ids=lambda p: p.stem)
 def test_every_preset_runs_end_to_end_on_a_tiny_model_of_its_family(path, tiny, tmp_path, capsys):
     preset = RunConfig.from_yaml(path)
     config = tmp_path / path.name

@@ -1,7 +1,7 @@
 """Judge replies read honestly (cases 13 and 14): the first standalone yes/no word decides a reply's
 answer, P(Yes) is read where the reply carries its Yes/No token, and a reply without one is never
 scored. The judges here are `FaultInjectionServer` models (a fake OpenAI-compatible server at the
-backend seam, tests/llm_servers.py): `judge-sure` and `judge-chatty`."""
+backend seam, tests/support/llm_servers.py): `judge-sure` and `judge-chatty`."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "sae_lens_ctx"
+PACKAGE = Path(__file__).resolve().parents[2] / "sae_lens_ctx"
 ROOT = "sae_lens_ctx"
 
 LAYERS = {"core": 0, "inputs": 1, "clients": 1, "stages": 2, "pipeline": 3}

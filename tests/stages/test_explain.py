@@ -4,7 +4,7 @@ prompt, neuron-explainer unit explanations, and secrets.
 Inputs are written by the tests themselves in the record formats of `records.py` (a planted pair:
 unit L2N37 -> " paris", head L0H3 active on the " france" prompts, L1H5 on the " louvre" ones, plus a
 control unit), with the planted models' word-level tokenizer. LLMs: a fault-injecting HTTP server on
-127.0.0.1 (tests/llm_servers.py), the real llama.cpp server serving the embedded GGUF, and the
+127.0.0.1 (tests/support/llm_servers.py), the real llama.cpp server serving the embedded GGUF, and the
 embedded backend in-process.
 """
 

@@ -111,7 +111,7 @@ def _completion(content: str) -> dict:
 
 
 def _judge(prompt: str) -> dict:
-    """A keyword Yes/No judge's chat completion (see `fault-mix`; the judge of tests/offline_llm.py)."""
+    """A keyword Yes/No judge's chat completion (see `fault-mix`; the judge of tests/support/offline_llm.py)."""
     answer = "Yes" if keyword_says_yes(prompt) else "No"
     out = _completion(answer)
     p = 0.9 if answer == "Yes" else 0.2

@@ -146,7 +146,7 @@ def test_two_gloo_processes_under_torchrun_equal_one_process(prepared, tmp_path)
     out = tmp_path / "torchrun"
     _copy_run(base, out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "sae_lens_ctx", "mine", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)

@@ -114,7 +114,7 @@ def test_a_stage_alone_needs_its_upstream(tmp_path, planted_gpt2, corpus_file):
 
 def test_the_whole_pipeline_recovers_and_explains_the_planted_heads(tmp_path, planted_gpt2, corpus_file):
     """load → ... → score on the planted GPT-2, with the tests' offline contrastive explainer and
-    keyword judge (tests/offline_llm.py): the planted unit's two heads are its relevant heads, each
+    keyword judge (tests/support/offline_llm.py): the planted unit's two heads are its relevant heads, each
     explanation names its head's trigger, and that explanation predicts the head's held-out activity."""
     cfg = planted_config(planted_gpt2, corpus_file)
     out = tmp_path / "run"

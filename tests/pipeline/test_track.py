@@ -31,7 +31,7 @@ from sae_lens_ctx.pipeline.wandb_log import RESULTS_TYPE, TABLE_TYPE, log_run, r
 # (where a bare `sae-lens-ctx --help` once took a minute), so only a hang fails the test.
 HANG_GUARD_S = 1800
 
-PRESETS = Path(__file__).resolve().parents[1] / "wandb_configs"
+PRESETS = Path(__file__).resolve().parents[2] / "wandb_configs"
 TABLE_OF_STAGE = {"discover": ("units",), "mine": ("contexts",), "attribute": ("heads", "lookups"),
                   "explain": ("explanations",), "score": ("scores",)}
 

@@ -1,5 +1,5 @@
 """Crash anywhere and resume identically: `sae-lens-ctx run` on the planted GPT-2, with the offline test LLM
-and W&B offline, killed with SIGKILL at many points (tests/kill_harness.py), then run again.
+and W&B offline, killed with SIGKILL at many points (tests/support/kill_harness.py), then run again.
 
 * One run directory goes through a chain of kills, each at a later point of the pipeline (discovery,
   mid-scan of each split, trimming, attribution, explain calls, judge calls, the report's plots, W&B
@@ -33,7 +33,7 @@ import yaml
 # (where a bare `sae-lens-ctx --help` once took a minute), so only a hang fails the test.
 HANG_GUARD_S = 1800
 
-HARNESS = Path(__file__).with_name("kill_harness.py")
+HARNESS = Path(__file__).resolve().parents[1] / "support" / "kill_harness.py"
 
 CHAIN = ["rename:2", "discover:1", "scan-train:20", "scan-test:3", "trim:2", "rename:7", "attribute:2",
          "manifest:4", "explain-call:3", "judge-call:10", "judge-call:25", "rename:5", "report-plot:3",

@@ -265,7 +265,7 @@ def test_the_paper_presets_pin_mark_lookups_off():
 
     from sae_lens_ctx.core.config import RunConfig
 
-    presets = sorted((Path(__file__).resolve().parents[1] / "wandb_configs").glob("*.yaml"))
+    presets = sorted((Path(__file__).resolve().parents[2] / "wandb_configs").glob("*.yaml"))
     paper = [p for p in presets if p.stem.startswith(("gpt2-", "pythia-"))]
     assert len(paper) == 9
     for path in paper:

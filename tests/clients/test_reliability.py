@@ -1,5 +1,5 @@
 """Reliability under LLM faults and load, against the fault-injection server on 127.0.0.1
-(tests/llm_servers.py, a fake at the HTTP seam, named as such).
+(tests/support/llm_servers.py, a fake at the HTTP seam, named as such).
 
 * The score stage under a fault mix (10 % 429, 5 % 500, 5 % hangs, 5 % malformed bodies) completes;
   every faulted call is retried, then either succeeds or is recorded as failed and counted; scores

@@ -2,7 +2,7 @@
 
 load, discover, mine and attribute are the real stages. explain and score files are written here in
 their record formats (`ExplanationRecord`, `ScoreRecord`): these tests are about showing records, not
-making them (tests/test_explain.py and tests/test_score.py make them). The
+making them (tests/stages/test_explain.py and tests/stages/test_score.py make them). The
 records carry hostile text (markup, entities, quotes, non-ASCII) so that escaping is tested end to end;
 one extra context line does too (its tokens do not spell its text, so it is shown as plain text).
 """

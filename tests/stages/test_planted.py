@@ -1,4 +1,4 @@
-"""The planted models of tests/planted.py really contain the mechanism their answer key claims.
+"""The planted models of tests/support/planted.py really contain the mechanism their answer key claims.
 
 Checked for both architectures (GPT-2 style and Llama style), in the HF model, in a
 TransformerBridge booted offline from the saved directory, and in a HookedTransformer built from
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "support"))
 
 from planted import (  # noqa: E402
     PlantedModel,

@@ -1,7 +1,7 @@
-"""Fault injection for the crash tests (tests/test_crash_resume.py): `sae-lens-ctx` in this process with a
+"""Fault injection for the crash tests (tests/pipeline/test_crash_resume.py): `sae-lens-ctx` in this process with a
 SIGKILL armed at one seam. A fake at the seams, named as such; everything else is the real CLI.
 
-    python tests/kill_harness.py [--kill SEAM:N] [--calls FILE] -- <sae-lens-ctx arguments>
+    python tests/support/kill_harness.py [--kill SEAM:N] [--calls FILE] -- <sae-lens-ctx arguments>
 
 `--kill SEAM:N` sends SIGKILL to this process on the N-th time it reaches SEAM (counted from this
 process's start), before that call does anything: nothing is flushed, no `finally` runs. `--calls FILE`
