@@ -64,7 +64,7 @@ def test_a_single_stage_on_a_fresh_directory_points_at_run_until(tmp_path):
 
 UNTIL = """
 import sys
-import sae_lens_ctx.explain.llm as llm
+import sae_lens_ctx.clients.llm as llm
 def no_llm(cfg):  # fault injection at the seam: any LLM client construction fails the run
     raise AssertionError("an LLM client was constructed")
 llm.make_client = no_llm

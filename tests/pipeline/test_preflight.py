@@ -29,9 +29,9 @@ def one_line_error(capsys, *args):
 @pytest.fixture
 def loader_spy(monkeypatch):
     """A spy at every loader seam (model, corpus, in-process LLM): records each call, then fails the test."""
-    import sae_lens_ctx.corpus
-    import sae_lens_ctx.explain.llm
-    import sae_lens_ctx.model
+    import sae_lens_ctx.clients.llama_cpp_client
+    import sae_lens_ctx.clients.local_hf
+    import sae_lens_ctx.inputs.context
 
     calls = []
 
@@ -41,9 +41,11 @@ def loader_spy(monkeypatch):
             raise AssertionError(f"{name} was called before the input was validated")
         return called
 
-    monkeypatch.setattr(sae_lens_ctx.inputs.model, "load_model", spy("load_model"))
-    monkeypatch.setattr(sae_lens_ctx.inputs.corpus, "build_corpus", spy("build_corpus"))
-    monkeypatch.setattr(sae_lens_ctx.clients.llm, "load_llama", spy("load_llama"))
+    # where the run context calls them (it imports them by name)
+    monkeypatch.setattr(sae_lens_ctx.inputs.context, "load_model", spy("load_model"))
+    monkeypatch.setattr(sae_lens_ctx.inputs.context, "build_corpus", spy("build_corpus"))
+    monkeypatch.setattr(sae_lens_ctx.clients.llama_cpp_client, "load_llama", spy("load_llama"))
+    monkeypatch.setattr(sae_lens_ctx.clients.local_hf, "load_gguf_lm", spy("load_gguf_lm"))
     return calls
 
 
@@ -118,7 +120,8 @@ def test_lists_as_users_write_them(tmp_path):
 def test_the_embedded_llm_never_gets_more_context_than_its_own(loader_spy):
     from sae_lens_ctx.core.config import ExplainConfig
     from sae_lens_ctx.core.embedded import embedded_gguf_path
-    from sae_lens_ctx.clients.llm import gguf_context_length, make_client
+    from sae_lens_ctx.clients.llama_cpp_client import gguf_context_length
+    from sae_lens_ctx.clients.llm import make_client
 
     own = gguf_context_length(embedded_gguf_path())
     assert own == 8192  # SmolLM2-135M-Instruct's llama.context_length
