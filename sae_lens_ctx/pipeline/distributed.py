@@ -12,7 +12,8 @@ from pathlib import Path
 from ..core.config import RunConfig
 from ..core.errors import UserError
 from ..inputs.context import RunContext
-from ..stages.mine.scan import ScanResult, finish_stage, merge_results, prepare_stage, remove_checkpoints, scan_identities, scan_splits
+from ..stages.mine import finish_stage, prepare_stage, remove_checkpoints, scan_identities, scan_splits
+from ..stages.mine.scan import ScanResult, merge_results
 from ..stages.mine.shards import SHARD_FILE, load_shard, save_shard, shard_files
 from .engine import RunDirectory, finished_stage, get_stage, require_upstream, stage_fingerprints
 

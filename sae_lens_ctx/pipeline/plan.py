@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..core import layout
 from ..stages import attribute, discover, explain, load, score
-from ..stages.mine import scan as mine
+from ..stages import mine
 from ..stages.report import html as report
 from .engine import Stage, register_finisher, register_stage
 from .wandb_log import log_finished_run

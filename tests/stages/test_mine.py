@@ -12,12 +12,13 @@ import torch
 from safetensors.torch import load_file
 
 from planted import planted_corpus
-from sae_lens_ctx.stages.mine import scan as mine
+from sae_lens_ctx.stages import mine
 from sae_lens_ctx.stages import score
 from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
 from sae_lens_ctx.inputs.corpus import TokenContext, build_corpus
 from sae_lens_ctx.core.errors import UserError
-from sae_lens_ctx.stages.mine.scan import UnitReader, collect_prompts, scan, trim_prompts
+from sae_lens_ctx.stages.mine.scan import UnitReader, collect_prompts, scan
+from sae_lens_ctx.stages.mine.trim import trim_prompts
 from sae_lens_ctx.inputs.model import load_model
 from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.pipeline.engine import run_pipeline

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from planted import planted_corpus
 from sae_lens_ctx import cli
-from sae_lens_ctx.stages.mine import scan as mine
+from sae_lens_ctx.stages import mine
 from sae_lens_ctx.core.config import CorpusConfig, DiscoverConfig, MineConfig, ModelConfig, RunConfig
 from sae_lens_ctx.core.errors import UserError
 from sae_lens_ctx.pipeline.engine import run_pipeline

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import offline_llm  # noqa: E402  (registers the offline-test-llm backend)
 from sae_lens_ctx.stages import attribute, discover
-from sae_lens_ctx.stages.mine import scan as mine, trim
+from sae_lens_ctx.stages import mine
+from sae_lens_ctx.stages.mine import trim
 from sae_lens_ctx.stages.report import plots
 from sae_lens_ctx.pipeline import wandb_log as track  # noqa: E402
 from sae_lens_ctx.cli import main  # noqa: E402
