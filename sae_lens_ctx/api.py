@@ -77,7 +77,7 @@ def _is_model_object(obj: Any) -> bool:
 
 def _apply_model(model: Any, config: RunConfig) -> Any:
     """Put a model name into the config, or return the model object to use (config updated to describe it)."""
-    from .inputs.model import ModelView, detect_weights
+    from .inputs.view import ModelView, detect_weights
 
     if model is None:
         return None

@@ -57,7 +57,7 @@ import torch
 
 from .inputs.corpus import TokenContext
 from .stages.mine.scan import UnitReader, batches, run_until_hooks, scan
-from .inputs.model import ModelView, pad_batch, pad_id
+from .inputs.view import ModelView, pad_batch, pad_id
 from .inputs.sae import SaeSource
 from .core.records import UnitRecord
 

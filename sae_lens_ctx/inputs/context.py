@@ -10,7 +10,8 @@ from typing import Any
 
 from ..core.config import RunConfig
 from .corpus import Corpus, build_corpus
-from .model import ModelView, load_model
+from .model import load_model
+from .view import ModelView
 from .sae import SaeSource
 
 log = logging.getLogger(__name__)

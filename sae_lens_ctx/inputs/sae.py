@@ -17,7 +17,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.records import OBJECT_PREFIX
-from .model import ModelView
+from .view import ModelView
 
 _HOOK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 

@@ -39,7 +39,7 @@ from ..core.lookups import SINK_SHARE, LookupRecord
 from ..core.rules import parse_rule
 from ..inputs.tokens import token_strings
 from ..inputs.context import RunContext
-from ..inputs.model import ModelView, optional_bias, pad_batch, pad_id
+from ..inputs.view import ModelView, optional_bias, pad_batch, pad_id
 from ..inputs.sae import SaeSource
 
 log = logging.getLogger(__name__)

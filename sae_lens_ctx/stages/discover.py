@@ -28,7 +28,7 @@ from ..core.progress import tqdm  # a bar on a terminal, progress lines in a log
 
 from ..core.config import DiscoverConfig
 from ..core.errors import UserError
-from ..inputs.model import ModelView
+from ..inputs.view import ModelView
 from ..inputs.context import RunContext
 from ..core.records import write_jsonl
 from ..inputs.sae import SaeSource

@@ -48,7 +48,7 @@ from ...core.digest import digest
 from ...core.errors import UserError
 from ...core.records import ContextRecord, UnitRecord, load_tensors, save_tensors
 from ...inputs.corpus import SPLITS, TokenContext
-from ...inputs.model import ModelView, pad_batch, pad_id
+from ...inputs.view import ModelView, pad_batch, pad_id
 from ...inputs.sae import SaeSource
 from .trim import Prompt
 from ...inputs.tokens import token_strings

@@ -31,7 +31,7 @@ from ...core.progress import tqdm  # a bar on a terminal, progress lines in a lo
 
 from ...core.config import MineConfig
 from ...inputs.corpus import TokenContext
-from ...inputs.model import pad_batch, pad_id
+from ...inputs.view import pad_batch, pad_id
 
 Reader = Callable[[torch.Tensor], torch.Tensor]
 """`reader(tokens [B, T])` → every unit's activation `[B, T, U]`; it also has `.view` (the ModelView).
