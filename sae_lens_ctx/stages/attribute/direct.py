@@ -1,0 +1,282 @@
+"""Exact direct attribution of a unit's pre-activation to upstream heads (the module doc of the stage gives
+the formula), its exact decomposition, and the per-source split of each head's part (look-ups, `core/lookups.py`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ...core.config import AttributeConfig
+from ...core.errors import UserError
+from ...core.records import UnitRecord
+from ...core.lookups import SINK_SHARE, LookupRecord
+from ...inputs.tokens import token_strings
+from ...inputs.view import ModelView, optional_bias, pad_batch, pad_id
+from ...inputs.sae import SaeSource
+
+
+log = logging.getLogger(__name__)
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+@dataclass
+class UnitRead:
+    """A unit's linear read of the residual stream, per branch, and which heads feed it directly."""
+
+    unit: UnitRecord
+    head_layers: list[int]
+    """Layers whose heads write directly into what the unit reads."""
+    directions: dict[str, torch.Tensor]
+    """branch → `[d_model]` read direction (gain folded in; centred for LayerNorm)."""
+    bias: dict[str, float]
+    """branch → constant term of the pre-activation."""
+    rank_branch: str
+    """The branch whose attributions rank heads."""
+    scale_kind: str | None
+    """Hook kind of the norm scale the unit divides by (`ln2_scale`), or None."""
+    resid_kind: str
+    """Hook kind of the residual stream the unit reads (`resid_mid`, `resid_pre`, `resid_post`)."""
+    sae: SaeSource | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return [head_label(layer, h) for layer in self.head_layers for h in range(self._n_heads)]
+
+    _n_heads: int = field(default=0, repr=False)
+
+
+def unit_read(view: ModelView, unit: UnitRecord, cfg: AttributeConfig, saes: dict[str, SaeSource]) -> UnitRead:
+    """The read of a neuron (through its layer's ln2) or of an SAE latent on a residual-stream hook."""
+    center = view.normalization == "LN"
+    if unit.kind == "neuron":
+        read = view.mlp_read(unit.layer)
+        dirs = {b: w[:, unit.index] for b, w in read.weights.items()}
+        bias = {b: float(v[unit.index]) for b, v in read.bias.items()}
+        # In a parallel block the MLP reads resid_pre: heads of its own layer never feed it.
+        layers = list(range(unit.layer + (1 if cfg.include_same_layer and not view.parallel else 0)))
+        rank = cfg.gated_branch if view.gated else "in"
+        out = UnitRead(unit, layers, dirs, bias, rank, f"{view.mlp_norm(unit.layer)}_scale",
+                       view.mlp_input(unit.layer))
+    else:
+        sae = saes.get(unit.sae_id or "")
+        if sae is None:
+            raise UserError(f"unit {unit.unit_id} comes from SAE {unit.sae_id}, which is not in discover.saes")
+        kinds = {"hook_resid_pre": ("resid_pre", 0), "hook_resid_mid": ("resid_mid", 1),
+                 "hook_resid_post": ("resid_post", 1)}
+        if sae.hook_kind not in kinds:
+            raise UserError(f"SAE latents on {sae.hook_name} have no direct path from attention heads: "
+                            "attribution supports SAEs on hook_resid_pre/mid/post")
+        if str(getattr(sae.sae.cfg, "normalize_activations", "none")) != "none":
+            raise UserError(f"SAE {sae.sae_id} normalises its input; attribution needs normalize_activations='none'")
+        w_enc = sae.sae.W_enc.detach()[:, unit.index].to(view.device, view.dtype)
+        b = float(sae.sae.b_enc.detach()[unit.index])
+        if getattr(sae.sae.cfg, "apply_b_dec_to_input", False):
+            b -= float(sae.sae.b_dec.detach().to(w_enc) @ w_enc)
+        kind, extra = kinds[sae.hook_kind]
+        layers = list(range(sae.layer + extra))
+        out = UnitRead(unit, layers, {"latent": w_enc}, {"latent": b}, "latent", None, kind, sae=sae)
+        center = False
+    if center:
+        out.directions = {b: d - d.mean() for b, d in out.directions.items()}
+    out._n_heads = view.n_heads
+    return out
+
+
+def folded_heads(view: ModelView, read: UnitRead) -> dict[str, torch.Tensor]:
+    """branch → `[n_head_layers, n_heads, d_head]`: `W_O[h] @ read`, once per unit (in a sandwich block
+    `(W_O[h] ⊙ post-attention gain) @ read`; the post-attention scale is divided out per prompt)."""
+    if not read.head_layers:
+        return {b: torch.zeros(0, view.n_heads, view.d_head, device=view.device) for b in read.directions}
+    w_o = torch.stack([view.post_gain(view.model.W_O[l].detach(), l, "ln1_post") for l in read.head_layers])
+    return {b: torch.einsum("lhdm,m->lhd", w_o, d) for b, d in read.directions.items()}
+
+
+def _post_scale_hooks(view: ModelView, layers: list[int], save) -> list:
+    """Hooks on the post-attention norm scale of each of `layers` (sandwich blocks only), saved as `post{l}`."""
+    return [(view.hook_name("ln1_post_scale", l), save(f"post{l}")) for l in layers] if view.sandwich else []
+
+
+def pad_prompts(prompts: list[list[int]], view: ModelView) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded `[B, max_len]` token ids (`inputs.model.pad_batch`) and each row's last position `[B]`."""
+    return pad_batch(prompts, pad_id(view.tokenizer)), torch.tensor([len(p) - 1 for p in prompts])
+
+
+@torch.inference_mode()
+def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]], batch_size: int = 32,
+                      divide_by_scale: bool = True, sources: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per branch: `[n_prompts, n_upstream_heads]` attributions, and `[n_prompts]` pre-activations.
+
+    Given a dict `sources`, the same forward also hooks `hook_pattern` (the last position's row) and
+    `hook_v` and fills it with the exact per-source split of every attribution (`lookups.py`):
+    'attention' and, per branch, the contributions, each `[n_prompts, n_upstream_heads, longest prompt]`
+    (zero past a prompt's end); a branch's contributions sum over the last axis to its attributions."""
+
+    folded = folded_heads(view, read)
+    per_source: dict[str, list[torch.Tensor]] = defaultdict(list)
+    width = max((len(p) for p in prompts), default=0)
+    layer = read.unit.layer if read.sae is None else read.sae.layer
+    attributions: dict[str, list[torch.Tensor]] = defaultdict(list)
+    pre: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for b0 in range(0, len(prompts), batch_size):
+        tokens, last = pad_prompts(prompts[b0:b0 + batch_size], view)
+        rows = torch.arange(len(last))
+        got: dict[str, torch.Tensor] = {}
+
+        def save(key):
+            def hook(x, hook):
+                got[key] = x[rows, last.to(x.device)].detach()
+            return hook
+
+        hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in read.head_layers]
+        hooks += _post_scale_hooks(view, read.head_layers, save)
+        if sources is not None:
+            for l in read.head_layers:
+                hooks.append((view.hook_name("pattern", l), lambda x, hook, l=l: got.__setitem__(
+                    f"pattern{l}", x[rows, :, last.to(x.device)].detach())))  # [batch, head, key] at T
+                hooks.append((view.hook_name("v", l), lambda x, hook, l=l: got.__setitem__(f"v{l}", x.detach())))
+        hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
+        if read.scale_kind:
+            hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
+        view.run_with_hooks(tokens, hooks, stop_at_layer=layer + 1)
+        scale = got["scale"].reshape(-1, 1).float() if read.scale_kind else torch.ones(len(last), 1)
+        resid = got["resid"].float()
+        if view.normalization == "LN" and read.scale_kind:
+            resid = resid - resid.mean(-1, keepdim=True)
+        z = torch.stack([got[f"z{l}"] for l in read.head_layers], dim=1) if read.head_layers else None
+        if z is not None and view.sandwich:  # each layer's heads pass through its post-attention norm scale
+            post = torch.stack([got[f"post{l}"].reshape(-1) for l in read.head_layers], dim=1)
+            z = z / post[:, :, None, None].to(z)
+        for branch, f in folded.items():
+            if z is None:
+                a = torch.zeros(len(last), 0)
+            else:
+                a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1)
+            attributions[branch].append((a / scale if divide_by_scale else a).cpu())
+            pre[branch].append(((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu())
+            if sources is not None:
+                c = torch.cat([source_contributions(got[f"pattern{l}"], got[f"v{l}"], f[i])
+                               for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
+                    else torch.zeros(len(last), 0, tokens.shape[1])
+                c = c / scale[:, :, None] if divide_by_scale else c
+                per_source[branch].append(torch.nn.functional.pad(c.cpu(), (0, width - c.shape[-1])))
+        if sources is not None:
+            att = torch.cat([got[f"pattern{l}"].float() for l in read.head_layers], dim=1) if z is not None \
+                else torch.zeros(len(last), 0, tokens.shape[1])
+            per_source["attention"].append(torch.nn.functional.pad(att.cpu(), (0, width - att.shape[-1])))
+    if sources is not None:
+        sources.update({k: torch.cat(v) for k, v in per_source.items()})
+    return ({b: torch.cat(v) for b, v in attributions.items()}, {b: torch.cat(v) for b, v in pre.items()})
+
+
+@torch.inference_mode()
+def decompose_pre_activation(view: ModelView, read: UnitRead, tokens: torch.Tensor,
+                             branch: str | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """Every direct component of the unit's pre-activation at every position of one unbatched prompt.
+
+    Returns (labels, `[n_components, pos]` contributions, `[pos]` hooked pre-activation). Components:
+    'embed' (token and positional embeddings: `resid_pre` of layer 0), each head, each layer's
+    attention bias, each earlier MLP, and 'const' (biases of the read). For a neuron the reference is
+    the hook of its branch (`mlp_pre` / `mlp_pre_linear`); for an SAE latent, the SAE's own encoder
+    pre-activation on the hooked input.
+    """
+    branch = branch or read.rank_branch
+    layer = read.unit.layer if read.sae is None else read.sae.layer
+    all_head_layers = list(range(layer + (read.resid_kind != "resid_pre")))
+    got: dict[str, torch.Tensor] = {}
+
+    def save(key):
+        def hook(x, hook):
+            got[key] = x[0].detach().float()
+        return hook
+
+    hooks = [(view.hook_name("resid_pre", 0), save("embed"))]
+    hooks += [(view.hook_name("z", l), save(f"z{l}")) for l in all_head_layers]
+    hooks += _post_scale_hooks(view, all_head_layers, save)
+    mlp_layers = list(range(layer + (read.resid_kind == "resid_post")))
+    hooks += [(view.hook_name("mlp_out", l), save(f"mlp{l}")) for l in mlp_layers]
+    hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
+    if read.scale_kind:
+        hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
+    ref_kind = {"in": "mlp_pre", "gate": "mlp_pre", "up": "mlp_pre_linear"}.get(branch)
+    if ref_kind:
+        hooks.append((view.hook_name(ref_kind, layer), save("ref")))
+    view.run_with_hooks(tokens.reshape(1, -1), hooks, stop_at_layer=layer + 1)
+    labels, parts = ["embed"], [got["embed"]]
+    w_o = view.model.W_O.detach()
+    for l in all_head_layers:
+        # a sandwich block's post-attention norm: its gain on every write, its scale at every position
+        post = got[f"post{l}"].reshape(-1, 1) if view.sandwich else 1.0
+        for h in range(view.n_heads):
+            labels.append(head_label(l, h))
+            parts.append(got[f"z{l}"][:, h] @ view.post_gain(w_o[l, h], l, "ln1_post").float() / post)
+        labels.append(f"L{l}.b_O")
+        b_o = optional_bias(view.model, "b_O", l, view.d_model, w_o)
+        parts.append(view.post_gain(b_o, l, "ln1_post").float().expand_as(got["embed"]) / post)
+    for l in mlp_layers:
+        labels.append(f"L{l}.mlp")
+        parts.append(got[f"mlp{l}"])
+    stack = torch.stack(parts)  # [n, pos, d_model]
+    if not torch.allclose(stack.sum(0), got["resid"], atol=1e-3, rtol=1e-3):
+        raise AssertionError("the residual-stream components do not sum to the hooked residual stream")
+    if view.normalization == "LN" and read.scale_kind:
+        stack = stack - stack.mean(-1, keepdim=True)
+    scale = got["scale"].reshape(1, -1) if read.scale_kind else torch.ones(1, stack.shape[1])
+    contrib = (stack @ read.directions[branch].float()) / scale
+    labels.append("const")
+    contrib = torch.cat([contrib, torch.full((1, contrib.shape[1]), read.bias[branch])])
+    reference = got["ref"][:, read.unit.index] if ref_kind else _sae_pre(read.sae.sae, got["resid"], read.unit.index)
+    return labels, contrib, reference
+
+
+def _sae_pre(sae, x: torch.Tensor, index: int) -> torch.Tensor:
+    """The SAE's encoder pre-activation of latent `index`, computed the way SAE-Lens encodes."""
+    sae_in = x - sae.b_dec * (1.0 if getattr(sae.cfg, "apply_b_dec_to_input", False) else 0.0)
+    return sae_in @ sae.W_enc[:, index] + sae.b_enc[index]
+
+
+def source_contributions(pattern_t: torch.Tensor, v: torch.Tensor, folded: torch.Tensor) -> torch.Tensor:
+    """Per-source split of `z_h[T] · f_h` for one layer.
+
+    `pattern_t` `[batch, n_heads, pos]` (the attention row of each prompt's last position), `v`
+    `[batch, pos, n_kv_heads, d_head]` (hooked, bias included), `folded` `[n_heads, d_head]` (`W_O[h] @ read`)
+    → `[batch, n_heads, pos]`, which sums over `pos` to `einsum(z[T], folded)` exactly (fp round-off)."""
+    group = pattern_t.shape[1] // v.shape[2]
+    vf = torch.einsum("bskd,khd->bkhs", v.float(), folded.float().reshape(v.shape[2], group, -1))
+    return pattern_t.float() * vf.reshape(pattern_t.shape)
+
+
+def lookup_records(tokenizer, unit_id: str, labels: Sequence[str], chosen: Sequence[int], prompts: Sequence[list[int]],
+                   ranks: Sequence[int], split: str, active: torch.Tensor, attention: torch.Tensor,
+                   contributions: dict[str, torch.Tensor], branch: str, offset: int, top_k: int) -> list[LookupRecord]:
+    """Records of the heads `chosen` (indices into `labels`) on every prompt. `attention` and
+    `contributions[b]` are `[n_prompts, n_heads, width]` (zero past each prompt's end), `active`
+    `[n_prompts, n_heads]`."""
+    records = []
+    for p, tokens in enumerate(prompts):
+        n = len(tokens)
+        text = token_strings(tokenizer, tokens)
+        for j in chosen:
+            c = contributions[branch][p, j, :n]
+            a = attention[p, j, :n]
+            order = sorted(range(n), key=lambda s: (-abs(float(c[s])), s))[:top_k]
+            sources = []
+            for s in order:
+                entry = {"position": s, "token_id": int(tokens[s]), "token": text[s], "attention": float(a[s]),
+                         "contribution": float(c[s])}
+                if len(contributions) > 1:
+                    entry["branches"] = {b: float(v[p, j, s]) for b, v in contributions.items()}
+                sources.append(entry)
+            status = "one_position" if n == 1 else "first_position_only" if float(a[0]) >= SINK_SHARE else "ok"
+            records.append(LookupRecord(
+                unit_id=unit_id, head=labels[j], split=split, rank=int(ranks[p]), active=bool(active[p, j]),
+                branch=branch, attribution=float(c.sum()), n_positions=n, offset=offset,
+                first_attention=float(a[0]), first_contribution=float(c[0]), sources=sources, status=status))
+    return records
