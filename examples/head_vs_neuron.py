@@ -11,7 +11,7 @@ What it shows
 Run it
     python examples/head_vs_neuron.py RUN_DIR      # any finished run, e.g. runs/demo or the quickstart's
     python examples/head_vs_neuron.py              # no RUN_DIR: first runs the planted GPT-2 of
-                                                   # tests/planted.py with the embedded explainer (~1 min)
+                                                   # tests/support/planted.py with the embedded explainer (~1 min)
 """
 
 import json
@@ -29,8 +29,8 @@ import sae_lens_ctx as slc  # noqa: E402
 
 
 def planted_run(work: Path) -> Path:
-    """A small finished run on the planted GPT-2 (hand-set weights; tests/planted.py), offline."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    """A small finished run on the planted GPT-2 (hand-set weights; tests/support/planted.py), offline."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
     from planted import make_planted_gpt2, planted_corpus
 
     plant = make_planted_gpt2(work / "planted-gpt2")

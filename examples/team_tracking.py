@@ -8,7 +8,7 @@ What it shows
     artifact. A teammate then compares the two from the artifacts alone (here: offline W&B runs read back
     from disk with `wandb leet inspect --json`; online, `wandb.Api().artifact(...)` gives the same files).
 
-    The model is the planted GPT-2 of tests/planted.py (hand-set weights: neuron L2N37 predicts " paris",
+    The model is the planted GPT-2 of tests/support/planted.py (hand-set weights: neuron L2N37 predicts " paris",
     driven by head L0H3 after " france" and by head L1H5 after " louvre"), so the right answer is known:
     both rules must find exactly the two planted heads (one head drives the neuron on each prompt, and
     `top3` counts only heads with a positive attribution), so the comparison is a check that changing the
@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted models
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))  # the planted models
 from planted import make_planted_gpt2, planted_corpus  # noqa: E402
 
 import sae_lens_ctx as slc  # noqa: E402
