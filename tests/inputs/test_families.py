@@ -362,7 +362,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused_before_its_weights
     (directory / "model.safetensors").write_bytes(b"not weights")
     code, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--model", str(directory), "--corpus", str(PROSE),
                         "corpus.max_tokens=3000")
-    assert_one_line_error(code, err, "no usable tokenizer", "tokenizer.save_pretrained")
+    assert_one_line_error(code, err, "no tokenizer files", "tokenizer.save_pretrained")  # preflight, before any load
 
 
 def test_a_norm_read_with_the_wrong_gain_is_refused(family_dirs):
