@@ -55,8 +55,10 @@ def match_negatives(reader: Reader, positives: Sequence[Prompt], pool: Sequence[
         return [], 0
     limit = NEGATIVE_FRACTION * max(0.0, max(p.activation for p in positives))
     unit = positives[0].unit
-    contexts = {id(c.context): c for c in pool}  # a context in both tracks is one candidate
-    plans: list[list[tuple[int, int, int]]] = []  # per positive: (context id, end, length), best first
+    # a context in both tracks is one candidate; keyed by its place in the corpus (never by `id()`: the
+    # windows' order, and so the evaluation batches and their float round-off, must not depend on memory layout)
+    contexts = {(c.context.doc_id, c.context.index): c for c in pool}
+    plans: list[list[tuple[tuple[str, int], int, int]]] = []  # per positive: (context key, end, length), best first
     for p in positives:
         length = p.end - bos - p.start + 1
         ranked = []
