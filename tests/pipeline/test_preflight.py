@@ -5,8 +5,6 @@ model or corpus replaced at the same path re-runs what reads it (case B11); list
 import json
 import logging
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,8 @@ import torch
 
 from sae_lens_ctx.cli import main
 
-MAKE_TINY = Path("/work/shared/cases/common/make_tiny.py")
-PROSE = MAKE_TINY.parent / "prose.txt"
+from tiny import PROSE  # noqa: E402  (tests/support/tiny.py: the same tiny families as the cases' make_tiny.py)
+from tiny import make_tiny as build_tiny  # noqa: E402
 
 
 def one_line_error(capsys, *args):
@@ -212,7 +210,7 @@ def test_model_gpt2_out_gpt2_runs_from_the_hf_cache_and_resumes(tmp_path, capsys
 def make_tiny(arch: str, out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
-    subprocess.run([sys.executable, str(MAKE_TINY), arch, str(out)], check=True, capture_output=True, timeout=600)
+    build_tiny(arch, out)
 
 
 def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys, caplog):

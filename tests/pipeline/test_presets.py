@@ -10,8 +10,6 @@ judge) is the preset's own. W&B logging is turned off: its offline runs are test
 """
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from sae_lens_ctx.core.config import RunConfig
 
 PRESETS = Path(__file__).resolve().parents[2] / "wandb_configs"
 RUN_PRESETS = sorted(p for p in PRESETS.glob("*.yaml") if p.name not in ("sweep.yaml", "dashboard.yaml"))
-MAKE_TINY = Path("/work/shared/cases/common/make_tiny.py")
-PROSE = MAKE_TINY.parent / "prose.txt"
+from tiny import PROSE  # noqa: E402  (tests/support/tiny.py: the same tiny families as the cases' make_tiny.py)
+from tiny import make_tiny as build_tiny  # noqa: E402
 TINY_LAYERS = 2
 """make_tiny.py's models have 2 layers, 64-dimensional residual streams and 128 positions."""
 
@@ -41,8 +39,7 @@ def tiny(tmp_path_factory):
     def get(arch: str) -> Path:
         if arch not in built:
             out = tmp_path_factory.mktemp("tiny") / arch
-            subprocess.run([sys.executable, str(MAKE_TINY), arch, str(out)], check=True, capture_output=True,
-                           timeout=600)
+            build_tiny(arch, out)
             built[arch] = out
         return built[arch]
     return get
