@@ -217,8 +217,26 @@ QUIET_LOGGERS = ("httpx", "httpcore", "openai", "urllib3", "filelock", "datasets
 unless -v is given."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (not the stream of the first call), so a
+    process that calls `main` more than once, with stderr replaced in between, never writes to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _configure_logging(debug: bool, verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: configure once, never over a handler already there
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
     if not (debug or verbose):
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)

@@ -22,6 +22,30 @@ import offline_llm  # noqa: E402,F401  (registers the offline-test-llm backend)
 from planted import make_planted_gpt2, make_planted_llama  # noqa: E402
 
 
+class _CurrentStderr:
+    """A stream that writes to whatever `sys.stderr` is now. transformers' logging handler keeps the stderr of
+    the moment it was created; tests that run the CLI in-process swap stderr (capsys) between calls, so its
+    warnings would go to a closed stream ("--- Logging error ---")."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _transformers_logs_to_the_current_stderr() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")  # creates the library's handler once
+    handler = hf_logging._default_handler
+    handler.setStream(_CurrentStderr())
+    handler.flush = _CurrentStderr().flush
+
+
+_transformers_logs_to_the_current_stderr()
+
+
 @pytest.fixture(scope="session")
 def planted_gpt2(tmp_path_factory):
     return make_planted_gpt2(tmp_path_factory.mktemp("planted-gpt2"))
