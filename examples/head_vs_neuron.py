@@ -82,6 +82,8 @@ print(f"\nplot: {png} ({n_points} points); the report's own: {run_dir / 'plots' 
 
 # The example checks its own output: every row agrees with scores.jsonl, recomputed here by hand.
 scores = result.scores.to_pandas()
+# the LLM explanations' own scores: not the look-up explainer's, not the length/token confound controls
+scores = scores[(scores.explainer != "lookup") & ~scores.control_kind.isin(["length", "token"])]
 for row in table.itertuples():
     unit_scorer = {"E": "unit_E", "auroc": "unit_auroc"}.get(row.scorer, row.scorer)
     own = scores[(scores.unit_id == row.unit_id) & scores["head"].isna() & (scores.scorer == unit_scorer)].value.dropna()
