@@ -315,6 +315,11 @@ class ScoreRecord:
     """None for a real score; for a control: 'random_unit', 'shuffled', 'length' or 'token'."""
 
 
+CONFOUND_CONTROLS = ("length", "token")
+"""`ScoreRecord.control_kind`s of the confound controls (a length-only and a unit-token-present judge): scored
+beside the real scores under the same scorer names, reported against them, never aggregated with them."""
+
+
 # -- units -----------------------------------------------------------------------------------------
 
 _NEURON_ID = re.compile(r"^L(\d+)N(\d+)$")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...core.layout import SUMMARY_FILES, TABLES, RunFile
-from ...core.records import iter_jsonl
+from ...core.records import CONFOUND_CONTROLS, iter_jsonl
 
 
 
@@ -109,7 +109,7 @@ class RunTables:
         """Head versus neuron: per (unit, scorer), the unit's own explanation score beside its heads'."""
         per: dict[tuple[str, str], dict] = {}
         for s in self.rows("scores"):
-            if number(s.get("value")) is None:
+            if number(s.get("value")) is None or s.get("control_kind") in CONFOUND_CONTROLS:
                 continue
             scorer = scorer_label(s)
             if s.get("head") is None and scorer in UNIT_SCORERS:
