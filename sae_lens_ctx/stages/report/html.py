@@ -25,7 +25,7 @@ from ...core.errors import UserError
 from ...inputs.context import RunContext
 from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
-from ...core.records import atomic_write
+from ...core.records import CONFOUND_CONTROLS, atomic_write
 from ...core.layout import TABLES
 from .tables import RunTables, number, safe_name
 from ...inputs.tokens import token_pieces  # per-token pieces that spell the prompt (also used by W&B's HTML cells)
@@ -55,8 +55,6 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weig
 """
 
 
-CONFOUNDS = ("length", "token")
-"""`control_kind`s of the confound controls (score.CONFOUNDS): shown in the headline, not as unit scores."""
 
 
 def esc(value: Any) -> str:
@@ -245,8 +243,8 @@ class Report:
         self.heads = res.grouped("heads")
         self.explanations = res.grouped("explanations")
         every = res.grouped("scores")
-        self.scores = {u: [r for r in rows if r.get("control_kind") not in CONFOUNDS] for u, rows in every.items()}
-        self.confounds = {u: [r for r in rows if r.get("control_kind") in CONFOUNDS] for u, rows in every.items()}
+        self.scores = {u: [r for r in rows if r.get("control_kind") not in CONFOUND_CONTROLS] for u, rows in every.items()}
+        self.confounds = {u: [r for r in rows if r.get("control_kind") in CONFOUND_CONTROLS] for u, rows in every.items()}
         self.comparison: dict[str, list[dict]] = {}
         for row in res.comparison():
             self.comparison.setdefault(row["unit_id"], []).append(row)

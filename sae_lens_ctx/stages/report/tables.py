@@ -201,7 +201,7 @@ class RunTables:
         by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
         for s in self.rows("scores"):
             value = number(s.get("value"))
-            if value is None or s.get("control_kind") in ("length", "token"):
+            if value is None or s.get("control_kind") in CONFOUND_CONTROLS:
                 continue  # confound controls: in summary.json's headline, beside the real scores
             target = "units" if s.get("head") is None else "heads"
             control = "_control" if self.is_control(s) else ""

@@ -36,7 +36,7 @@ import numpy as np
 
 from ...clients.llm import LLM
 from ...core.config import ScoreConfig
-from ...core.records import ScoreRecord, atomic_write, write_jsonl
+from ...core.records import CONFOUND_CONTROLS, ScoreRecord, atomic_write, write_jsonl
 from ...inputs.context import RunContext
 from ...core.lookups import EXPLAINER as LOOKUP
 from .controls import control_scores, length_gaps
@@ -122,21 +122,19 @@ def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreC
 
 ONE_SIDED = 0.1
 """A judge that says Yes to fewer than this share of prompts, or No to fewer, is flagged as one-sided."""
-CONFOUNDS = ("length", "token")
-"""`control_kind`s of the confound controls (`controls.py`): judges that read no explanation."""
 
 
 def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool, kind: str | None = None) -> list[float]:
     """Values of one scorer on real (`control=False`) or random control units; `kind` picks a confound
     control's records instead of the judge's."""
     return [s.value for s in scores if s.scorer == scorer and s.control == control and s.value is not None
-            and (s.control_kind if s.control_kind in CONFOUNDS else None) == kind]
+            and (s.control_kind if s.control_kind in CONFOUND_CONTROLS else None) == kind]
 
 
 def _paired(scores: Sequence[ScoreRecord], a: str, b: str, control: bool, kind: str | None = None) -> tuple[list, list]:
     """Values of scorer `a` (the judge's) and `b` (of confound `kind`, or the judge's) per (unit, head)."""
     def key_of(s):
-        return s.control_kind if s.control_kind in CONFOUNDS else None
+        return s.control_kind if s.control_kind in CONFOUND_CONTROLS else None
     by = {(s.unit_id, s.head, s.scorer): s.value for s in scores if s.control == control and key_of(s) == kind}
     keys = [(s.unit_id, s.head) for s in scores if s.scorer == a and s.control == control and key_of(s) is None]
     real = {(s.unit_id, s.head): s.value for s in scores if s.scorer == a and s.control == control and key_of(s) is None}
@@ -148,7 +146,7 @@ def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
     prompts, its head explanations' mean E/AUROC on head activity, and the best unit+head AUROC."""
     by_unit: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for s in scores:
-        if s.control_kind not in CONFOUNDS:
+        if s.control_kind not in CONFOUND_CONTROLS:
             by_unit[s.unit_id][s.scorer].append(s.value)
     rows = []
     for unit_id, m in by_unit.items():
@@ -188,7 +186,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         headline[scorer]["real_minus_shuffled"] = compare(real, shuffled, paired=True, **boot)
     warnings_ = []
     for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation"):
-        for kind in CONFOUNDS:
+        for kind in CONFOUND_CONTROLS:
             real, other = _paired(scores, scorer, scorer, False, kind)
             headline[scorer][f"{kind}_control"] = aggregate([v for v in other if v is not None], **boot)
             headline[scorer][f"real_minus_{kind}"] = c = compare(real, other, paired=True, **boot)
@@ -207,7 +205,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
     }
     rows = head_versus_neuron(scores)
     counts = Counter(j.status for j in judgements)
-    by_scorer = Counter((s.scorer if s.control_kind not in CONFOUNDS else f"{s.scorer} ({s.control_kind} control)",
+    by_scorer = Counter((s.scorer if s.control_kind not in CONFOUND_CONTROLS else f"{s.scorer} ({s.control_kind} control)",
                          s.skipped) for s in scores if s.skipped)
 
     answered = [j.answer for j in judgements if j.status == "ok" and j.task in ("head", "unit")]
@@ -230,7 +228,7 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
         "head_versus_neuron": rows,
         "counts": {"pairs_relevant": len(inp.pairs),
                    "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None
-                                        and s.control_kind not in CONFOUNDS]),
+                                        and s.control_kind not in CONFOUND_CONTROLS]),
                    "not_scored": dict(inp.not_scored),
                    "skipped_scores": {f"{k}: {r}": v for (k, r), v in sorted(by_scorer.items())},
                    "judgements": len(judgements), "parsed": counts["ok"], "unparsed": counts["unparsed"],
@@ -259,7 +257,7 @@ def summary_text(s: dict) -> str:
         lines.append(f"  {'':<21} vs random units: {h[scorer]['real_minus_random_units']['verdict']}")
         if "real_minus_shuffled" in h[scorer]:
             lines.append(f"  {'':<21} vs shuffled explanations: {h[scorer]['real_minus_shuffled']['verdict']}")
-        for kind in CONFOUNDS:
+        for kind in CONFOUND_CONTROLS:
             if f"real_minus_{kind}" in h[scorer]:
                 lines.append(f"  {'':<21} vs {kind}-only judge {fmt(h[scorer][f'{kind}_control'])}: "
                              f"{h[scorer][f'real_minus_{kind}']['verdict']}")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...core.records import ScoreRecord
+from ...core.records import CONFOUND_CONTROLS, ScoreRecord
 from .judge import Judgement
 from .metrics import balanced_accuracy, score_group, simulation_score
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from ...core.config import ScoreConfig
     from .jobs import Inputs
 
-CONTROL_JUDGES = ("length", "token")
 LENGTH_GAP = 0.10
 """A relative difference of mean token lengths between two classes of held-out prompts above which
 the summary reports a length gap."""
@@ -94,7 +93,7 @@ def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfi
         if rule is not None:
             d, cut = rule
             judged["length"] = [_judgement(j, d * (len(t) - cut) > 0, d * len(t)) for j, t in zip(js, tokens)]
-        for name in CONTROL_JUDGES:
+        for name in CONFOUND_CONTROLS:
             tag = dict(explainer=name, control_kind=name)
             if name not in judged:
                 out += [ScoreRecord(unit_id=unit_id, head=head, scorer=f"{prefix}{m}", value=None, ci_low=None,
