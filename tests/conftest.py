@@ -13,10 +13,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 _TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(_TESTS / "support"))  # planted models, servers, harnesses
-# a few tests reuse another layer's test helpers (`from test_score import write_planted_run`): every test
-# folder is importable whatever the collection order
-sys.path[1:1] = [str(d) for d in sorted(_TESTS.iterdir()) if d.is_dir() and d.name != "support" and not d.name.startswith((".", "_"))]
+sys.path.insert(0, str(_TESTS / "support"))  # planted models, servers, harnesses, shared test helpers
 
 import offline_llm  # noqa: E402,F401  (registers the offline-test-llm backend)
 from planted import make_planted_gpt2, make_planted_llama  # noqa: E402

@@ -2,10 +2,10 @@
 explainer (no LLM) and its deterministic judge.
 
 This module holds what two stages share and needs no torch: the look-up record, the explainer's pattern and
-its judge. The attribution itself is in `stages/attribute.py` (`source_contributions`, `lookup_records`).
+its judge. The attribution itself is in `stages/attribute/direct.py` (`source_contributions`, `lookup_records`).
 
 **Exact per-source attribution.** A head's direct contribution to a unit at the prompt's last position
-`T` (`attribute.py`) is `A[h] = z_h[T] · f_h / scale[T]` with `f_h = W_O[h] @ read`. Attention makes
+`T` (`stages/attribute/direct.py`) is `A[h] = z_h[T] · f_h / scale[T]` with `f_h = W_O[h] @ read`. Attention makes
 `z_h[T] = Σ_{s≤T} pattern[h, T, s] · v_{g(h)}[s]` (`v` as hooked, value bias included; `g(h)` the
 head's KV group under grouped-query attention; rotary embeddings change only the pattern), so
 
@@ -37,7 +37,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .records import ExplanationRecord
+from .records import ContextRecord, ExplanationRecord, HeadRecord, UnitRecord
 
 EXPLAINER = "lookup"
 """The `explainer` name of look-up explanations and of their scores."""
@@ -189,47 +189,47 @@ def judge(pattern: dict | None, tokens: Sequence[int]) -> tuple[bool, float]:
     return bool(weights), float(max(weights, default=0.0))
 
 
-def explain_lookups(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[dict], lookups: Sequence[dict],
-                    cfg) -> list[ExplanationRecord]:
+def explain_lookups(units: Sequence[UnitRecord], contexts: Sequence[ContextRecord], heads: Sequence[HeadRecord],
+                    lookups: Sequence[LookupRecord], cfg) -> list[ExplanationRecord]:
     """An `ExplanationRecord` (explainer 'lookup') per relevant pair of `heads.jsonl`, from `lookups.jsonl`."""
-    known = {u["unit_id"] for u in units}
+    known = {u.unit_id for u in units}
     tokens_of: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for c in contexts:
-        if c["split"] == "train" and c["kind"] == "top":
-            tokens_of[c["unit_id"]][c["rank"]] = c["tokens"]
+        if c.split == "train" and c.kind == "top":
+            tokens_of[c.unit_id][c.rank] = c.tokens
     by_pair: dict[tuple[str, str], list[LookupRecord]] = defaultdict(list)
-    for row in lookups:
-        if row["split"] == "train":
-            by_pair[(row["unit_id"], row["head"])].append(LookupRecord(**row))
+    for r in lookups:
+        if r.split == "train":
+            by_pair[(r.unit_id, r.head)].append(r)
     records = []
     for h in heads:
-        if not h.get("relevant") or h["unit_id"] not in known:
+        if not h.relevant or h.unit_id not in known:
             continue
-        text, pattern, error = explain_pair(by_pair.get((h["unit_id"], h["head"]), []), tokens_of[h["unit_id"]],
+        text, pattern, error = explain_pair(by_pair.get((h.unit_id, h.head), []), tokens_of[h.unit_id],
                                             min_share=cfg.lookup_min_share, max_tokens=cfg.lookup_max_tokens,
                                             min_support=cfg.lookup_min_support, merge=cfg.lookup_merge)
         records.append(ExplanationRecord(
-            unit_id=h["unit_id"], head=h["head"], explainer=EXPLAINER, text=text,
+            unit_id=h.unit_id, head=h.head, explainer=EXPLAINER, text=text,
             status="ok" if text else "skipped", error=error, backend="none", model="", prompt_hash="",
             prompt_tokens=0, completion_tokens=0, cost_usd=0.0, n_active=pattern["n_active"],
             n_inactive=pattern["n_inactive"], pattern=pattern))
     return records
 
 
-def looked_up_positions(records: Sequence[dict], min_share: float) -> dict[tuple[str, str, int], set[int]]:
+def looked_up_positions(records: Sequence[LookupRecord], min_share: float) -> dict[tuple[str, str, int], set[int]]:
     """(unit, head, train rank) → context-token positions looked up (for marking them in the LLM's prompt)."""
     peak: dict[tuple[str, str], float] = defaultdict(float)
     for r in records:
-        if r["split"] == "train" and r["active"]:
-            for s in r["sources"]:
-                if s["position"] >= r["offset"]:
-                    peak[(r["unit_id"], r["head"])] = max(peak[(r["unit_id"], r["head"])], s["contribution"])
+        if r.split == "train" and r.active:
+            for s in r.sources:
+                if s["position"] >= r.offset:
+                    peak[(r.unit_id, r.head)] = max(peak[(r.unit_id, r.head)], s["contribution"])
     out: dict[tuple[str, str, int], set[int]] = {}
     for r in records:
-        p = peak.get((r["unit_id"], r["head"]), 0.0)
-        if r["split"] != "train" or not r["active"] or not p > 0:
+        p = peak.get((r.unit_id, r.head), 0.0)
+        if r.split != "train" or not r.active or not p > 0:
             continue
-        out[(r["unit_id"], r["head"], r["rank"])] = {
-            s["position"] - r["offset"] for s in r["sources"]
-            if s["position"] >= r["offset"] and s["contribution"] >= min_share * p and math.isfinite(s["contribution"])}
+        out[(r.unit_id, r.head, r.rank)] = {
+            s["position"] - r.offset for s in r.sources
+            if s["position"] >= r.offset and s["contribution"] >= min_share * p and math.isfinite(s["contribution"])}
     return out

@@ -92,8 +92,18 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def read_jsonl(path: str | os.PathLike, cls: type[R]) -> list[R]:
-    """The records of a JSONL file as instances of the dataclass `cls`."""
-    return [cls(**row) for row in iter_jsonl(path)]
+    """The records of a JSONL file as instances of the dataclass `cls`.
+
+    Raises `UserError` (naming the file and record) for a line that is not JSON or lacks a field of `cls`."""
+    out = []
+    for number, row in enumerate(iter_jsonl(path), 1):
+        try:
+            out.append(cls(**row))
+        except TypeError as e:
+            raise UserError(f"{path} record {number} is not a {cls.__name__} ({e}): the file was written by another "
+                            "version or edited; re-run the stage that writes it (`sae-lens-ctx <stage> --out DIR "
+                            "--force`)") from e
+    return out
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import doctest
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest

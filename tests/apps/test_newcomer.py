@@ -106,7 +106,7 @@ def test_run_until_attribute_writes_units_contexts_heads_without_an_llm_and_logs
 
 def test_wandb_is_on_by_default_and_offline_inside_the_run_directory_without_a_login(tmp_path, planted_gpt2):
     from planted import planted_corpus
-    from test_track import Offline
+    from wandb_offline import Offline
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(planted_gpt2, n_docs=120)))

@@ -21,7 +21,7 @@ from sae_lens_ctx.clients.llm import LLM, ResponseCache
 from sae_lens_ctx.clients.llm import make_client
 from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.core.records import iter_jsonl
-from test_score import write_planted_run
+from scored_run import write_planted_run
 
 
 @pytest.fixture

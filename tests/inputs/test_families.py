@@ -334,7 +334,7 @@ def test_pieces_spell_emoji_and_cjk_text(tok):
 def test_a_tokenizer_without_bos_is_refused_or_recorded(family_dirs, tmp_path, capsys):
     """Case 05: TransformerLens gives a BOS-less tokenizer EOS as its BOS; that counts as none, so the
     documented error fires (exit 2); with corpus.prepend_bos=false the run proceeds and model.json says so."""
-    from test_errors import assert_one_line_error, run_cli
+    from cli import assert_one_line_error, run_cli
 
     directory = family_dirs("gpt2", bos=False)
     code, err = run_cli(capsys, "run", "--out", str(tmp_path / "r"), "--model", str(directory), "--corpus", str(PROSE),
@@ -355,7 +355,7 @@ def test_a_model_directory_without_tokenizer_files_is_refused_before_its_weights
     documented error names the tokenizer (exit 2), before the weights (here unreadable) or the corpus load."""
     import shutil
 
-    from test_errors import assert_one_line_error, run_cli
+    from cli import assert_one_line_error, run_cli
 
     directory = tmp_path / "m_notok"
     shutil.copytree(family_dirs("gpt2", tokenizer=False), directory)

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from test_track import Offline
+from wandb_offline import Offline
 
 # A hang guard, not a timing assertion: about five times the main job's measured duration on a quiet 2-core
 # machine (~11 minutes from a clean clone), so a slow or busy machine still passes and only a hang fails.

@@ -18,7 +18,7 @@ from sae_lens_ctx.stages.score.controls import fit_length_rule
 from sae_lens_ctx.core.llm import BACKENDS, Response, TokenLogprob, register_backend
 from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.core.records import iter_jsonl, write_jsonl
-from test_score import _explanation, _unit
+from scored_run import explanation_row, unit_row
 
 UNIT = "L2N37"
 LONG = " the river ran past the old mill and"  # 8 words: positives
@@ -57,14 +57,14 @@ def test_fit_length_rule_by_hand():
 
 
 def test_a_judge_that_answers_by_length_does_not_beat_its_length_control(tmp_path):
-    write_jsonl(tmp_path / "units.jsonl", [_unit(UNIT, False)])
+    write_jsonl(tmp_path / "units.jsonl", [unit_row(UNIT, False)])
     contexts = [_ctx("train", "top", r, LONG, 5.0) for r in range(6)]
     contexts += [_ctx("train", "random", r, SHORT, 0.0) for r in range(6)]
     contexts += [_ctx("test", "top", r, LONG, 5.0 - 0.1 * r) for r in range(6)]
     contexts += [_ctx("test", "low", r, SHORT, -0.1 * r) for r in range(6)]
     write_jsonl(tmp_path / "contexts.jsonl", contexts)
     write_jsonl(tmp_path / "heads.jsonl", [])
-    write_jsonl(tmp_path / "explanations.jsonl", [_explanation(UNIT, None, "mentions of rivers")])
+    write_jsonl(tmp_path / "explanations.jsonl", [explanation_row(UNIT, None, "mentions of rivers")])
     cfg = RunConfig.from_dict({"explain": {"backend": LengthJudge.backend, "cache": False},
                                "score": {"bootstrap_resamples": 200}})
     score.run_stage(RunContext(out=tmp_path, config=cfg))
@@ -96,7 +96,7 @@ def test_report_opens_with_the_headline_and_gives_no_badge_where_real_and_contro
     assert "length-only judge" in html and "cannot be told apart" in html
     assert "does not beat its length-only control" in html
     assert "well explained" not in html.split('id="summary"')[0]
-    from test_report import CHROMIUM, Dom, chromium
+    from browser import CHROMIUM, Dom, chromium
 
     if CHROMIUM is None:
         return

@@ -35,7 +35,7 @@ from sae_lens_ctx.core.llm import BACKENDS, Response, register_backend
 from sae_lens_ctx.clients.llm import LLM, OpenAIClient, ResponseCache
 from sae_lens_ctx.clients.neuron_explainer import NeuronExplainerClient
 from sae_lens_ctx.inputs.context import RunContext
-from sae_lens_ctx.core.records import ContextRecord, HeadRecord, iter_jsonl, write_jsonl
+from sae_lens_ctx.core.records import ContextRecord, HeadRecord, UnitRecord, iter_jsonl, read_jsonl, write_jsonl
 
 TOKEN = " paris"
 UNIT, CONTROL = "L2N37", "L2N5"
@@ -137,9 +137,9 @@ def _fenced_blocks(text: str) -> list[list[str]]:
 
 def test_head_prompt_of_a_planted_pair_holds_exactly_its_examples_in_order(tmp_path, tokenizer):
     write_planted_run(tmp_path, tokenizer)
-    units = list(iter_jsonl(tmp_path / "units.jsonl"))
-    contexts = list(iter_jsonl(tmp_path / "contexts.jsonl"))
-    heads = list(iter_jsonl(tmp_path / "heads.jsonl"))
+    units = read_jsonl(tmp_path / "units.jsonl", UnitRecord)
+    contexts = read_jsonl(tmp_path / "contexts.jsonl", ContextRecord)
+    heads = read_jsonl(tmp_path / "heads.jsonl", HeadRecord)
     cfg = ExplainConfig(n_active=10, n_inactive=10)
     jobs = head_mod.build_jobs(units, contexts, heads, cfg, count_tokens=None)
     assert [(j.unit_id, j.head) for j in jobs] == RELEVANT  # the irrelevant head gets no prompt
@@ -164,7 +164,8 @@ def test_head_prompt_of_a_planted_pair_holds_exactly_its_examples_in_order(tmp_p
 
 def test_head_prompt_is_fitted_to_the_window_and_the_drop_is_recorded(tmp_path, tokenizer):
     write_planted_run(tmp_path, tokenizer)
-    args = [list(iter_jsonl(tmp_path / f)) for f in ("units.jsonl", "contexts.jsonl", "heads.jsonl")]
+    args = [read_jsonl(tmp_path / f, cls) for f, cls in
+            (("units.jsonl", UnitRecord), ("contexts.jsonl", ContextRecord), ("heads.jsonl", HeadRecord))]
     words = lambda text: len(text.split())  # noqa: E731  (a stand-in token counter)
     full = head_mod.build_jobs(*args, ExplainConfig(n_active=4, n_inactive=4), count_tokens=words)[0]
     need = words(full.messages[0]["content"])

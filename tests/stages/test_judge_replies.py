@@ -15,7 +15,7 @@ from sae_lens_ctx.core.config import RunConfig
 from sae_lens_ctx.core.llm import TokenLogprob
 from sae_lens_ctx.inputs.context import RunContext
 from sae_lens_ctx.core.records import iter_jsonl
-from test_score import write_planted_run
+from scored_run import write_planted_run
 
 
 @pytest.mark.parametrize("reply, answer", [

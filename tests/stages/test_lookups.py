@@ -163,9 +163,11 @@ def test_marked_lookups_mark_the_trigger_and_off_is_the_papers_prompt(planted, p
     from sae_lens_ctx.stages.explain import heads as head_mod
     from sae_lens_ctx.stages.explain import marked_examples
     from sae_lens_ctx.core import prompts
-    from sae_lens_ctx.core.records import iter_jsonl
+    from sae_lens_ctx.core.lookups import LookupRecord
+    from sae_lens_ctx.core.records import ContextRecord, HeadRecord, UnitRecord, read_jsonl
 
-    rows = {name: list(iter_jsonl(planted_run / f"{name}.jsonl")) for name in ("units", "contexts", "heads", "lookups")}
+    rows = {name: read_jsonl(planted_run / f"{name}.jsonl", cls) for name, cls in
+            (("units", UnitRecord), ("contexts", ContextRecord), ("heads", HeadRecord), ("lookups", LookupRecord))}
     marked = marked_examples(rows["contexts"], rows["lookups"], planted.tokenizer, ExplainConfig())
     cfg = ExplainConfig(max_heads_per_unit=0)
     on = head_mod.build_jobs(rows["units"], rows["contexts"], rows["heads"], cfg, None, marked=marked)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import numpy as np
 import pytest
@@ -18,95 +17,11 @@ from scipy import stats
 
 from sae_lens_ctx.stages import score
 from sae_lens_ctx.core.config import RunConfig
-from sae_lens_ctx.core.llm import BACKENDS, Response, TokenLogprob, register_backend
+from sae_lens_ctx.core.llm import TokenLogprob
 from sae_lens_ctx.inputs.context import RunContext
-from sae_lens_ctx.core.records import iter_jsonl, write_jsonl
-
-UNIT, CONTROL = "L2N37", "L2N5"
-HEAD_A, HEAD_B, HEAD_ALL, HEAD_FAILED, CONTROL_HEAD = "L0H3", "L1H5", "L1H1", "L0H2", "L1H2"
-
-# The held-out 'top' prompts of UNIT, by rank, and on which of them each head was active.
-TOP = [" the city of france", " the old louvre", " new france market", " a louvre river",
-       " the small river", " france and the river"]
-ACTIVE = {HEAD_A: [0, 2, 4], HEAD_B: [1, 3], HEAD_ALL: [0, 1, 2, 3, 4, 5], HEAD_FAILED: [0, 1]}
-LOW = [" the old market", " a new city", " the small louvre"]  # held-out negatives of UNIT
-EXPLAINED = {HEAD_A: "the document mentions france", HEAD_B: "the document mentions louvre",
-             HEAD_ALL: "the document mentions city", CONTROL_HEAD: "the document mentions river"}
-P_YES, P_NO = 0.9, 0.2  # the keyword judge's P(Yes) when it answers Yes / No
-
-
-class KeywordJudge:
-    """Offline judge made for these tests: Yes iff the explanation's last word is in the example."""
-
-    backend, model = "keyword-judge-for-tests", "keyword"
-    reply_yes, reply_no = "Yes", "No"
-    logprobs = True
-
-    def generate(self, messages, **params):
-        text = messages[-1]["content"]
-        explanation = re.search(r"is active: (.*)\n", text).group(1)
-        example = text.split('"""\n')[1].split('\n"""')[0]
-        yes = explanation.split()[-1].strip(".") in example
-        p = P_YES if yes else P_NO
-        lps = [TokenLogprob("Yes" if yes else "No", math.log(p if yes else 1 - p),
-                            [("Yes", math.log(p)), ("No", math.log(1 - p))])] if self.logprobs else None
-        return Response(text=self.reply_yes if yes else self.reply_no, logprobs=lps, prompt_tokens=5,
-                        completion_tokens=1)
-
-
-class MumblingJudge(KeywordJudge):
-    """Offline judge made for these tests: never says Yes or No, and gives no logprobs."""
-
-    backend = "mumbling-judge-for-tests"
-    reply_yes = reply_no = "Perhaps."
-    logprobs = False
-
-
-for _judge in (KeywordJudge, MumblingJudge):
-    if _judge.backend not in BACKENDS:
-        register_backend(_judge.backend, lambda cfg, j=_judge: j())
-
-
-def _unit(unit_id, control):
-    return dict(unit_id=unit_id, kind="neuron", layer=2, index=int(unit_id.split("N")[1]), token=" paris",
-                token_id=4, congruence=8.0, control=control)
-
-
-def _ctx(unit_id, kind, rank, text, act):
-    return dict(unit_id=unit_id, split="test", kind=kind, rank=rank, doc_id=f"{unit_id}{kind}{rank}", context_index=0,
-                start=0, end=3, text=text, tokens=[1, 2, 3], activation=act, trimmed_activation=act,
-                next_token_id=None, next_token=None)
-
-
-def _head(unit_id, head, active, n=len(TOP)):
-    return dict(unit_id=unit_id, head=head, relevant=True, active_fraction=0.5, mean_attribution=1.0,
-                active_test_ranks=active, inactive_test_ranks=[r for r in range(n) if r not in active])
-
-
-def _explanation(unit_id, head, text, status="ok"):
-    return dict(unit_id=unit_id, head=head, explainer="paper-round2", text=text if status == "ok" else None,
-                status=status, error=None if status == "ok" else "timeout: slow", backend="b", model="m",
-                prompt_hash="", prompt_tokens=0, completion_tokens=0, cost_usd=0.0)
-
-
-def write_planted_run(out, unit_explanations=True):
-    out.mkdir(exist_ok=True)
-    write_jsonl(out / "units.jsonl", [_unit(UNIT, False), _unit(CONTROL, True)])
-    contexts = [_ctx(UNIT, "top", r, t, 10.0 - r) for r, t in enumerate(TOP)]
-    contexts += [_ctx(UNIT, "low", r, t, 0.5 * r) for r, t in enumerate(LOW)]
-    contexts += [_ctx(UNIT, "random", 0, " france again", 3.0)]
-    contexts += [_ctx(CONTROL, "top", r, t, 5.0) for r, t in enumerate(TOP[:4])]
-    contexts.append(dict(_ctx(UNIT, "top", 0, " a train prompt", 9.0), split="train"))
-    write_jsonl(out / "contexts.jsonl", contexts)
-    heads = [_head(UNIT, h, a) for h, a in ACTIVE.items()]
-    heads += [_head(CONTROL, CONTROL_HEAD, [0, 1], n=4), dict(_head(UNIT, "L0H0", [0]), relevant=False)]
-    write_jsonl(out / "heads.jsonl", heads)
-    expl = [_explanation(UNIT, h, t) for h, t in EXPLAINED.items() if h != CONTROL_HEAD]
-    expl += [_explanation(UNIT, HEAD_FAILED, None, status="failed"), _explanation(CONTROL, CONTROL_HEAD,
-                                                                                   EXPLAINED[CONTROL_HEAD])]
-    if unit_explanations:
-        expl += [_explanation(UNIT, None, "words like france"), _explanation(CONTROL, None, "words like zebra")]
-    write_jsonl(out / "explanations.jsonl", expl)
+from sae_lens_ctx.core.records import iter_jsonl
+from scored_run import (CONTROL, CONTROL_HEAD, HEAD_A, HEAD_ALL, HEAD_B, HEAD_FAILED, LOW, P_NO, P_YES, TOP, UNIT,
+                        KeywordJudge, MumblingJudge, write_planted_run)
 
 
 def make_ctx(out, backend=KeywordJudge.backend, **score_cfg):

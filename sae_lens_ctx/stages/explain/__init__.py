@@ -4,10 +4,9 @@ Reads `units.jsonl`, `contexts.jsonl` (+ `context_acts.safetensors`) and `heads.
 directory; writes `explanations.jsonl` (one `ExplanationRecord` per pair and per unit, failures
 included as failed) and `explain.json` (counts, failures by reason, tokens and cost).
 
-Modules: `llm` (backend protocol, backends, the cached/retrying/costed call layer, the
-neuron-explainer adapter), `prompts` (every prompt), `heads` (the paper's head explanations),
-`units` (neuron-explainer's unit explanations). Submodules are imported lazily: importing this
-package costs nothing.
+Modules: `heads` (the paper's head explanations) and `units` (neuron-explainer's unit explanations);
+the look-up explanations (no LLM) come from `core.lookups`, the prompts from `core.prompts`, the LLM
+call layer from `clients.llm`. Inputs are read as typed records (`core.records`).
 """
 
 from __future__ import annotations
@@ -22,8 +21,9 @@ from ...clients.llm import LLM, token_counter
 from ...core.layout import require_inputs
 from ...core.prompts import mark_tokens
 from ...core.lookups import EXPLAINER as LOOKUP
-from ...core.lookups import explain_lookups, looked_up_positions
-from ...core.records import ExplanationRecord, atomic_write, iter_jsonl, write_jsonl
+from ...core.lookups import LookupRecord, explain_lookups, looked_up_positions
+from ...core.records import (ContextRecord, ExplanationRecord, HeadRecord, UnitRecord, atomic_write, read_jsonl,
+                             write_jsonl)
 from ...inputs.context import RunContext
 from ...inputs.tokens import token_strings
 from . import heads as head_mod
@@ -39,9 +39,9 @@ def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx explain`: write `explanations.jsonl` and `explain.json`; print a summary."""
     cfg = ctx.config.explain
     require_inputs(ctx.out, INPUTS)
-    units = list(iter_jsonl(ctx.path("units.jsonl")))
-    contexts = list(iter_jsonl(ctx.path("contexts.jsonl")))
-    heads = list(iter_jsonl(ctx.path("heads.jsonl")))
+    units = read_jsonl(ctx.path("units.jsonl"), UnitRecord)
+    contexts = read_jsonl(ctx.path("contexts.jsonl"), ContextRecord)
+    heads = read_jsonl(ctx.path("heads.jsonl"), HeadRecord)
     start = time.perf_counter()
     llm = LLM.from_config(cfg, ctx.out)
     window = getattr(llm.client, "context_window", None)
@@ -49,7 +49,8 @@ def run_stage(ctx: RunContext) -> None:
         cfg = dataclasses.replace(cfg, context_window=window)
     try:
         count = token_counter(llm.client)
-        lookup_rows = list(iter_jsonl(ctx.path("lookups.jsonl"))) if ctx.path("lookups.jsonl").is_file() else []
+        lookup_rows = (read_jsonl(ctx.path("lookups.jsonl"), LookupRecord) if ctx.path("lookups.jsonl").is_file()
+                       else [])
         marked = marked_examples(contexts, lookup_rows, ctx.model.tokenizer, cfg) if cfg.mark_lookups else None
         head_jobs = head_mod.build_jobs(units, contexts, heads, cfg, count, seed=ctx.config.seed, marked=marked)
         unit_jobs = []
@@ -76,20 +77,21 @@ def run_stage(ctx: RunContext) -> None:
     print(summary_text(summary, ctx.this_run))
 
 
-def marked_examples(contexts: list[dict], lookup_rows: list[dict], tokenizer, cfg) -> dict[tuple[str, str, int], str]:
+def marked_examples(contexts: list[ContextRecord], lookup_rows: list[LookupRecord], tokenizer,
+                    cfg) -> dict[tuple[str, str, int], str]:
     """(unit, head, train rank) → the active prompt's text with the tokens the head looked up marked
     (`prompts.mark_tokens`), for `explain.mark_lookups`."""
 
-    tokens_of = {(c["unit_id"], c["rank"]): c["tokens"] for c in contexts if c["split"] == "train" and c["kind"] == "top"}
+    tokens_of = {(c.unit_id, c.rank): c.tokens for c in contexts if c.split == "train" and c.kind == "top"}
     return {(u, h, r): mark_tokens(token_strings(tokenizer, tokens_of[(u, r)]), positions)
             for (u, h, r), positions in looked_up_positions(lookup_rows, cfg.lookup_min_share).items()
             if (u, r) in tokens_of}
 
 
-def ordered(units: list[dict], head_records: list[ExplanationRecord],
+def ordered(units: list[UnitRecord], head_records: list[ExplanationRecord],
             unit_records: list[ExplanationRecord]) -> list[ExplanationRecord]:
     """Per unit (units.jsonl order): its own explanation, then its heads (heads.jsonl order)."""
-    by_unit: dict[str, list[ExplanationRecord]] = {u["unit_id"]: [] for u in units}
+    by_unit: dict[str, list[ExplanationRecord]] = {u.unit_id: [] for u in units}
     for r in unit_records + head_records:
         by_unit.setdefault(r.unit_id, []).append(r)
     return [r for rs in by_unit.values() for r in rs]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ...core.config import ExplainConfig
-from ...core.records import ExplanationRecord
+from ...core.records import ContextRecord, ExplanationRecord, HeadRecord, UnitRecord
 from ...core import prompts
 from ...clients.llm import LLM
 from ...core.llm import Message, prompt_hash
@@ -47,49 +47,50 @@ def explainer_name(cfg: ExplainConfig) -> str:
     return f"paper-{cfg.prompt_ending}"
 
 
-def build_jobs(units: Sequence[dict], contexts: Sequence[dict], heads: Sequence[dict], cfg: ExplainConfig,
+def build_jobs(units: Sequence[UnitRecord], contexts: Sequence[ContextRecord], heads: Sequence[HeadRecord],
+               cfg: ExplainConfig,
                count_tokens: Callable[[str], int] | None, seed: int = 0,
                marked: dict[tuple[str, str, int], str] | None = None) -> list[HeadJob]:
     """A job per relevant pair (at most `explain.max_heads_per_unit` per unit), in the order of `heads.jsonl`.
     `marked` ((unit, head, rank) → text with the looked-up tokens marked, `explain.mark_lookups`) replaces
     the active examples' texts, and the prompt then says what the marks are."""
-    token_of = {u["unit_id"]: u["token"] for u in units}
-    text_of = {(c["unit_id"], c["rank"]): c["text"] for c in contexts if c["split"] == "train" and c["kind"] == "top"}
+    token_of = {u.unit_id: u.token for u in units}
+    text_of = {(c.unit_id, c.rank): c.text for c in contexts if c.split == "train" and c.kind == "top"}
     chosen = explained_heads(heads, cfg.max_heads_per_unit)
     jobs = []
     for h in heads:
-        if (h["unit_id"], h["head"]) not in chosen or h["unit_id"] not in token_of:
+        if (h.unit_id, h.head) not in chosen or h.unit_id not in token_of:
             continue
-        unit_id, token = h["unit_id"], token_of[h["unit_id"]]
+        unit_id, token = h.unit_id, token_of[h.unit_id]
 
         def texts(ranks: list[int]) -> list[str]:
             return [text_of[(unit_id, r)] for r in sorted(ranks) if (unit_id, r) in text_of]
 
-        active = texts(h["active_train_ranks"])[:cfg.n_active]
+        active = texts(h.active_train_ranks)[:cfg.n_active]
         if marked is not None:
-            ranks = [r for r in sorted(h["active_train_ranks"]) if (unit_id, r) in text_of][:cfg.n_active]
-            active = [marked.get((unit_id, h["head"], r), t) for r, t in zip(ranks, active)]
-        inactive = texts(h["inactive_train_ranks"])[:cfg.n_inactive]
+            ranks = [r for r in sorted(h.active_train_ranks) if (unit_id, r) in text_of][:cfg.n_active]
+            active = [marked.get((unit_id, h.head, r), t) for r, t in zip(ranks, active)]
+        inactive = texts(h.inactive_train_ranks)[:cfg.n_inactive]
         if cfg.shuffle_examples:
-            rng = random.Random(f"{seed}:{unit_id}:{h['head']}")
+            rng = random.Random(f"{seed}:{unit_id}:{h.head}")
             rng.shuffle(active)
             rng.shuffle(inactive)
-        jobs.append(_fit(HeadJob(unit_id, h["head"], token, active, inactive, None, marked=marked is not None),
+        jobs.append(_fit(HeadJob(unit_id, h.head, token, active, inactive, None, marked=marked is not None),
                          cfg, count_tokens))
     return jobs
 
 
-def explained_heads(heads: Sequence[dict], max_per_unit: int) -> set[tuple[str, str]]:
+def explained_heads(heads: Sequence[HeadRecord], max_per_unit: int) -> set[tuple[str, str]]:
     """The relevant (unit, head) pairs to explain: per unit, the `max_per_unit` with the largest mean
     attribution (every relevant pair when 0)."""
-    by_unit: dict[str, list[dict]] = {}
+    by_unit: dict[str, list[HeadRecord]] = {}
     for h in heads:
-        if h.get("relevant"):
-            by_unit.setdefault(h["unit_id"], []).append(h)
+        if h.relevant:
+            by_unit.setdefault(h.unit_id, []).append(h)
     chosen = set()
     for rows in by_unit.values():
-        rows = sorted(rows, key=lambda h: -h["mean_attribution"])
-        chosen |= {(h["unit_id"], h["head"]) for h in (rows[:max_per_unit] if max_per_unit else rows)}
+        rows = sorted(rows, key=lambda h: -h.mean_attribution)
+        chosen |= {(h.unit_id, h.head) for h in (rows[:max_per_unit] if max_per_unit else rows)}
     return chosen
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ...core.config import ExplainConfig
 from ...core.errors import UserError
-from ...core.records import ExplanationRecord
+from ...core.records import ContextRecord, ExplanationRecord, UnitRecord
 from ...clients.llm import LLM
 from ...clients.neuron_explainer import NeuronExplainerCallFailed, NeuronExplainerClient, neuron_explainer
 from ...inputs.tokens import token_pieces
@@ -39,6 +39,9 @@ from ...inputs.tokens import token_pieces
 log = logging.getLogger(__name__)
 
 EXPLAINER = "neuron-explainer"
+"""The `explainer` name of unit explanations."""
+
+
 @dataclass
 class UnitJob:
     unit_id: str
@@ -58,16 +61,16 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
     return token_pieces(tokenizer, ids)
 
 
-def build_jobs(units: Sequence[dict], contexts: Sequence[dict], acts_path: Path, tokenizer,
+def build_jobs(units: Sequence[UnitRecord], contexts: Sequence[ContextRecord], acts_path: Path, tokenizer,
                cfg: ExplainConfig) -> list[UnitJob]:
     """Token-activation records per unit: its first `unit_n_top` train 'top' and `unit_n_random` 'random' ones."""
     from neuron_explainer.activations.activations import ActivationRecord
     from safetensors import safe_open
 
-    wanted: dict[str, dict[str, list[tuple[int, int]]]] = {u["unit_id"]: {"top": [], "random": []} for u in units}
+    wanted: dict[str, dict[str, list[tuple[int, int]]]] = {u.unit_id: {"top": [], "random": []} for u in units}
     for i, c in enumerate(contexts):
-        if c["split"] == "train" and c["kind"] in ("top", "random") and c["unit_id"] in wanted:
-            wanted[c["unit_id"]][c["kind"]].append((c["rank"], i))
+        if c.split == "train" and c.kind in ("top", "random") and c.unit_id in wanted:
+            wanted[c.unit_id][c.kind].append((c.rank, i))
     if not acts_path.is_file():
         raise UserError(f"{acts_path} is missing: unit explanations need the mine stage's token activations "
                         "(run `sae-lens-ctx mine`), or set explain.explain_units=false")
@@ -82,17 +85,17 @@ def build_jobs(units: Sequence[dict], contexts: Sequence[dict], acts_path: Path,
                 raise UserError(f"{acts_path} has no activations for line {i} of contexts.jsonl ({key}): "
                                 "re-run the mine stage")
             acts = [float(a) for a in f.get_tensor(key).reshape(-1)]
-            if len(acts) != len(c["tokens"]):
-                raise UserError(f"{acts_path}:{key} holds {len(acts)} activations for {len(c['tokens'])} tokens: "
+            if len(acts) != len(c.tokens):
+                raise UserError(f"{acts_path}:{key} holds {len(acts)} activations for {len(c.tokens)} tokens: "
                                 "re-run the mine stage")
-            return ActivationRecord(tokens=[sanitize_token(t) for t in token_strings(tokenizer, c["tokens"])],
+            return ActivationRecord(tokens=[sanitize_token(t) for t in token_strings(tokenizer, c.tokens)],
                                     activations=acts)
 
         for u in units:
-            w = wanted[u["unit_id"]]
+            w = wanted[u.unit_id]
             top = [record(i) for _, i in sorted(w["top"])[:cfg.unit_n_top]]
             rnd = [record(i) for _, i in sorted(w["random"])[:cfg.unit_n_random]]
-            jobs.append(UnitJob(u["unit_id"], top, rnd))
+            jobs.append(UnitJob(u.unit_id, top, rnd))
     return jobs
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from ...clients.llm import LLM
 from ...core.config import ScoreConfig
-from ...core.records import CONFOUND_CONTROLS, ScoreRecord, atomic_write, write_jsonl
+from ...core.records import CONFOUND_CONTROLS, ScoreRecord, UnitRecord, atomic_write, write_jsonl
 from ...inputs.context import RunContext
 from ...core.lookups import EXPLAINER as LOOKUP
 from .controls import control_scores, length_gaps
@@ -50,30 +50,11 @@ from .metrics import (aggregate, auroc, balanced_accuracy, bootstrap_ci, compare
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
-# Judge replies
-# --------------------------------------------------------------------------------------------
-
-# --------------------------------------------------------------------------------------------
-# Metrics (pure)
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Judging
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# Building the jobs
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
 # Scores
 # --------------------------------------------------------------------------------------------
 
 
-def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg: ScoreConfig,
+def compute_scores(judgements: Sequence[Judgement], units: dict[str, UnitRecord], cfg: ScoreConfig,
                    seed: int, inp: Inputs | None = None) -> list[ScoreRecord]:
     """Every `ScoreRecord` from the judgements: per pair (own and shuffled), per unit, per unit+head;
     with `inp`, each record's `explainer` and the confound controls beside them (`controls.py`).
@@ -85,7 +66,7 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, dict], cfg:
     prefix = {"head": "", "shuffled": "shuffled_", "unit": "unit_", "unit+head": "unit_plus_head_"}
     records: list[ScoreRecord] = []
     for (task, unit_id, head, explainer), js in groups.items():
-        control = bool(units.get(unit_id, {}).get("control", False))
+        control = bool(unit_id in units and units[unit_id].control)
         group = score_group(js, unit_id, head, prefix[task], control, cfg, seed)
         if task == "unit":
             group.append(simulation_score(js, unit_id, control, cfg, seed))

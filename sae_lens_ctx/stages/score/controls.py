@@ -65,29 +65,29 @@ def _judgement(j: Judgement, answer: bool, graded: float) -> Judgement:
 
 def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
     """The length and token controls of every real pair and unit score (see the module doc)."""
-    prompt = {(c["unit_id"], c["kind"], c["rank"]): c for per in inp.test.values() for rows in per.values()
-              for c in rows}
-    heads = {(h["unit_id"], h["head"]): h for h in inp.pairs}
+    prompt = {(c.unit_id, c.kind, c.rank): c for per in inp.test.values() for rows in per.values() for c in rows}
+    heads = {(h.unit_id, h.head): h for h in inp.pairs}
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
         if j.task in ("head", "unit"):
             groups[(j.task, j.unit_id, j.head)].append(j)
     out: list[ScoreRecord] = []
     for (task, unit_id, head), js in groups.items():
-        unit = inp.units.get(unit_id, {})
-        control = bool(unit.get("control", False))
+        unit = inp.units.get(unit_id)
+        control = bool(unit and unit.control)
         js = [j for j in js if (unit_id, j.kind, j.rank) in prompt]
-        tokens = [prompt[(unit_id, j.kind, j.rank)]["tokens"] for j in js]
+        tokens = [prompt[(unit_id, j.kind, j.rank)].tokens for j in js]
         train = inp.train.get(unit_id, {})
         if task == "head":
             rows = train.get("top", [])
-            active = set(heads.get((unit_id, head), {}).get("active_train_ranks", []))
-            rule = fit_length_rule([len(c["tokens"]) for c in rows], [c["rank"] in active for c in rows])
+            pair = heads.get((unit_id, head))
+            active = set(pair.active_train_ranks if pair else [])
+            rule = fit_length_rule([len(c.tokens) for c in rows], [c.rank in active for c in rows])
         else:
             rows = train.get("top", []) + train.get("random", [])
-            rule = fit_length_rule([len(c["tokens"]) for c in rows], [c["kind"] == "top" for c in rows])
+            rule = fit_length_rule([len(c.tokens) for c in rows], [c.kind == "top" for c in rows])
         prefix = "" if task == "head" else "unit_"
-        token_id = unit.get("token_id")
+        token_id = unit.token_id if unit else None
         counts = [sum(t == token_id for t in ts) for ts in tokens]
         judged = {"token": [_judgement(j, n > 0, n) for j, n in zip(js, counts)]}
         if rule is not None:
@@ -110,8 +110,8 @@ def _simulation_controls(js, tokens, counts, train_rows, unit_id, control, cfg, 
     """`unit_sim_correlation` of the length simulator (least squares of activation on length, train) and
     the token simulator (10 × occurrences); `simulation_score` reads 10 · p_yes as the simulation."""
     out = []
-    x = np.array([len(c["tokens"]) for c in train_rows], float)
-    a = np.array([c["activation"] for c in train_rows], float)
+    x = np.array([len(c.tokens) for c in train_rows], float)
+    a = np.array([c.activation for c in train_rows], float)
     if x.size > 1 and np.ptp(x) > 0:
         slope, intercept = np.polyfit(x, a, 1)
         sim = [_judgement(j, True, (intercept + slope * len(t)) / 10.0) for j, t in zip(js, tokens)]
@@ -130,8 +130,8 @@ def length_gaps(judgements: Sequence[Judgement], inp: Inputs) -> dict[str, Any]:
     """Per scored pair, the mean token length of its held-out active and inactive prompts; the pairs
     whose means differ by more than `LENGTH_GAP` (relative to the larger), and the same for units'
     top versus low prompts, with a sentence saying so."""
-    prompt = {(c["unit_id"], c["kind"], c["rank"]): len(c["tokens"]) for per in inp.test.values()
-              for rows in per.values() for c in rows}
+    prompt = {(c.unit_id, c.kind, c.rank): len(c.tokens) for per in inp.test.values() for rows in per.values()
+              for c in rows}
     classes: dict[tuple, dict[bool, list[int]]] = defaultdict(lambda: {True: [], False: []})
     for j in judgements:
         if j.task in ("head", "unit") and j.label is not None and (j.unit_id, j.kind, j.rank) in prompt:
