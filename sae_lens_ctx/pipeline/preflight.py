@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..clients.llm import make_client
 from ..core.config import EMBEDDED, RunConfig
+from ..core.digest import digest
 from ..core.errors import UserError
 from ..inputs.corpus import EMBEDDED_PACKAGE, check_corpus_source, local_files
 from ..inputs.model import cached_snapshot, check_model_files, hub_id, model_max_context, resolve_source
@@ -67,8 +68,8 @@ def input_digests(config: RunConfig, model_given: bool = False) -> dict[str, str
     or a name where the content is not at hand: a hub model not in the cache, a streamed HF dataset)."""
     return {"model": "object" if model_given else _model_digest(config),
             "corpus": _corpus_digest(config),
-            "saes": _digest(*(_path_digest(Path(s).expanduser()) if Path(s).expanduser().is_dir() else s
-                              for s in config.discover.saes))}
+            "saes": digest([_path_digest(Path(s).expanduser()) if Path(s).expanduser().is_dir() else s
+                               for s in config.discover.saes])}
 
 
 def changed_inputs(before: dict[str, str], now: dict[str, str]) -> list[str]:
@@ -98,7 +99,7 @@ def _corpus_digest(config: RunConfig) -> str:
         return f"dataset:{spec}:{config.corpus.dataset_split}"
     if path.is_file():  # its path is in the config already
         return _file_digest(local_files(path)[0], whole=True)
-    return _digest(*(f"{f.relative_to(path)}:{_file_digest(f, whole=True)}" for f in local_files(path)))
+    return digest([f"{f.relative_to(path)}:{_file_digest(f, whole=True)}" for f in local_files(path)])
 
 
 def _path_digest(path: Path) -> str:
@@ -107,7 +108,7 @@ def _path_digest(path: Path) -> str:
         return _file_digest(path)
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".")
                                                                       for part in p.relative_to(path).parts))
-    return _digest(*(f"{f.relative_to(path)}:{_file_digest(f)}" for f in files))
+    return digest([f"{f.relative_to(path)}:{_file_digest(f)}" for f in files])
 
 
 def _file_digest(path: Path, whole: bool = False) -> str:
@@ -126,6 +127,3 @@ def _file_digest(path: Path, whole: bool = False) -> str:
             h.update(f.read(_MIB))
     return f"{size}:{h.hexdigest()[:16]}"
 
-
-def _digest(*parts: str) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]

@@ -54,8 +54,9 @@ def tiny_sae(directory: Path, hook_name: str) -> str:
     return str(directory)
 
 
-def small(preset: RunConfig, model: Path, tmp_path: Path) -> dict:
-    """The preset with hub names swapped for local paths and sizes a tiny model and corpus can hold."""
+def small(preset: RunConfig, model: Path, tmp_path: Path, save_saes: bool = True) -> dict:
+    """The preset with hub names swapped for local paths and sizes a tiny model and corpus can hold (with
+    `save_saes` false, the SAE paths are named but nothing is written)."""
     cfg = preset.to_dict()
     cfg["model"].update(model_name=str(model), model_class="bridge")
     cfg["corpus"].update(dataset_path=str(PROSE), context_size=min(preset.corpus.context_size, 32), max_tokens=4000,
@@ -65,13 +66,42 @@ def small(preset: RunConfig, model: Path, tmp_path: Path) -> dict:
     cfg["discover"]["n_last_layers"] = min(preset.discover.n_last_layers, TINY_LAYERS)
     cfg["discover"]["top_k"] = min(preset.discover.top_k, 3)
     cfg["discover"]["saes"] = [tiny_sae(tmp_path / f"sae{i}", f"blocks.{TINY_LAYERS - 1}.hook_resid_pre")
-                               for i, _ in enumerate(preset.discover.saes)]
+                               if save_saes else str(tmp_path / f"sae{i}") for i, _ in enumerate(preset.discover.saes)]
     cfg["explain"].update(backend="offline-test-llm", model="", base_url="", api_key_env="")
     cfg["logging"]["log_to_wandb"] = False
     return cfg
 
 
+NAMES_ONLY = ("run_name", "wandb_tags", "wandb_project", "wandb_entity")
+"""Logging fields that name a run and change nothing it computes."""
+
+
+def tiny_equivalents() -> dict[Path, list[Path]]:
+    """Presets grouped by the run they make on a tiny model: equal `small` configs apart from names (gpt2-small,
+    -medium and -large differ only in layers and sizes a 2-layer model clamps). Each group runs once, under its
+    first preset; every preset is still read, validated and reduced (`test_every_preset_reduces_to_a_tiny_run`)."""
+    groups: dict[str, list[Path]] = {}
+    for path in RUN_PRESETS:
+        preset = RunConfig.from_yaml(path)
+        cfg = small(preset, Path(family(preset)), Path("sae"), save_saes=False)
+        for key in NAMES_ONLY:
+            cfg["logging"].pop(key, None)
+        groups.setdefault(yaml.safe_dump(cfg, sort_keys=True), []).append(path)
+    return {paths[0]: paths for paths in groups.values()}
+
+
+GROUPS = tiny_equivalents()
+
+
 @pytest.mark.parametrize("path", RUN_PRESETS, ids=lambda p: p.stem)
+def test_every_preset_reduces_to_a_tiny_run(path):
+    """Every preset parses, validates, and is covered by exactly one end-to-end run below."""
+    preset = RunConfig.from_yaml(path)
+    preset.validate()
+    assert sum(path in members for members in GROUPS.values()) == 1
+
+
+@pytest.mark.parametrize("path", list(GROUPS), ids=lambda p: "+".join(q.stem for q in GROUPS[p]))
 def test_every_preset_runs_end_to_end_on_a_tiny_model_of_its_family(path, tiny, tmp_path, capsys):
     preset = RunConfig.from_yaml(path)
     config = tmp_path / path.name
