@@ -201,15 +201,15 @@ def gguf_context_length(path: Path) -> int | None:
     return None
 
 
-def _local_n_ctx(cfg: ExplainConfig, path: Path) -> int:
+def local_n_ctx(cfg: ExplainConfig, path: Path) -> int:
     """explain.context_window, but never more than the GGUF model's own context (a preset's 128,000-token
     window would otherwise make llama.cpp allocate a KV cache the model cannot use)."""
     own = gguf_context_length(path) if path.is_file() else None
     return min(cfg.context_window, own) if own else cfg.context_window
 
 
-def _llama_cpp_factory(cfg: ExplainConfig) -> Client:
+def llama_cpp_factory(cfg: ExplainConfig) -> Client:
     if not cfg.model:
         raise UserError("explain.model is empty: the llama-cpp backend needs the path of a .gguf file")
     path = Path(cfg.model).expanduser()
-    return LlamaCppClient("llama-cpp", path, str(path), n_ctx=_local_n_ctx(cfg, path), timeout_s=cfg.timeout_s)
+    return LlamaCppClient("llama-cpp", path, str(path), n_ctx=local_n_ctx(cfg, path), timeout_s=cfg.timeout_s)

@@ -56,8 +56,8 @@ from ..core.errors import UserError
 from ..core.llm import (BACKENDS, Client, LLMError, Message, Response, TokenLogprob,  # noqa: F401  (re-exported)
                         check_backend_name, parse_prices, prompt_hash, register_backend, request_key)
 
-from .llama_cpp_client import LLAMA_CPP_EXTRA, LlamaCppClient, _llama_cpp_factory, _local_n_ctx, load_llama  # noqa: F401
-from .openai_sdk import OpenAIClient, _compatible_factory, _openai_factory, redact  # noqa: F401
+from .llama_cpp_client import LLAMA_CPP_EXTRA, LlamaCppClient, llama_cpp_factory, local_n_ctx, load_llama  # noqa: F401
+from .openai_sdk import OpenAIClient, compatible_factory, openai_factory, redact  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +104,14 @@ def _embedded_factory(cfg: ExplainConfig) -> Client:
                         "explain.model, or use explain.backend=llama-cpp with explain.model=/path/to/model.gguf")
     from .local_hf import TransformersClient
 
-    return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=_local_n_ctx(cfg, embedded_gguf_path()),
+    return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=local_n_ctx(cfg, embedded_gguf_path()),
                               timeout_s=cfg.timeout_s)
 
 
 register_backend("embedded", _embedded_factory)
-register_backend("llama-cpp", _llama_cpp_factory)
-register_backend("openai", _openai_factory)
-register_backend("openai-compatible", _compatible_factory)
+register_backend("llama-cpp", llama_cpp_factory)
+register_backend("openai", openai_factory)
+register_backend("openai-compatible", compatible_factory)
 
 
 # --------------------------------------------------------------------------------------------

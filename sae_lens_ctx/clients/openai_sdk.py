@@ -160,7 +160,7 @@ def _openai_response(out: Any) -> Response:
                     finish_reason=getattr(choice, "finish_reason", None))
 
 
-def _openai_factory(cfg: ExplainConfig) -> Client:
+def openai_factory(cfg: ExplainConfig) -> Client:
     key = os.environ.get("OPENAI_API_KEY")
     if not key:
         raise UserError("the openai backend needs the OPENAI_API_KEY environment variable (keys are never read "
@@ -171,7 +171,7 @@ def _openai_factory(cfg: ExplainConfig) -> Client:
                         max_retries=cfg.max_retries, check_model=cfg.check_server)
 
 
-def _compatible_factory(cfg: ExplainConfig) -> Client:
+def compatible_factory(cfg: ExplainConfig) -> Client:
     if not cfg.base_url:
         raise UserError("the openai-compatible backend needs explain.base_url, e.g. http://127.0.0.1:8080/v1")
     if not cfg.model:

@@ -45,7 +45,7 @@ def run_stage(ctx: RunContext) -> None:
     start = time.perf_counter()
     llm = LLM.from_config(cfg, ctx.out)
     window = getattr(llm.client, "context_window", None)
-    if window and window < cfg.context_window:  # an in-process model's own limit (explain.llm._local_n_ctx)
+    if window and window < cfg.context_window:  # an in-process model's own limit (clients.llama_cpp_client.local_n_ctx)
         cfg = dataclasses.replace(cfg, context_window=window)
     try:
         count = token_counter(llm.client)
