@@ -73,7 +73,7 @@ def test_balanced_accuracy_auroc_and_constant_judges_by_hand():
 def test_bootstrap_interval_is_the_percentile_interval_computed_by_hand():
     y = np.array([True, False, True, False, True, False, True, True])
     p = np.array([True, False, False, False, True, True, True, True])
-    lo, hi = score.bootstrap_ci(score.balanced_accuracy, (y, p), 500, 0.9, seed=3)
+    lo, hi = score.bootstrap_ci(score.balanced_accuracy_along, (y, p), 500, 0.9, seed=3)
     rng = np.random.default_rng(3)
     vals = []
     for idx in rng.integers(0, 8, size=(500, 8)):

@@ -44,8 +44,9 @@ from .jobs import (INPUTS, Inputs, Job, build_jobs, build_joined_jobs, lookup_ju
                    shuffled_partner, unit_job, unit_prompts)
 from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_answer, run_judgements,  # noqa: F401
                     unit_judge_messages)
-from .metrics import (aggregate, auroc, balanced_accuracy, bootstrap_ci, compare, paper_statistics,  # noqa: F401
-                      pearson, score_group, simulate_and_score_correlation, simulation_score)
+from .metrics import (aggregate, auroc, auroc_along, balanced_accuracy, balanced_accuracy_along,  # noqa: F401
+                      bootstrap_ci, compare, paper_statistics, pearson, pearson_along, score_group,
+                      simulate_and_score_correlation, simulation_score)
 
 log = logging.getLogger(__name__)
 

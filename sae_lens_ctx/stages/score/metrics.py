@@ -21,58 +21,105 @@ from .judge import Judgement
 log = logging.getLogger(__name__)
 
 
+def balanced_accuracy_along(labels: np.ndarray, predictions: np.ndarray, single_class: str = "skip",
+                            axis: int = -1) -> np.ndarray:
+    """E = ½(TPR + TNR) along `axis` of boolean arrays of one shape (`[..., n]` → `[...]`), vectorized over
+    the other axes (bootstrap resamples): NaN where it is undefined. With one class only: NaN ('skip',
+    round 2) or the one rate there is ('single-rate', round 1), as scikit-learn's `balanced_accuracy_score`
+    averages the recalls of the classes present (paper-method §5.3)."""
+    y = np.moveaxis(np.asarray(labels, bool), axis, -1)
+    p = np.moveaxis(np.asarray(predictions, bool), axis, -1)
+    n_pos, n_neg = y.sum(-1), (~y).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpr = np.where(n_pos > 0, (p & y).sum(-1) / n_pos, np.nan)
+        tnr = np.where(n_neg > 0, (~p & ~y).sum(-1) / n_neg, np.nan)
+    both = (tpr + tnr) / 2
+    if single_class == "skip":
+        return both
+    return np.where(np.isnan(tpr), tnr, np.where(np.isnan(tnr), tpr, both))
+
+
 def balanced_accuracy(labels: Sequence[bool], predictions: Sequence[bool], single_class: str = "skip") -> float | None:
-    """E = ½(TPR + TNR) (paper-method §5.3). With one class only: None ('skip', round 2) or the one
-    rate there is ('single-rate', round 1). None for no examples."""
+    """E = ½(TPR + TNR) (paper-method §5.3; `balanced_accuracy_along` on one sample). With one class
+    only: None ('skip', round 2) or the one rate there is ('single-rate', round 1). None for no examples."""
     y, p = np.asarray(labels, bool), np.asarray(predictions, bool)
     if y.size == 0:
         return None
-    rates = []
-    if y.any():
-        rates.append(float((p & y).sum() / y.sum()))
-    if (~y).any():
-        rates.append(float((~p & ~y).sum() / (~y).sum()))
-    if len(rates) == 1 and single_class == "skip":
-        return None
-    return sum(rates) / len(rates)
+    return _defined(balanced_accuracy_along(y, p, single_class))
+
+
+def auroc_along(labels: np.ndarray, scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC along `axis` (`[..., n]` → `[...]`), vectorized over the other axes: the Mann-Whitney U of the
+    positives from `scipy.stats.rankdata`'s average ranks (ties count ½), over n₊·n₋; NaN with one class."""
+    y = np.moveaxis(np.asarray(labels, bool), axis, -1)
+    ranks = stats.rankdata(np.moveaxis(np.asarray(scores, float), axis, -1), axis=-1)
+    n_pos, n_neg = y.sum(-1), (~y).sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        u = (ranks * y).sum(-1) - n_pos * (n_pos + 1) / 2
+        return np.where((n_pos > 0) & (n_neg > 0), u / (n_pos * n_neg), np.nan)
 
 
 def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float | None:
-    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting ½
-    (the Mann-Whitney U over n₊·n₋). None with one class."""
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties counting ½:
+    `scipy.stats.mannwhitneyu`'s U of the positives over n₊·n₋. None with one class."""
     y, s = np.asarray(labels, bool), np.asarray(scores, float)
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = stats.rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(stats.mannwhitneyu(s[y], s[~y]).statistic / (n_pos * n_neg))
+
+
+def pearson_along(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pearson's r along `axis` (`scipy.stats.pearsonr`, vectorized over the other axes); NaN where
+    either side is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return np.asarray(stats.pearsonr(x, y, axis=axis).statistic, float)
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Pearson's r (`scipy.stats.pearsonr`); None with fewer than two values or a constant side."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.size < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return _defined(pearson_along(x, y))
 
 
-def bootstrap_ci(statistic: Callable[..., float | None], arrays: Sequence[Sequence], n_resamples: int,
+def _defined(value: Any) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def bootstrap_ci(statistic: Callable[..., np.ndarray], arrays: Sequence[Sequence], n_resamples: int,
                  confidence: float, seed: int) -> tuple[float | None, float | None]:
-    """Percentile bootstrap over items (the arrays are resampled together). Resamples on which the
-    statistic is undefined (one class left) are dropped; fewer than half defined gives (None, None)."""
+    """Percentile bootstrap over items: `scipy.stats.bootstrap` with `paired=True` (the arrays are
+    resampled together), `vectorized=True` and `rng=np.random.default_rng(seed)`.
+
+    `statistic(*arrays, axis=-1)` is vectorized over resamples (`balanced_accuracy_along`, `auroc_along`,
+    `pearson_along`) and NaN where it is undefined (one class left, a constant side). Undefined
+    resamples: scipy's percentile interval is NaN as soon as one resample is (with a
+    `DegenerateDataWarning`); here, as before this used scipy, they are dropped and the interval is the
+    same percentiles of the defined ones (`scipy.stats.quantile`, 'linear', = `np.percentile`'s
+    default); fewer than half defined gives (None, None). Where every resample is defined this is
+    scipy's interval unchanged; the resamples themselves are the ones the hand-written loop drew
+    (`rng.integers(0, n, (n_resamples, n))`), so the numbers are the same as before. (None, None) for
+    fewer than two items."""
     columns = [np.asarray(a) for a in arrays]
-    n = len(columns[0])
-    if n < 2:
+    if len(columns[0]) < 2:
         return None, None
-    rng = np.random.default_rng(seed)
-    values = []
-    for idx in rng.integers(0, n, size=(n_resamples, n)):
-        v = statistic(*(c[idx] for c in columns))
-        if v is not None and np.isfinite(v):
-            values.append(v)
-    if len(values) < n_resamples / 2:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap(columns, statistic, n_resamples=n_resamples, confidence_level=confidence,
+                              method="percentile", paired=True, vectorized=True, rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
+    if np.isfinite(low) and np.isfinite(high):
+        return float(low), float(high)
+    values = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
+    if values.size < n_resamples / 2:
         return None, None
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(values, [tail, 100 - tail])
+    tail = (1 - confidence) / 2
+    low, high = stats.quantile(values, [tail, 1 - tail])
     return float(low), float(high)
 
 
@@ -92,10 +139,28 @@ def aggregate(values: Sequence[float], n_resamples: int, confidence: float, seed
     return out
 
 
+def _mean_along(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(x, axis=axis)
+
+
+def _difference_of_means(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.mean(a, axis=axis) - np.mean(b, axis=axis)
+
+
+def _interval(samples: tuple, statistic: Callable[..., np.ndarray], n_resamples: int, confidence: float,
+              seed: int, paired: bool = False) -> tuple[float, float]:
+    """`scipy.stats.bootstrap`'s percentile interval (every resample defined: means of numbers)."""
+    res = stats.bootstrap(samples, statistic, n_resamples=n_resamples, confidence_level=confidence,
+                          method="percentile", paired=paired, vectorized=True, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, confidence: float, seed: int,
             paired: bool = False) -> dict[str, Any]:
     """real − control: the difference of means, its bootstrap CI, and a one-sided test that real is
-    higher (Wilcoxon signed-rank when paired, Mann-Whitney U otherwise). `distinguishable` is True only
+    higher (Wilcoxon signed-rank when paired, Mann-Whitney U otherwise). The interval: `scipy.stats.bootstrap`
+    (percentile) of the mean of the paired differences, or of the difference of the two means with each
+    side resampled on its own (unpaired). `distinguishable` is True only
     when the whole interval lies above 0; the `verdict` says it in words."""
     r = np.asarray([x for x in real if x is not None], float)
     c = np.asarray([x for x in control if x is not None], float)
@@ -111,26 +176,20 @@ def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, c
         out.update(distinguishable=False, verdict="cannot compare: no scores on one side")
         return out
     out["difference"] = float(r.mean() - c.mean())
-    rng = np.random.default_rng(seed)
-    boot = None
+    ci = None
     if paired:
-        d = r - c
         if r.size > 1:
-            idx = rng.integers(0, d.size, size=(n_resamples, d.size))
-            boot = d[idx].mean(1)
-        if np.any(d != 0):
+            ci = _interval((r - c,), _mean_along, n_resamples, confidence, seed)
+        if np.any(r != c):
             out.update(test="wilcoxon signed-rank, one-sided",
                        pvalue=float(stats.wilcoxon(r, c, alternative="greater").pvalue))
     else:
         if r.size > 1 and c.size > 1:
-            boot = r[rng.integers(0, r.size, (n_resamples, r.size))].mean(1) - \
-                c[rng.integers(0, c.size, (n_resamples, c.size))].mean(1)
+            ci = _interval((r, c), _difference_of_means, n_resamples, confidence, seed)
         out.update(test="mann-whitney U, one-sided",
                    pvalue=float(stats.mannwhitneyu(r, c, alternative="greater").pvalue))
-    if boot is not None:
-        tail = (1 - confidence) / 2 * 100
-        lo, hi = np.percentile(boot, [tail, 100 - tail])
-        out.update(ci_low=float(lo), ci_high=float(hi))
+    if ci is not None:
+        out.update(ci_low=ci[0], ci_high=ci[1])
     out["distinguishable"] = bool(out["ci_low"] is not None and out["ci_low"] > 0)
     if out["ci_low"] is None:
         out["verdict"] = "too few scores for an interval: real and control cannot be told apart"
@@ -179,11 +238,11 @@ def score_group(js: Sequence[Judgement], unit_id: str, head: str | None, scorer_
     out = []
     single = cfg.single_class
 
-    def e_stat(labels, answers):
-        return balanced_accuracy(labels, answers, single)
+    def e_stat(labels, answers, axis=-1):
+        return balanced_accuracy_along(labels, answers, single, axis=axis)
 
     answers = np.array([j.answer for j in scored], bool)
-    e = e_stat(y, answers)
+    e = balanced_accuracy(y, answers, single)
     lo, hi = bootstrap_ci(e_stat, (y, answers), cfg.bootstrap_resamples, cfg.confidence, seed) if e is not None \
         else (None, None)
     reason = None if e is not None else ("no parsed judgements" if not scored else "one class only")
@@ -192,7 +251,7 @@ def score_group(js: Sequence[Judgement], unit_id: str, head: str | None, scorer_
     yp = np.array([j.label for j in with_p], bool)
     pp = np.array([j.p_yes for j in with_p], float)
     a = auroc(yp, pp) if with_p else None
-    lo, hi = bootstrap_ci(auroc, (yp, pp), cfg.bootstrap_resamples, cfg.confidence, seed) if a is not None \
+    lo, hi = bootstrap_ci(auroc_along, (yp, pp), cfg.bootstrap_resamples, cfg.confidence, seed) if a is not None \
         else (None, None)
     reason = None if a is not None else ("no parsed judgements" if not scored else
                                          "no logprobs from the judge" if not with_p else "one class only")
@@ -209,7 +268,7 @@ def simulation_score(js: Sequence[Judgement], unit_id: str, control: bool, cfg: 
     sim = [10.0 * (j.p_yes if j.p_yes is not None else float(j.answer)) for j in usable]
     true = [j.activation for j in usable]
     value = simulate_and_score_correlation(true, sim) if len(usable) > 1 else None
-    lo, hi = bootstrap_ci(pearson, (np.array(true), np.array(sim)), cfg.bootstrap_resamples, cfg.confidence,
+    lo, hi = bootstrap_ci(pearson_along, (np.array(true), np.array(sim)), cfg.bootstrap_resamples, cfg.confidence,
                           seed) if value is not None else (None, None)
     reason = None if value is not None else "fewer than two judged prompts, or constant values"
     return ScoreRecord(unit_id=unit_id, head=None, scorer="unit_sim_correlation", value=value, ci_low=lo,
