@@ -524,3 +524,18 @@ def test_embedded_mining_is_offline_and_covers_every_unit(embedded_view, tmp_pat
         assert len(acts[f"row{i}"]) == len(r["tokens"]) and r["text"]
         if r["kind"] == "top":
             assert r["activation"] > 0 and r["trimmed_activation"] >= 0.8 * r["activation"] - 1e-4
+
+
+def test_the_negatives_pool_is_drawn_independently_of_the_random_prompts():
+    """The `pool` track (candidates for matched negatives) and the `random` track rank contexts by keys of
+    their own: with shared keys (before), the 5 random contexts were always among the pool's 20."""
+    from sae_lens_ctx.stages.mine.scan import random_keys
+
+    contexts = [TokenContext(f"d{i}", "test", i % 3, 0, (1, 2, 3)) for i in range(200)]
+    units = ["L2N37", "L2N5"]
+    rand, pool = random_keys(0, contexts, units), random_keys(0, contexts, units, "pool")
+    assert np.array_equal(rand, random_keys(0, contexts, units, "random"))  # the random prompts are unchanged
+    assert rand.shape == pool.shape and np.all((0 <= pool) & (pool < 1))
+    for u in range(len(units)):
+        assert abs(np.corrcoef(rand[u], pool[u])[0, 1]) < 0.25
+        assert not set(np.argsort(rand[u])[:5]) <= set(np.argsort(pool[u])[:20])

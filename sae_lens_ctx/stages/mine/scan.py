@@ -19,7 +19,8 @@ Per split it keeps these tracks (each context at most once per track):
   `n_test_prompts` lowest-max contexts) and `pool` (`POOL_FACTOR × n_test_prompts` random contexts).
 
 A *random* context is one of the unit's `n` contexts with the smallest pseudo-random key
-`hash(seed, doc_id, context index, unit_id)`: a seeded uniform sample, independent of reading order.
+`hash(seed, doc_id, context index, unit_id)` (the `pool` track salts it with its name, so its sample
+is drawn independently): a seeded uniform sample, independent of reading order.
 
 Prompts (the paper §3): a top prompt is its context's text from after BOS up to and including the
 max-activation token (the unit fires there and predicts the next token), then trimmed (`trim.py`) to
@@ -227,9 +228,14 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def random_keys(seed: int, contexts: Sequence[TokenContext], unit_ids: Sequence[str]) -> np.ndarray:
-    """`[U, B]` uniform keys in [0, 1) per (unit, context); the `n` smallest are a unit's random sample."""
-    base = np.array([_hash64(f"{seed}\x00{c.doc_id}\x00{c.index}") for c in contexts], dtype=np.uint64)
+def random_keys(seed: int, contexts: Sequence[TokenContext], unit_ids: Sequence[str],
+                track: str = "random") -> np.ndarray:
+    """`[U, B]` uniform keys in [0, 1) per (unit, context); the `n` smallest are a unit's random sample.
+
+    Each track draws its own keys (`track` is hashed in; the 'random' track's are the unsalted ones), so
+    the negatives' `pool` is a sample independent of the `random` prompts, not a superset of them."""
+    salt = "" if track == "random" else f"{track}\x00"
+    base = np.array([_hash64(f"{salt}{seed}\x00{c.doc_id}\x00{c.index}") for c in contexts], dtype=np.uint64)
     salts = np.array([_hash64(u) for u in unit_ids], dtype=np.uint64)
     return (_splitmix(salts[:, None] ^ base[None, :]) >> np.uint64(11)).astype(np.float64) / 2.0**53
 
@@ -338,7 +344,7 @@ def scan(reader: UnitReader, contexts: Sequence[TokenContext], tracks: dict[str,
             values = best.T.double()
             for name, tr in state.items():
                 v = values if name not in RANDOM_TRACKS else torch.from_numpy(
-                    random_keys(seed, [contexts[i] for i in idxs], reader.unit_ids)).to(view.device)
+                    random_keys(seed, [contexts[i] for i in idxs], reader.unit_ids, name)).to(view.device)
                 state[name] = tr.merge(v, index, where.T, full)
         n_batches, since = n_batches + 1, since + 1
         batch_tokens = int(lengths.sum())
