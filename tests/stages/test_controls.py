@@ -80,6 +80,8 @@ def test_a_judge_that_answers_by_length_does_not_beat_its_length_control(tmp_pat
     assert any(w.startswith("unit_E: the real score does not beat its length-only control")
                for w in summary["confound_warnings"])
     assert any("length gap" in w for w in summary["confound_warnings"])  # 8 vs 2 tokens: reported
+    badge = next(r for r in summary["well_explained"]["scores"] if r["scorer"] == "unit_E")
+    assert badge["value"] == 1.0 and badge["versus"]["length"]["difference"] == 0 and not badge["badge"]
 
 
 def test_report_opens_with_the_headline_and_gives_no_badge_where_real_and_control_overlap(tmp_path):
@@ -95,7 +97,8 @@ def test_report_opens_with_the_headline_and_gives_no_badge_where_real_and_contro
     assert html.index('id="headline"') < html.index('id="units"')  # the report opens with it
     assert "length-only judge" in html and "cannot be told apart" in html
     assert "does not beat its length-only control" in html
-    assert "well explained" not in html.split('id="summary"')[0]
+    assert "well explained" not in html.split('id="units"')[1].split('id="summary"')[0]  # no badge on any score
+    assert "well explained: 0 of 1 E scores" in html.split('id="units"')[0]  # the headline box counts them
     from browser import CHROMIUM, Dom, chromium
 
     if CHROMIUM is None:

@@ -244,7 +244,6 @@ class Report:
         self.explanations = res.grouped("explanations")
         every = res.grouped("scores")
         self.scores = {u: [r for r in rows if r.get("control_kind") not in CONFOUND_CONTROLS] for u, rows in every.items()}
-        self.confounds = {u: [r for r in rows if r.get("control_kind") in CONFOUND_CONTROLS] for u, rows in every.items()}
         self.comparison: dict[str, list[dict]] = {}
         for row in res.comparison():
             self.comparison.setdefault(row["unit_id"], []).append(row)
@@ -253,6 +252,7 @@ class Report:
         for line, c in enumerate(res.rows("contexts")):
             self.contexts.setdefault(c["unit_id"], []).append((line, c))
         self.lookups = res.grouped("lookups")
+        self.badges = res.badges()
 
     def ordered_units(self) -> list[dict]:
         return sorted(self.res.units, key=lambda u: (bool(u.get("control")), u.get("layer", 0), str(u.get("index")),
@@ -373,19 +373,15 @@ class Report:
         return "<h3>Scores</h3>" + _table(["head", "scorer", "value", "95% CI", "n", ""], rows)
 
     def well_explained_badge(self, uid: str, s: dict) -> bool:
-        """The "well explained" badge: an E score (the paper's threshold applies to E, not AUROC) at or
-        above the threshold whose whole interval lies above chance (0.5) and above every confound
-        control's score on the same prompts, never on a point value (E = 0.75 [0.5, 1] gets none)."""
-        value, low = number(s.get("value")), number(s.get("ci_low"))
-        if not str(s.get("scorer")).endswith("E") or value is None or value < self.well_explained or low is None:
-            return False
-        controls = [number(c.get("value")) for c in self.confounds.get(uid, [])
-                    if c.get("head") == s.get("head") and c.get("scorer") == s.get("scorer")]
-        return low > max([0.5, *(c for c in controls if c is not None)])
+        """The "well explained" badge as the score stage decided it (`RunTables.badges`, summary.json):
+        an E score at or above the threshold whose difference to each of its controls has its whole
+        interval above 0, never on a point value (E = 0.75 [0.5, 1] over 10 prompts gets none)."""
+        return self.badges.get((uid, s.get("head"), s.get("scorer"), s.get("explainer")), False)
 
     def headline(self) -> str:
         """The box the report opens with: per scorer, real versus each control, the difference with its
-        CI and the verdict in words (summary.json's `headline`), then its confound warnings."""
+        CI and the verdict in words (summary.json's `headline`), then its confound warnings, its flags
+        (near-identical explanations, a one-sided judge) and how many E scores are well explained."""
         summary = self.res.side.get("summary") or {}
         h = summary.get("headline") or {}
         rows = []
@@ -400,12 +396,17 @@ class Report:
                 rows.append([_td(scorer), _td(real, True), _td(label), _td(c.get("difference"), True),
                              f'<td class="num">[{fmt(c.get("ci_low"))}, {fmt(c.get("ci_high"))}]</td>',
                              f'<td class="verdict">{esc(c.get("verdict"))}</td>'])
-        if not rows:
+        notes = list(summary.get("confound_warnings") or []) + list((summary.get("flags") or {}).get("messages") or [])
+        warn = "".join(f"<li>{esc(w)}</li>" for w in notes)
+        well = summary.get("well_explained")
+        if well:
+            warn += (f'<li class="badges">well explained: {int(well["n_badges"])} of {int(well["n_scores"])} E scores '
+                     f'(E ≥ {fmt(well["threshold"])} and the interval of the difference to every control above 0)</li>')
+        if not rows and not warn:
             return ""
-        warn = "".join(f"<li>{esc(w)}</li>" for w in summary.get("confound_warnings") or [])
+        table = _table(["scorer", "real (mean)", "control", "real − control", "95% CI", "verdict"], rows) if rows else ""
         return ('<section id="headline" class="headline"><h2>Headline: real scores against their controls</h2>'
-                + _table(["scorer", "real (mean)", "control", "real − control", "95% CI", "verdict"], rows)
-                + (f'<ul class="warnings">{warn}</ul>' if warn else "") + "</section>")
+                + table + (f'<ul class="warnings">{warn}</ul>' if warn else "") + "</section>")
 
     def _versus(self, uid: str) -> str:
         rows = self.comparison.get(uid, [])

@@ -103,6 +103,12 @@ class RunTables:
             out[row.get("unit_id")].append(row)
         return out
 
+    def badges(self) -> dict[tuple, bool]:
+        """(unit_id, head, scorer, explainer) → its "well explained" badge, as the score stage decided it
+        (`summary.json`'s `well_explained`: E ≥ the threshold and the difference to every control above 0)."""
+        rows = ((self.side.get("summary") or {}).get("well_explained") or {}).get("scores") or []
+        return {(r["unit_id"], r["head"], r["scorer"], r.get("explainer")): bool(r["badge"]) for r in rows}
+
     # -- derived tables ----------------------------------------------------------------------------
 
     def comparison(self) -> list[dict]:

@@ -36,10 +36,10 @@ import numpy as np
 
 from ...clients.llm import LLM
 from ...core.config import ScoreConfig
-from ...core.records import CONFOUND_CONTROLS, ScoreRecord, UnitRecord, atomic_write, write_jsonl
+from ...core.records import CONFOUND_CONTROLS, ExplanationRecord, ScoreRecord, UnitRecord, atomic_write, write_jsonl
 from ...inputs.context import RunContext
 from ...core.lookups import EXPLAINER as LOOKUP
-from .controls import control_scores, length_gaps
+from .controls import confound_judgements, control_scores, length_gaps
 from .jobs import (INPUTS, Inputs, Job, build_jobs, build_joined_jobs, lookup_judgements, read_inputs,  # noqa: F401
                    shuffled_partner, unit_job, unit_prompts)
 from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_answer, run_judgements,  # noqa: F401
@@ -47,6 +47,7 @@ from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_an
 from .metrics import (aggregate, auroc, auroc_along, balanced_accuracy, balanced_accuracy_along,  # noqa: F401
                       bootstrap_ci, compare, paper_statistics, pearson, pearson_along, score_group,
                       simulate_and_score_correlation, simulation_score)
+from .verdicts import ONE_SIDED, SIMILAR_JACCARD, flags, one_sided_judge, well_explained  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,6 @@ def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreC
 # --------------------------------------------------------------------------------------------
 
 
-ONE_SIDED = 0.1
-"""A judge that says Yes to fewer than this share of prompts, or No to fewer, is flagged as one-sided."""
-
-
 def _values(scores: Sequence[ScoreRecord], scorer: str, control: bool, kind: str | None = None) -> list[float]:
     """Values of one scorer on real (`control=False`) or random control units; `kind` picks a confound
     control's records instead of the judge's."""
@@ -153,8 +150,9 @@ def head_versus_neuron(scores: Sequence[ScoreRecord]) -> list[dict[str, Any]]:
 
 
 def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig,
-              seed: int, well_explained: float) -> dict[str, Any]:
-    """summary.json: headline aggregates with their controls beside them, tests and counts."""
+              seed: int, well_explained_threshold: float) -> dict[str, Any]:
+    """summary.json: headline aggregates with their controls beside them, tests and counts; the "well
+    explained" badges and the flags (`verdicts.py`)."""
     boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
     headline: dict[str, Any] = {}
     for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation", "unit_plus_head_auroc"):
@@ -190,13 +188,10 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
     by_scorer = Counter((s.scorer if s.control_kind not in CONFOUND_CONTROLS else f"{s.scorer} ({s.control_kind} control)",
                          s.skipped) for s in scores if s.skipped)
 
-    answered = [j.answer for j in judgements if j.status == "ok" and j.task in ("head", "unit")]
-    overall_yes = float(np.mean(answered)) if answered else None
-    headline["constant_judges"]["judge_yes_rate_all"] = overall_yes
-    if overall_yes is not None and not ONE_SIDED < overall_yes < 1 - ONE_SIDED:
-        warnings_.append(f"the judge answers one way almost always: Yes to {overall_yes:.1%} of {len(answered)} "
-                         f"prompts (outside [{ONE_SIDED:.0%}, {1 - ONE_SIDED:.0%}]); its E is close to a constant "
-                         "judge's 0.5 by construction")
+    llm_judgements = [j for j in judgements if j.explainer != LOOKUP]
+    flagged = flags(_explanations_read(inp), llm_judgements)
+    judge = flagged["one_sided_judge"]
+    headline["constant_judges"]["judge_yes_rate_all"] = judge["yes_share"] if judge else None
 
     gaps = length_gaps(judgements, inp)
     if gaps["gaps"]:
@@ -204,9 +199,12 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
     return {
         "headline": headline,
         "confound_warnings": warnings_,
+        "flags": flagged,
+        "well_explained": well_explained(scores, llm_judgements, confound_judgements(llm_judgements, inp), cfg, seed,
+                                         well_explained_threshold),
         "length_gaps": gaps,
-        "paper_statistics": {"real": paper_statistics(_values(scores, "E", False), well_explained),
-                             "random_units": paper_statistics(_values(scores, "E", True), well_explained)},
+        "paper_statistics": {"real": paper_statistics(_values(scores, "E", False), well_explained_threshold),
+                             "random_units": paper_statistics(_values(scores, "E", True), well_explained_threshold)},
         "head_versus_neuron": rows,
         "counts": {"pairs_relevant": len(inp.pairs),
                    "pairs_scored": len([s for s in scores if s.scorer == "E" and s.value is not None
@@ -217,6 +215,11 @@ def summarize(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement], in
                    "failed": counts["failed"]},
         "judge": {"prompt": cfg.judge_prompt, "max_tokens": cfg.max_tokens, "top_logprobs": cfg.top_logprobs},
     }
+
+
+def _explanations_read(inp: Inputs) -> list[ExplanationRecord]:
+    """The LLM's explanations that were read (status 'ok'), heads' and units' (`verdicts.flags` takes them)."""
+    return [e for e in [*inp.head_explanations.values(), *inp.unit_explanations.values()] if e.text]
 
 
 def _num(x: float | None) -> str:
@@ -244,6 +247,11 @@ def summary_text(s: dict) -> str:
                 lines.append(f"  {'':<21} vs {kind}-only judge {fmt(h[scorer][f'{kind}_control'])}: "
                              f"{h[scorer][f'real_minus_{kind}']['verdict']}")
     lines += [f"warning: {w}" for w in s.get("confound_warnings", [])]
+    lines += [f"flag: {m}" for m in s.get("flags", {}).get("messages", [])]
+    if "well_explained" in s:
+        w = s["well_explained"]
+        lines.append(f"well explained: {w['n_badges']} of {w['n_scores']} E scores (E ≥ {w['threshold']:g} and the "
+                     "interval of the difference to every control above 0)")
     for name, block in s.get("explainers", {}).items():
         for scorer in ("E", "auroc"):
             b = block[scorer]

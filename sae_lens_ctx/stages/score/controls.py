@@ -63,18 +63,17 @@ def _judgement(j: Judgement, answer: bool, graded: float) -> Judgement:
     return replace(j, answer=bool(answer), p_yes=float(graded), status="ok", reply=None, error=None)
 
 
-def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
-    """The length and token controls of every real pair and unit score (see the module doc)."""
+def _control_groups(judgements: Sequence[Judgement], inp: Inputs):
+    """Per real (task, unit, head) group: its judgements on known prompts, their tokens, the unit token's
+    counts, the train rows the length rule was fitted on, and each confound judge's judgements."""
     prompt = {(c.unit_id, c.kind, c.rank): c for per in inp.test.values() for rows in per.values() for c in rows}
     heads = {(h.unit_id, h.head): h for h in inp.pairs}
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
         if j.task in ("head", "unit"):
             groups[(j.task, j.unit_id, j.head)].append(j)
-    out: list[ScoreRecord] = []
     for (task, unit_id, head), js in groups.items():
         unit = inp.units.get(unit_id)
-        control = bool(unit and unit.control)
         js = [j for j in js if (unit_id, j.kind, j.rank) in prompt]
         tokens = [prompt[(unit_id, j.kind, j.rank)].tokens for j in js]
         train = inp.train.get(unit_id, {})
@@ -86,13 +85,26 @@ def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfi
         else:
             rows = train.get("top", []) + train.get("random", [])
             rule = fit_length_rule([len(c.tokens) for c in rows], [c.kind == "top" for c in rows])
-        prefix = "" if task == "head" else "unit_"
         token_id = unit.token_id if unit else None
         counts = [sum(t == token_id for t in ts) for ts in tokens]
         judged = {"token": [_judgement(j, n > 0, n) for j, n in zip(js, counts)]}
         if rule is not None:
             d, cut = rule
             judged["length"] = [_judgement(j, d * (len(t) - cut) > 0, d * len(t)) for j, t in zip(js, tokens)]
+        yield task, unit_id, head, bool(unit and unit.control), js, tokens, counts, rows, judged
+
+
+def confound_judgements(judgements: Sequence[Judgement], inp: Inputs) -> dict[tuple, dict[str, list[Judgement]]]:
+    """(task, unit_id, head) → confound control name → its answers on the group's prompts (the
+    judgements `control_scores` scores), for comparisons prompt by prompt with the real judge."""
+    return {(task, unit_id, head): judged for task, unit_id, head, *_, judged in _control_groups(judgements, inp)}
+
+
+def control_scores(judgements: Sequence[Judgement], inp: Inputs, cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
+    """The length and token controls of every real pair and unit score (see the module doc)."""
+    out: list[ScoreRecord] = []
+    for task, unit_id, head, control, js, tokens, counts, rows, judged in _control_groups(judgements, inp):
+        prefix = "" if task == "head" else "unit_"
         for name in CONFOUND_CONTROLS:
             tag = dict(explainer=name, control_kind=name)
             if name not in judged:
