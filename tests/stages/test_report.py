@@ -65,3 +65,41 @@ def test_context_html_escapes_every_token():
     assert html.count('class="tok') == len(pieces) and "rgba(255,140,0,1.00)" in html
     whole = context_html(None, None, "<i>x</i>", None, peak=0.0)
     assert "<i>" not in whole and "&lt;i&gt;x&lt;/i&gt;" in whole
+
+
+def test_score_histograms_fit_the_report_and_mark_well_explained_only_on_e():
+    """Six scorers (E and AUROC of the LLM's, the shuffled and the look-up explanations; confound controls
+    left out): two panels per row at a fixed size, no two panels' labels overlapping, and the 0.67 line
+    and red bins only on the E panels."""
+    from matplotlib.colors import to_hex
+
+    from sae_lens_ctx.stages.report.plots import MARK, PANEL, score_histograms
+    from sae_lens_ctx.stages.report.tables import RunTables
+
+    rows = []
+    for i, v in enumerate([0.3, 0.55, 0.7, 0.72, 0.9, 1.0]):
+        for scorer, explainer, kind in (("E", "paper-round2", None), ("auroc", "paper-round2", None),
+                                        ("shuffled_E", "paper-round2", "shuffled"),
+                                        ("shuffled_auroc", "paper-round2", "shuffled"),
+                                        ("E", "lookup", None), ("auroc", "lookup", None), ("E", "length", "length")):
+            rows.append(dict(unit_id=f"U{i % 2}", head=f"L0H{i}", scorer=scorer, value=v, explainer=explainer,
+                             control_kind=kind, control=i == 5))
+    fig = score_histograms(RunTables(Path("."), tables={"scores": rows, "units": []}), 0.67)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    titles = sorted(ax.get_title().split(" ")[0] for ax in axes)
+    assert titles == ["E", "auroc", "lookup_E", "lookup_auroc", "shuffled_E", "shuffled_auroc"]
+    assert tuple(fig.get_size_inches()) == pytest.approx((2 * PANEL[0], 3 * PANEL[1]))
+    for ax in axes:
+        e = ax.get_title().split(" ")[0].endswith("E")
+        lines = [line.get_xdata()[0] for line in ax.lines]
+        red = [p for p in ax.patches if to_hex(p.get_facecolor()) == MARK]
+        assert (lines == [0.67]) if e else not lines, ax.get_title()
+        assert (len(red) > 0) == e and all(p.get_x() >= 0.67 - 1e-9 for p in red)
+    selected = axes[0].containers[0]  # the E panel's selected-units bars: 5 pairs, no length-control score
+    assert axes[0].get_title().startswith("E ") and sum(p.get_height() for p in selected) == 5
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.get_tightbbox(renderer) for ax in axes]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            assert not a.overlaps(b)

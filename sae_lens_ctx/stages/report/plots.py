@@ -8,7 +8,7 @@ records it needs exist; the files are byte-identical when the records are (no ti
 |---|---|---|
 | `unit_layers.png` | units | units per layer, selected and control |
 | `heatmaps/<unit>.png` | heads | per unit: mean direct attribution, layer × head; relevant heads boxed |
-| `score_histograms.png` | scores | per scorer: head explanation scores, controls overlaid, well-explained bins marked |
+| `score_histograms.png` | scores | per scorer, two per row: head explanation scores, controls overlaid, well-explained bins marked on E |
 | `ablation_boxplot.png` | heads | token-probability drop when a relevant head is ablated, active vs inactive (§5.4) |
 | `head_vs_neuron.png` | scores | per scorer: a unit's own explanation score against its heads' mean |
 """
@@ -25,8 +25,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from ...core.records import atomic_path  # noqa: E402
-from .tables import RunTables, number, safe_name  # noqa: E402
+from ...core.records import CONFOUND_CONTROLS, atomic_path  # noqa: E402
+from .tables import RunTables, number, safe_name, scorer_label  # noqa: E402
 
 REAL, CONTROL, MARK = "#1f77b4", "#999999", "#d62728"
 
@@ -84,34 +84,57 @@ def head_heatmap(res: RunTables, unit_id: str, heads: list[dict]) -> Figure | No
     return fig
 
 
+PANEL = (4.2, 2.8)
+"""Inches (width, height) of one score histogram: at the PNGs' 100 dpi, two panels side by side are
+840 px wide, about the report's width, whatever the number of scorers (more go on more rows)."""
+
+
+def is_e_scorer(scorer: str) -> bool:
+    """An E scorer (balanced accuracy: `E`, `shuffled_E`, `unit_plus_head_E`, `lookup_E`, ...), the only
+    kind the paper's "well explained" threshold applies to (not AUROC, not a correlation)."""
+    return scorer == "E" or scorer.endswith("_E")
+
+
 def score_histograms(res: RunTables, well_explained: float) -> Figure | None:
-    """Per scorer, head explanation scores of selected units with the control units' overlaid."""
+    """Per scorer, head explanation scores of selected units with the control units' overlaid (the
+    confound controls' scores are not explanations: left out). Two panels per row at a fixed size;
+    the well-explained line and red bins only on E scorers."""
     by: dict[str, dict[bool, list[float]]] = {}
     for s in res.rows("scores"):
         value = number(s.get("value"))
-        if value is None or s.get("head") is None:
+        if value is None or s.get("head") is None or s.get("control_kind") in CONFOUND_CONTROLS:
             continue
-        by.setdefault(str(s.get("scorer")), {False: [], True: []})[res.is_control(s)].append(value)
+        by.setdefault(scorer_label(s), {False: [], True: []})[res.is_control(s)].append(value)
     if not by:
         return None
-    fig, axes = plt.subplots(1, len(by), figsize=(4.5 * len(by), 3.2), squeeze=False)
-    for ax, (scorer, values) in zip(axes[0], sorted(by.items())):
+    n_cols = min(2, len(by))
+    n_rows = -(-len(by) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(PANEL[0] * n_cols, PANEL[1] * n_rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(by):]:
+        ax.set_visible(False)
+    for ax, (scorer, values) in zip(axes.flat, sorted(by.items())):
         everything = values[False] + values[True]
         lo, hi = min(everything + [0.0]), max(everything + [1.0])
         bins = np.linspace(lo, hi, 16)
-        if lo < well_explained < hi:  # a bin edge at the threshold, so red bins are exactly the well explained
+        marked = is_e_scorer(scorer)
+        if marked and lo < well_explained < hi:  # a bin edge at the threshold, so red bins are exactly the well explained
             bins = np.unique(np.append(bins[np.abs(bins - well_explained) > (hi - lo) / 60], well_explained))
         counts, edges, patches = ax.hist(values[False], bins=bins, color=REAL, alpha=0.8, label="selected")
-        for patch, left in zip(patches, edges[:-1]):
-            if left >= well_explained - 1e-12:
-                patch.set_facecolor(MARK)
         if values[True]:
             ax.hist(values[True], bins=bins, histtype="step", color="black", linewidth=1.5, label="control")
-        ax.axvline(well_explained, color=MARK, linestyle="--", linewidth=1)
-        ax.set_title(f"{scorer} (red: ≥ {well_explained:g}, well explained)", fontsize=9)
-        ax.set_xlabel("score")
-        ax.set_ylabel("(unit, head) pairs")
-        ax.legend(frameon=False, fontsize=8)
+        if marked:
+            for patch, left in zip(patches, edges[:-1]):
+                if left >= well_explained - 1e-12:
+                    patch.set_facecolor(MARK)
+            ax.axvline(well_explained, color=MARK, linestyle="--", linewidth=1)
+            ax.set_title(f"{scorer} (red: ≥ {well_explained:g}, well explained)", fontsize=9)
+        else:
+            ax.set_title(scorer, fontsize=9)
+        ax.set_xlabel("score", fontsize=8)
+        ax.set_ylabel("(unit, head) pairs", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.legend(frameon=False, fontsize=7)
     return fig
 
 
