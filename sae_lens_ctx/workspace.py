@@ -33,9 +33,10 @@ METRIC_PATTERNS = (
     r"heads/(n_pairs|per_unit_mean|ablation_effect_mean|ablation_significant_fraction)(_control)?",
     r"heads/(ablation_ks_(statistic|pvalue|mean_drop_active|mean_drop_inactive)|rows)",
     r"explanations/(n|n_failed|n_heads|n_units|rows)",
-    r"cost/(usd|n_unpriced|prompt_tokens|completion_tokens|seconds_total|seconds/[a-z]+)",
-    r"scores/[A-Za-z0-9_.-]+/(heads|units)_(mean|n|well_explained)(_control)?",
-    r"scores/(rows|head_vs_neuron|head_vs_neuron_rows|summary/.+)",
+    r"cost/(usd|n_unpriced|prompt_tokens|completion_tokens|seconds_total|seconds_[a-z]+)",
+    r"(heads/(E|auroc|lookup_E|lookup_auroc)|units/(E|auroc|sim_correlation))"
+    r"(_control|_n|_vs_(random_units|shuffled|length|token)|_verdict|_well_explained)?",
+    r"scores/(rows|head_vs_neuron|head_vs_neuron_rows|summary|summary_rows)",
     r"plots/(unit_layers|score_histograms|ablation_boxplot|head_vs_neuron|head_heatmaps)",
     r"config\..+",
 )

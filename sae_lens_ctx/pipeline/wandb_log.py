@@ -9,8 +9,11 @@ What a W&B run gets (SAE-Lens conventions, ecosystem-notes §2.7 and §4):
   adds an `html` column, each prompt with its tokens shaded and every character escaped. A table with
   more rows than `wandb.Table.MAX_ROWS` (whose run-file copy W&B would cut silently) goes into an
   artifact instead, split into parts of at most `wandb.Table.MAX_ARTIFACT_ROWS` rows: never truncated;
-- headline numbers as `group/name` metrics (`units/...`, `heads/...`, `explanations/...`, `scores/...`,
-  `cost/...`, including `cost/seconds/<stage>`), logged once and kept in the summary;
+- headline numbers as `group/name` metrics, never deeper (`units/...`, `heads/...`, `explanations/...`,
+  `cost/...`, including `cost/seconds_<stage>`), logged once and kept in the summary; the scores as a
+  few keys per scorer (`heads/E`, `heads/E_control`, `heads/E_vs_shuffled`, `heads/E_verdict` in words,
+  `heads/E_well_explained`, `units/auroc`, ...: `RunTables.metrics`), and all of `summary.json` in the
+  `scores/summary` table (one row per leaf);
 - the plots of `plots.py` as images (per-unit heatmaps in the `plots/head_heatmaps` table);
 - the whole run directory as a versioned artifact of type `sae-lens-ctx-results`.
 
@@ -238,10 +241,10 @@ def log_run(ctx: RunContext, results: list[StageResult] | tuple = (), job_type: 
             atomic_write(ctx.path(TRACKING_FILE), json.dumps(info, indent=2) + "\n")
             payload: dict[str, Any] = {}
             payload.update(log_tables(run, res, renderer_for(ctx, res), config))
-            metrics = res.metrics(config.logging.well_explained)
+            metrics = res.metrics()
             for r in results:
                 if r.status == "ran":
-                    metrics[f"cost/seconds/{r.name}"] = round(r.seconds, 3)
+                    metrics[f"cost/seconds_{r.name}"] = round(r.seconds, 3)
             metrics["cost/seconds_total"] = round(sum(r.seconds for r in results if r.status == "ran"), 3)
             payload.update(metrics)
             payload.update(plot_images(ctx, res, results, config, Path(scratch)))
@@ -305,6 +308,9 @@ def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunC
     if comparison:
         cols = list(comparison[0])
         tables.append(("scores/head_vs_neuron", cols, [[cell(r[c]) for c in cols] for r in comparison]))
+    summary = res.summary_rows()
+    if summary:  # everything of summary.json beside the few headline keys
+        tables.append(("scores/summary", ["path", "value"], [[r["path"], r["value"]] for r in summary]))
     for name, cols, data in tables:
         key = name if "/" in name else f"{name}/table"
         payload[f"{name}_rows" if "/" in name else f"{name}/rows"] = len(data)

@@ -60,7 +60,7 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     assert len(runs) == 1 and str(runs[0].resolve()).startswith(str(out.resolve()))
     run = Offline(str(runs[0]))
     assert run.summary["units/n_units"] == sum(not u["control"] for u in units)
-    assert "cost/seconds/score" in run.summary
+    assert "cost/seconds_score" in run.summary
     again = subprocess.run([shutil.which("sae-lens-ctx"), "run", "--out", str(out)], capture_output=True, text=True,
                            env=env, timeout=HANG_GUARD_S)
     assert again.returncode == 0 and "skipped" in again.stdout

@@ -118,8 +118,8 @@ def test_an_offline_run_per_stage_holds_every_table_and_the_whole_run_directory(
     for path, local in Offline.files(results).items():  # staged copies, inside the run's own W&B folder
         assert local.read_bytes() == (out / path).read_bytes() and out / "wandb" in local.parents
     if stage == "score":
-        assert run.summary["scores/E/heads_mean"] == pytest.approx(0.85)
-        assert run.summary["scores/E/heads_mean_control"] == pytest.approx(0.5)
+        assert run.summary["heads/E"] == pytest.approx(0.85)
+        assert run.summary["heads/E_control"] == pytest.approx(0.5)
         comparison = run.table("scores/head_vs_neuron")
         assert {"unit_id", "scorer", "unit_score", "head_score_mean", "best_head"} <= set(comparison["columns"])
         assert run.summary["cost/usd"] == pytest.approx(0.003)
@@ -403,9 +403,45 @@ def test_a_pipeline_invocation_logs_one_wandb_run(base_run, tmp_path):
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     run = Offline(str(runs[0]))
-    assert run.run["job_type"] == "report" and "cost/seconds/report" in run.summary
+    assert run.run["job_type"] == "report" and "cost/seconds_report" in run.summary
     assert_tables_match(run, out, {"units", "contexts", "heads", "explanations", "scores", "lookups"})
     assert os.environ.get("WANDB_DATA_DIR") is None  # staging was pointed into the run only while logging
     sync = subprocess.run(["wandb", "sync", "--dry-run"], cwd=out, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert sync.returncode == 0 and "Would sync 1 run" in sync.stdout + sync.stderr  # `wandb sync` finds it later
     assert run.run["run_id"] in sync.stdout + sync.stderr
+
+
+def test_the_wandb_summary_holds_a_few_headline_keys_two_levels_deep_and_the_rest_in_a_table(base_run, tmp_path):
+    """The planted run scored by the real score stage (the offline keyword judge of the score tests), then
+    logged offline and read back: the summary holds a few `group/metric` keys per scorer, never deeper, with
+    the verdict in words; everything of summary.json is a row of the `scores/summary` table."""
+    import test_score  # registers the offline keyword judge made for the score tests
+    from sae_lens_ctx.stages import score
+
+    out = tracked_run.copy_run(base_run, tmp_path / "run")
+    cfg = RunDirectory(out).read_config()
+    cfg.explain.backend, cfg.explain.cache = test_score.KeywordJudge.backend, False
+    cfg.score.bootstrap_resamples = 200
+    score.run_stage(RunContext(out=out, config=cfg))
+    summary = json.loads((out / "summary.json").read_text())
+    run = Offline(log(out)["wandb_dir"])
+    keys = [k for k in run.summary if not k.startswith("_")]
+    assert all(k.count("/") == 1 for k in keys), [k for k in keys if k.count("/") != 1]
+    score_keys = [k for k in keys if re.fullmatch(r"(heads|units)/(E|auroc|lookup_E|lookup_auroc|sim_correlation).*", k)]
+    assert 10 <= len(score_keys) <= 60 and len(keys) <= 120
+    e = summary["headline"]["E"]
+    assert run.summary["heads/E"] == pytest.approx(e["real"]["mean"])
+    assert run.summary["heads/E_vs_length"] == pytest.approx(e["real_minus_length"]["difference"])
+    compared = [c for c in ("random_units", "shuffled", "length", "token") if f"real_minus_{c}" in e]
+    behind = [c for c in compared if not e[f"real_minus_{c}"]["distinguishable"]]
+    assert compared == ["random_units", "shuffled", "length", "token"]
+    assert run.summary["heads/E_verdict"] == ("cannot be told apart from: " + ", ".join(behind) if behind
+                                              else "beats every control: " + ", ".join(compared))
+    print(f"{len(keys)} summary keys, {len(score_keys)} of them scores'")
+    well = summary["well_explained"]["scores"]
+    heads_e = [w for w in well if w["scorer"] == "E"]
+    assert run.summary["heads/E_well_explained"] == pytest.approx(sum(w["badge"] for w in heads_e) / len(heads_e))
+    table = run.table("scores/summary")
+    rows = dict(table["data"])
+    assert table["columns"] == ["path", "value"] and run.summary["scores/summary_rows"] == len(rows) > 100
+    assert json.loads(rows["headline/E/real_minus_length/verdict"]) == e["real_minus_length"]["verdict"]

@@ -474,7 +474,7 @@ def run_stage(ctx: RunContext) -> None:
     plots_dir.mkdir(parents=True)
     plots = write_plots(res, plots_dir, lc.well_explained)
     renderer = renderer_for(ctx, res)
-    metrics = res.metrics(lc.well_explained)
+    metrics = res.metrics()
     report = Report(res, renderer, plots_dir, plots, lc.report_contexts, lc.well_explained)
     atomic_write(ctx.path(REPORT_FILE), report.render(metrics))
     summary = {

@@ -147,8 +147,10 @@ class RunTables:
 
     # -- headline numbers --------------------------------------------------------------------------
 
-    def metrics(self, well_explained: float = 0.67) -> dict[str, float | int]:
-        """SAE-Lens-style `group/name` headline numbers of what exists (controls beside the real units)."""
+    def metrics(self) -> dict[str, float | int | str]:
+        """SAE-Lens-style `group/name` headline numbers of what exists (controls beside the real units), at
+        most two levels deep; the scores' as a few keys per scorer (`_score_metrics`), the rest of
+        `summary.json` in `summary_rows`."""
         m: dict[str, float | int] = {}
         units = self.units
         if "units" in self.tables:
@@ -179,9 +181,7 @@ class RunTables:
             for key in ("prompt_tokens", "completion_tokens"):
                 m[f"cost/{key}"] = int(sum(e.get(key) or 0 for e in ex))
         if "scores" in self.tables:
-            m.update(self._score_metrics(well_explained))
-        for path, value in _flatten(self.side.get("summary", {})):
-            m[f"scores/summary/{path}"] = value
+            m.update(self._score_metrics())
         return m
 
     def _head_metrics(self) -> dict[str, float | int]:
@@ -202,22 +202,59 @@ class RunTables:
             _put(m, f"heads/ablation_ks_{key}", ks.get(key))
         return m
 
-    def _score_metrics(self, well_explained: float) -> dict[str, float | int]:
-        m: dict[str, float | int] = {}
-        by: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    def _score_metrics(self) -> dict[str, float | int | str]:
+        """A few `group/metric` keys per headline scorer (`HEADLINE_SCORERS`): the selected units' mean, the
+        control units' (`_control`) and how many (`_n`), from `scores.jsonl`; from `summary.json` when the
+        score stage wrote one, real − each control (`_vs_<control>`), the verdict in words (`_verdict`) and
+        the share of E scores with the "well explained" badge (`_well_explained`). Everything else of
+        `summary.json` is in `summary_rows` (a table)."""
+        m: dict[str, float | int | str] = {}
+        by: dict[tuple[str, bool], list[float]] = defaultdict(list)
         for s in self.rows("scores"):
             value = number(s.get("value"))
             if value is None or s.get("control_kind") in CONFOUND_CONTROLS:
                 continue  # confound controls: in summary.json's headline, beside the real scores
-            target = "units" if s.get("head") is None else "heads"
-            control = "_control" if self.is_control(s) else ""
-            by[(safe_name(scorer_label(s)), target, control)].append(value)
-        for (scorer, target, control), values in sorted(by.items()):
-            m[f"scores/{scorer}/{target}_mean{control}"] = _mean(values)
-            m[f"scores/{scorer}/{target}_n{control}"] = len(values)
-            m[f"scores/{scorer}/{target}_well_explained{control}"] = (
-                sum(v >= well_explained for v in values) / len(values))
+            by[(scorer_label(s), self.is_control(s))].append(value)
+        summary = self.side.get("summary") or {}
+        headline = summary.get("headline") or {}
+        badges = (summary.get("well_explained") or {}).get("scores") or []
+        for scorer, key in HEADLINE_SCORERS.items():
+            real, control = by.get((scorer, False), []), by.get((scorer, True), [])
+            if real or control:
+                _put(m, key, _mean(real))
+                _put(m, f"{key}_control", _mean(control))
+                m[f"{key}_n"] = len(real)
+            if scorer.startswith("lookup_"):  # the look-up explainer's comparisons (summary.json `explainers`)
+                block = ((summary.get("explainers") or {}).get("lookup") or {}).get(scorer.removeprefix("lookup_")) or {}
+            else:
+                block = headline.get(scorer) or {}
+            compared = {name: block[f"real_minus_{name}"] for name in CONTROL_NAMES if f"real_minus_{name}" in block}
+            for name, c in compared.items():
+                _put(m, f"{key}_vs_{name}", c.get("difference"))
+            if compared:
+                behind = [name for name, c in compared.items() if not c.get("distinguishable")]
+                m[f"{key}_verdict"] = ("beats every control: " + ", ".join(compared) if not behind else
+                                       "cannot be told apart from: " + ", ".join(behind))
+            mine = [b for b in badges if b.get("scorer") == scorer]
+            if mine:
+                m[f"{key}_well_explained"] = sum(bool(b.get("badge")) for b in mine) / len(mine)
         return m
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """`summary.json` flattened: one row per leaf (`path` 'a/b/c', `value` as JSON text), the table
+        beside the few headline keys of `metrics`."""
+        return [{"path": path, "value": json.dumps(value, ensure_ascii=False)}
+                for path, value in _leaves(self.side.get("summary") or {})]
+
+
+HEADLINE_SCORERS = {"E": "heads/E", "auroc": "heads/auroc", "lookup_E": "heads/lookup_E",
+                    "lookup_auroc": "heads/lookup_auroc", "unit_E": "units/E", "unit_auroc": "units/auroc",
+                    "unit_sim_correlation": "units/sim_correlation"}
+"""Scorer (`scorer_label`) → its headline key: `heads/` for (unit, head) pairs' explanations, `units/` for
+a unit's own."""
+
+CONTROL_NAMES = ("random_units", "shuffled", *CONFOUND_CONTROLS)
+"""The controls a real score is compared with in `summary.json`'s headline (`real_minus_<name>`)."""
 
 
 def scorer_label(score: dict) -> str:
@@ -242,9 +279,11 @@ def _put(m: dict, key: str, value: Any) -> None:
         m[key] = value
 
 
-def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, float | int]]:
-    """Numeric leaves of a JSON object as ('a/b', value) pairs (lists are left out)."""
+def _leaves(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Leaves of a JSON object as ('a/b', value) pairs; lists of numbers or strings are leaves, lists of
+    objects are walked with their index ('gaps/0/unit_id')."""
     if isinstance(obj, dict):
-        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{safe_name(str(k))}/")]
-    value = number(obj)
-    return [(prefix.rstrip("/"), obj)] if value is not None and prefix else []
+        return [kv for k, v in obj.items() for kv in _leaves(v, f"{prefix}{k}/")]
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        return [kv for i, v in enumerate(obj) for kv in _leaves(v, f"{prefix}{i}/")]
+    return [(prefix.rstrip("/"), obj)] if prefix else []
