@@ -18,7 +18,8 @@ from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecor
 
 
 RESULTS_FORMAT = 2
-"""Version of the run-directory layout. A directory written under another version is refused."""
+"""Version of the run-directory layout, part of every stage's fingerprint. A directory written under an
+older version is upgraded and its stages re-run (`pipeline.engine`); one written under a newer one is refused."""
 
 MANIFEST = "stages.json"
 """Which stages finished, with their fingerprints (see `pipeline.engine`)."""

@@ -4,7 +4,9 @@ The run directory is the only state shared between stages. `stages.json` records
 stage, a fingerprint of what it depends on (its config sections, the content of the inputs it reads,
 the upstream stages' fingerprints, the results format) and the files it wrote. A stage whose fingerprint is unchanged and whose files
 exist is skipped; a changed config gives new fingerprints to that stage and every stage after it,
-so they re-run.
+so they re-run. A directory written in an older results format is upgraded in place: its manifest
+takes the current format and, the format being part of every fingerprint, each of its stages re-runs
+(one log line says which); a newer format is refused.
 
 Results are a function of the config, the seed and the inputs: two runs of the same config write the
 same bytes (on CPU), and so does a run killed anywhere and run again. What depends on the clock or on
@@ -119,6 +121,8 @@ class RunDirectory:
     def __init__(self, out: str | Path):
         self.out = Path(out)
         self.manifest_path = self.out / MANIFEST
+        self.upgraded_from: int | None = None
+        """The older results format the manifest was written in, when `read_manifest` upgraded it."""
 
     def exists(self) -> bool:
         return self.manifest_path.is_file()
@@ -131,6 +135,11 @@ class RunDirectory:
         except json.JSONDecodeError as e:
             raise UserError(f"{self.manifest_path} is corrupt: remove the run directory or pass --overwrite") from e
         version = manifest.get("results_format")
+        if isinstance(version, int) and not isinstance(version, bool) and 0 < version < RESULTS_FORMAT:
+            # an older format: every stage's fingerprint holds the format, so none of its stages is up to
+            # date any more and each re-runs where the pipeline reaches it (`upgraded_from`, logged by run_pipeline)
+            self.upgraded_from = version
+            return {**manifest, "results_format": RESULTS_FORMAT}
         if version != RESULTS_FORMAT:
             raise UserError(f"{self.out} was written by an incompatible version of sae-lens-ctx (results format "
                             f"{version}, this version reads {RESULTS_FORMAT}): use a new --out or pass --overwrite")
@@ -254,6 +263,11 @@ def run_pipeline(config: RunConfig, out: str | Path, *, overwrite: bool = False,
         readers = " and ".join(s.name for s in STAGES.values() if key in s.inputs)
         log.info("the %s changed since the last run in %s: re-running %s and every stage after it",
                  _INPUT_NAMES.get(key, key), rundir.out, readers)
+    if rundir.upgraded_from is not None:
+        stale = [n for n in prints if n in manifest["stages"] and manifest["stages"][n].get("fingerprint") != prints[n]]
+        log.info("%s was written in results format %d (this version writes %d, and a stage's fingerprint holds the "
+                 "format): re-running %s", rundir.out, rundir.upgraded_from, RESULTS_FORMAT,
+                 ", ".join(stale) or "no stage (none had finished)")
     manifest["inputs"] = inputs
     if only is not None and not get_stage(only).reads_what_exists:
         require_upstream(only, manifest, prints)

@@ -93,6 +93,35 @@ def test_foreign_and_incompatible_directories_are_refused(tmp_path, planted_gpt2
         run_pipeline(cfg, old)
 
 
+def test_a_directory_of_an_older_results_format_re_runs_its_stages(tmp_path, planted_gpt2, corpus_file, monkeypatch,
+                                                                   caplog):
+    """A run directory as the code of results format 1 left it (its manifest says format 1 and holds the
+    fingerprints that code computed) is not refused: its manifest is upgraded, every stage re-runs, and one
+    log line says which and why; the next invocation skips them."""
+    from sae_lens_ctx.pipeline import engine
+
+    out = tmp_path / "run"
+    cfg = planted_config(planted_gpt2, corpus_file)
+    assert set(statuses(run_pipeline(cfg, out, until="discover")).values()) == {"ran"}
+    manifest = json.loads((out / MANIFEST).read_text())
+    current = engine.stage_fingerprints(cfg, manifest["inputs"])
+    monkeypatch.setattr(engine, "RESULTS_FORMAT", 1)
+    old = engine.stage_fingerprints(cfg, manifest["inputs"])  # what the format-1 code recorded
+    monkeypatch.undo()
+    assert all(old[n] != current[n] for n in ("load", "discover"))
+    for name, entry in manifest["stages"].items():
+        entry["fingerprint"] = old[name]
+    (out / MANIFEST).write_text(json.dumps({**manifest, "results_format": 1}))
+    with caplog.at_level("INFO", logger="sae_lens_ctx.pipeline.engine"):
+        assert statuses(run_pipeline(cfg, out, until="discover")) == {"load": "ran", "discover": "ran"}
+    said = [r.getMessage() for r in caplog.records if "results format 1" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("re-running load, discover")
+    upgraded = json.loads((out / MANIFEST).read_text())
+    assert upgraded["results_format"] == RESULTS_FORMAT
+    assert {n: e["fingerprint"] for n, e in upgraded["stages"].items()} == {n: current[n] for n in ("load", "discover")}
+    assert set(statuses(run_pipeline(cfg, out, until="discover")).values()) == {"skipped"}
+
+
 def test_a_stage_alone_needs_its_upstream(tmp_path, planted_gpt2, corpus_file):
     from sae_lens_ctx.pipeline.engine import Stage, register_stage
 
