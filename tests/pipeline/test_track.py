@@ -415,12 +415,12 @@ def test_the_wandb_summary_holds_a_few_headline_keys_two_levels_deep_and_the_res
     """The planted run scored by the real score stage (the offline keyword judge of the score tests), then
     logged offline and read back: the summary holds a few `group/metric` keys per scorer, never deeper, with
     the verdict in words; everything of summary.json is a row of the `scores/summary` table."""
-    import test_score  # registers the offline keyword judge made for the score tests
+    from scored_run import KeywordJudge  # registers the offline keyword judge made for the score tests
     from sae_lens_ctx.stages import score
 
     out = tracked_run.copy_run(base_run, tmp_path / "run")
     cfg = RunDirectory(out).read_config()
-    cfg.explain.backend, cfg.explain.cache = test_score.KeywordJudge.backend, False
+    cfg.explain.backend, cfg.explain.cache = KeywordJudge.backend, False
     cfg.score.bootstrap_resamples = 200
     score.run_stage(RunContext(out=out, config=cfg))
     summary = json.loads((out / "summary.json").read_text())

@@ -6,6 +6,10 @@ unit list are saved into the run directory (`report/screenshot-*.png`) as CI art
 differ: CSS `:target` shows one page at a time, with no JavaScript.
 """
 
+from pathlib import Path
+
+import pytest
+
 import tracked_run
 from browser import Dom, chromium
 from sae_lens_ctx.stages.report.html import context_html, unit_anchor
