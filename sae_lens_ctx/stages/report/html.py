@@ -237,9 +237,9 @@ class Report:
     """Builds the pages of one run's report."""
 
     def __init__(self, res: RunTables, renderer: ContextRenderer, plots_dir: Path, plots: dict[str, str],
-                 n_contexts: int, well_explained: float):
+                 n_contexts: int):
         self.res, self.renderer, self.plots_dir, self.plots = res, renderer, plots_dir, plots
-        self.n_contexts, self.well_explained = n_contexts, well_explained
+        self.n_contexts = n_contexts
         self.heads = res.grouped("heads")
         self.explanations = res.grouped("explanations")
         every = res.grouped("scores")
@@ -475,7 +475,7 @@ def run_stage(ctx: RunContext) -> None:
     plots = write_plots(res, plots_dir, lc.well_explained)
     renderer = renderer_for(ctx, res)
     metrics = res.metrics()
-    report = Report(res, renderer, plots_dir, plots, lc.report_contexts, lc.well_explained)
+    report = Report(res, renderer, plots_dir, plots, lc.report_contexts)
     atomic_write(ctx.path(REPORT_FILE), report.render(metrics))
     summary = {
         "report": REPORT_FILE, "tables": {t.table: len(res.rows(t.table)) for t in TABLES if t.table in res.tables},
