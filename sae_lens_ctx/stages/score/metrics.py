@@ -92,9 +92,10 @@ def _defined(value: Any) -> float | None:
 
 
 def bootstrap_ci(statistic: Callable[..., np.ndarray], arrays: Sequence[Sequence], n_resamples: int,
-                 confidence: float, seed: int) -> tuple[float | None, float | None]:
+                 confidence: float, seed: int, paired: bool = True) -> tuple[float | None, float | None]:
     """Percentile bootstrap over items: `scipy.stats.bootstrap` with `paired=True` (the arrays are
-    resampled together), `vectorized=True` and `rng=np.random.default_rng(seed)`.
+    resampled together; `paired=False`: each on its own), `vectorized=True` and
+    `rng=np.random.default_rng(seed)`.
 
     `statistic(*arrays, axis=-1)` is vectorized over resamples (`balanced_accuracy_along`, `auroc_along`,
     `pearson_along`) and NaN where it is undefined (one class left, a constant side). Undefined
@@ -111,7 +112,7 @@ def bootstrap_ci(statistic: Callable[..., np.ndarray], arrays: Sequence[Sequence
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.DegenerateDataWarning)
         res = stats.bootstrap(columns, statistic, n_resamples=n_resamples, confidence_level=confidence,
-                              method="percentile", paired=True, vectorized=True, rng=np.random.default_rng(seed))
+                              method="percentile", paired=paired, vectorized=True, rng=np.random.default_rng(seed))
     low, high = res.confidence_interval
     if np.isfinite(low) and np.isfinite(high):
         return float(low), float(high)
@@ -147,14 +148,6 @@ def _difference_of_means(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.nda
     return np.mean(a, axis=axis) - np.mean(b, axis=axis)
 
 
-def _interval(samples: tuple, statistic: Callable[..., np.ndarray], n_resamples: int, confidence: float,
-              seed: int, paired: bool = False) -> tuple[float, float]:
-    """`scipy.stats.bootstrap`'s percentile interval (every resample defined: means of numbers)."""
-    res = stats.bootstrap(samples, statistic, n_resamples=n_resamples, confidence_level=confidence,
-                          method="percentile", paired=paired, vectorized=True, rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, confidence: float, seed: int,
             paired: bool = False) -> dict[str, Any]:
     """real − control: the difference of means, its bootstrap CI, and a one-sided test that real is
@@ -179,13 +172,13 @@ def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, c
     ci = None
     if paired:
         if r.size > 1:
-            ci = _interval((r - c,), _mean_along, n_resamples, confidence, seed)
+            ci = bootstrap_ci(_mean_along, (r - c,), n_resamples, confidence, seed)
         if np.any(r != c):
             out.update(test="wilcoxon signed-rank, one-sided",
                        pvalue=float(stats.wilcoxon(r, c, alternative="greater").pvalue))
     else:
         if r.size > 1 and c.size > 1:
-            ci = _interval((r, c), _difference_of_means, n_resamples, confidence, seed)
+            ci = bootstrap_ci(_difference_of_means, (r, c), n_resamples, confidence, seed, paired=False)
         out.update(test="mann-whitney U, one-sided",
                    pvalue=float(stats.mannwhitneyu(r, c, alternative="greater").pvalue))
     if ci is not None:

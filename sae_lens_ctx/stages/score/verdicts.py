@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from ...core.config import ScoreConfig
 from ...core.records import CONFOUND_CONTROLS, ExplanationRecord, ScoreRecord
@@ -76,7 +75,7 @@ def _paired_difference(real: Sequence[Judgement], control: Sequence[Judgement], 
 def _unpaired_difference(real: Sequence[Judgement], controls: Sequence[float], cfg: ScoreConfig,
                          seed: int) -> dict[str, Any]:
     """E(real) − mean(control scores): `scipy.stats.bootstrap` resampling the real prompts and the control
-    scores independently (resamples where E is undefined dropped, as in `metrics.bootstrap_ci`)."""
+    scores independently (`metrics.bootstrap_ci`, `paired=False`: resamples where E is undefined dropped)."""
     a = list(_scored(real).values())
     y, ra = np.array([j.label for j in a], bool), np.array([j.answer for j in a], bool)
     c = np.asarray(controls, float)
@@ -89,12 +88,8 @@ def _unpaired_difference(real: Sequence[Judgement], controls: Sequence[float], c
     def diff(i, v, axis=-1):
         return balanced_accuracy_along(y[i], ra[i], cfg.single_class, axis=axis) - np.mean(v, axis=axis)
 
-    res = stats.bootstrap((np.arange(len(a)), c), diff, n_resamples=cfg.bootstrap_resamples, vectorized=True,
-                          confidence_level=cfg.confidence, method="percentile", rng=np.random.default_rng(seed))
-    values = res.bootstrap_distribution[np.isfinite(res.bootstrap_distribution)]
-    if values.size >= cfg.bootstrap_resamples / 2:
-        tail = (1 - cfg.confidence) / 2
-        out["ci_low"], out["ci_high"] = (float(q) for q in stats.quantile(values, [tail, 1 - tail]))
+    out["ci_low"], out["ci_high"] = bootstrap_ci(diff, (np.arange(len(a)), c), cfg.bootstrap_resamples,
+                                                 cfg.confidence, seed, paired=False)
     return out
 
 
