@@ -301,11 +301,10 @@ def test_planted_heads_attend_to_their_trigger(plant, ht):
         assert pattern[t:, t].min() > 0.8
 
 
+@pytest.mark.parametrize("plant", ["llama"], indirect=True)  # rotary only: the Llama-style planted model
 def test_llama_lookup_is_position_independent(plant, ht):
     """RoPE with theta 1e12 and the q.k content on the lowest-frequency pair: the score of head
     A from a fixed query token to the trigger does not depend on the distance."""
-    if plant.arch != "llama":
-        pytest.skip("rotary only")
     (layer, head), trig = next(iter(plant.answer.heads.items()))
     ids = encode(plant, trig.strip() + " the" * 39)
     with torch.no_grad():
