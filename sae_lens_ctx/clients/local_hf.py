@@ -15,7 +15,8 @@ each other collapse throughput (measured on a loaded 2-core machine: about 0.4 t
 against 4 with 1; see the README).
 
 The model is loaded once per process and cached (a second, plain HF copy: the model under study is a
-TransformerBridge whose weights may be folded, so it is not shared). Generation is serialised by a lock.
+TransformerBridge whose weights may be folded, so it is not shared); the second load reads the checkpoint
+the first one converted (`core.embedded.load_gguf`'s cache), seconds rather than the GGUF's minute. Generation is serialised by a lock.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..core.embedded import load_gguf
+from ..core.embedded import load_gguf, load_gguf_tokenizer
 from ..core.llm import LLMError, Message, Response, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ def load_tokenizer(path: Path) -> Any:
         if str(path) in _LOADED:
             return _LOADED[str(path)][1]
         if str(path) not in _TOKENIZERS:
-            from transformers import AutoTokenizer
-
-            _TOKENIZERS[str(path)] = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            _TOKENIZERS[str(path)] = load_gguf_tokenizer(path)
         return _TOKENIZERS[str(path)]
 
 

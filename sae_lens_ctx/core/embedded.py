@@ -7,11 +7,22 @@ with no network and no key.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "SAE_LENS_CTX_CACHE"
+"""Environment variable naming the folder of converted GGUF checkpoints (`gguf_cache_dir`); 'off' turns the
+cache off."""
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub id of the embedded model: the label the Bridge gets, never downloaded."""
@@ -31,9 +42,24 @@ def embedded_gguf_path() -> Path:
 
 def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     """A GGUF file through transformers (dequantised to `dtype`, a torch dtype), with its tokenizer: the one
-    loader of the model under study (`inputs.model`) and of the in-process LLM (`clients.local_hf`)."""
+    loader of the model under study (`inputs.model`) and of the in-process LLM (`clients.local_hf`).
+
+    Reading a GGUF through transformers parses its metadata (the tokenizer's 49,152 tokens and merges) in
+    Python four times over and dequantises every tensor: most of a minute on a busy 2-core CPU. The first load
+    therefore saves what it converted (weights as safetensors, config, tokenizer files) in
+    `gguf_cache_dir()`, keyed by the file's sha256, the dtype and the transformers version; every later load,
+    in this process (the explain stage's LLM) or another, reads that folder instead: the same weights,
+    config and tokenizer, bit for bit. A cache that cannot be written is skipped with a warning."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    cached = converted_gguf_dir(path, dtype)
+    if cached is not None and (cached / "config.json").is_file():
+        try:
+            tok = AutoTokenizer.from_pretrained(cached)
+            hf = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, use_safetensors=True)
+            return hf.eval(), tok
+        except Exception as e:  # a damaged cache entry: convert the GGUF again and replace it
+            log.warning("converted GGUF in %s could not be read (%s): converting %s again", cached, e, path.name)
     check_gguf_header(path)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -41,7 +67,97 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     except Exception as e:  # the gguf reader raises many types on a damaged file
         raise UserError(f"GGUF file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         "it may be truncated or corrupt: download it again") from e
+    if cached is not None:
+        _save_converted(hf, tok, cached)
     return hf.eval(), tok
+
+
+def load_gguf_tokenizer(path: Path) -> Any:
+    """The GGUF's tokenizer alone: from a converted checkpoint of the file (`load_gguf`) when one exists in the
+    cache, else from the GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    for cached in sorted(_cache_entries(path)):
+        if (cached / "tokenizer_config.json").is_file():
+            try:
+                return AutoTokenizer.from_pretrained(cached)
+            except Exception as e:
+                log.warning("tokenizer in %s could not be read (%s): reading %s", cached, e, path.name)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def gguf_cache_dir() -> Path | None:
+    """Folder of converted GGUF checkpoints: `$SAE_LENS_CTX_CACHE`, else `$XDG_CACHE_HOME/sae-lens-ctx/gguf`,
+    else `~/.cache/sae-lens-ctx/gguf`; None when `SAE_LENS_CTX_CACHE=off`. One entry of the embedded model
+    in float32 takes 540 MB."""
+    given = os.environ.get(CACHE_ENV, "").strip()
+    if given.lower() == "off":
+        return None
+    if given:
+        return Path(given).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sae-lens-ctx" / "gguf"
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's content (hex), computed once per process for an unchanged file."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def converted_gguf_dir(path: Path, dtype: Any) -> Path | None:
+    """The cache folder of `path` converted to `dtype` (None when the cache is off)."""
+    import transformers
+
+    root = gguf_cache_dir()
+    if root is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return root / f"{file_sha256(path)[:32]}-{name}-transformers{transformers.__version__}"
+
+
+def _cache_entries(path: Path) -> list[Path]:
+    root = gguf_cache_dir()
+    if root is None or not root.is_dir():
+        return []
+    return list(root.glob(f"{file_sha256(path)[:32]}-*"))
+
+
+def _save_converted(hf: Any, tok: Any, target: Path) -> None:
+    """Write a converted checkpoint to `target` atomically (a folder renamed into place); warn on failure."""
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        # transformers refuses save_pretrained on a model it read from a GGUF: weights, config and tokenizer
+        # are written one by one (safetensors' save_model keeps one copy of tied weights)
+        from safetensors.torch import save_model
+
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        type(hf.config).from_dict(config).save_pretrained(tmp)
+        hf.generation_config.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process wrote the same entry first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("saved the converted %s in %s", target.name.split("-")[0][:12], target)
+    except Exception as e:  # the cache is an optimisation: the load itself has succeeded
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("could not cache the converted GGUF in %s (%s); set %s to a writable folder, or 'off'",
+                    target.parent, e, CACHE_ENV)
 
 
 def check_gguf_header(path: Path) -> None:
