@@ -9,6 +9,9 @@ token), stop strings, and, when `top_logprobs` is asked for, one
 `TokenLogprob` per generated token read from the model's own logits at that position (log-softmax of the
 raw logits, before temperature, as OpenAI reports them), with its `top_logprobs` most likely alternatives.
 
+A prompt's opening blocks are computed once and re-used by later prompts that share them
+(`prefix_cache.PrefixCache`: judge prompts of one explanation, neuron-explainer's few-shot opening).
+
 Generation runs on `GENERATION_THREADS` torch threads (1): a 135M model's per-token matrices are too small
 to gain from more, and on a machine where other processes compete for the cores, threads that wait for
 each other collapse throughput (measured on a loaded 2-core machine: about 0.4 tokens/s with 2 threads
@@ -31,17 +34,21 @@ from typing import Any
 
 from ..core.embedded import load_gguf, load_gguf_tokenizer
 from ..core.llm import LLMError, Message, Response, TokenLogprob
+from .prefix_cache import BLOCK, PrefixCache
 
 log = logging.getLogger(__name__)
 
-ENGINE = "transformers"
-"""The engine named in the LLM cache key of this backend."""
+ENGINE = f"transformers-prefill{BLOCK}"
+"""The engine named in the LLM cache key of this backend: transformers, prompts prefilled in blocks of
+`prefix_cache.BLOCK` tokens (shared prefixes computed once)."""
 
 GENERATION_THREADS = 1
 """torch intra-op threads while generating (restored afterwards)."""
 
 _LOADED: dict[str, tuple[Any, Any, threading.Lock]] = {}
 _LOADED_LOCK = threading.Lock()
+_PREFIXES: dict[str, PrefixCache] = {}
+"""Per loaded model: the key/value blocks of prompt prefixes seen so far (`prefix_cache`)."""
 
 
 def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
@@ -54,6 +61,7 @@ def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
             log.info("loading %s through transformers as the embedded LLM", path.name)
             hf, tok = load_gguf(path, torch.float32)
             _LOADED[key] = (hf, tok, threading.Lock())
+            _PREFIXES[key] = PrefixCache()
         return _LOADED[key]
 
 
@@ -103,7 +111,9 @@ class TransformersClient:
         with lock, torch.inference_mode(), _threads(GENERATION_THREADS), torch.random.fork_rng():
             torch.manual_seed(int(params.get("seed") or 0))
             deadline = time.monotonic() + self.timeout_s
+            cache, _ = _PREFIXES[str(self.path)].prefill(hf, prompt[0].tolist())
             out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
+                              past_key_values=cache,
                               stopping_criteria=[_Deadline(deadline)], stop_strings=stops or None, tokenizer=tok,
                               output_logits=bool(top), return_dict_in_generate=True,
                               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

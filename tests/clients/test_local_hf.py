@@ -16,7 +16,7 @@ import torch
 from sae_lens_ctx.core.config import ExplainConfig
 from sae_lens_ctx.clients.llm import LLM, make_client
 from sae_lens_ctx.core.llm import request_key
-from sae_lens_ctx.clients.local_hf import TransformersClient, load_gguf_lm
+from sae_lens_ctx.clients.local_hf import ENGINE, TransformersClient, load_gguf_lm
 
 # A hang guard, not a timing assertion: many times what the subprocess takes even on a busy 2-core machine
 # (where a bare `sae-lens-ctx --help` once took a minute), so only a hang fails the test.
@@ -28,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 @pytest.fixture(scope="module")
 def client():
     c = make_client(ExplainConfig())
-    assert isinstance(c, TransformersClient) and c.engine == "transformers"
+    assert isinstance(c, TransformersClient) and c.engine == ENGINE
     return c
 
 
@@ -78,7 +78,7 @@ def test_token_count_is_the_models_tokenizer(client):
 
 def test_cache_key_names_the_engine():
     params = {"max_tokens": 1}
-    keys = {request_key("embedded", "m", MESSAGES, params, engine) for engine in ("transformers", "llama-cpp")}
+    keys = {request_key("embedded", "m", MESSAGES, params, engine) for engine in (ENGINE, "llama-cpp")}
     assert len(keys) == 2
     assert request_key("openai", "m", MESSAGES, params) == request_key("openai", "m", MESSAGES, params, None)
 
@@ -91,7 +91,7 @@ def test_llm_layer_caches_the_embedded_backend_under_its_engine(tmp_path, client
     first = llm.call(MESSAGES, max_tokens=3)
     again = llm.call(MESSAGES, max_tokens=3)
     assert first.ok and again.cached and again.text == first.text
-    key = request_key("embedded", client.model, MESSAGES, {"max_tokens": 3}, "transformers")
+    key = request_key("embedded", client.model, MESSAGES, {"max_tokens": 3}, ENGINE)
     assert llm.cache.get(key) is not None
     assert llm.cache.get(request_key("embedded", client.model, MESSAGES, {"max_tokens": 3})) is None
 

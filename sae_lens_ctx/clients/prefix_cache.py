@@ -1,0 +1,78 @@
+"""Shared prompt prefixes computed once, for the in-process transformers LLM (`local_hf`).
+
+Judge prompts come in runs that differ only in their last lines (the system prompt, the template and one
+explanation, then one held-out example), and neuron-explainer's unit prompts share a long few-shot opening.
+llama.cpp keeps the key/value cache of the previous prompt for this; transformers' `generate` recomputes
+every prompt from its first token.
+
+`PrefixCache.prefill(hf, ids)` runs a prompt's first `n = BLOCK·⌊(len − 1) / BLOCK⌋` tokens through the
+model in blocks of `BLOCK` tokens, each block attending to the key/value cache of the blocks before it, and
+keeps each block's keys and values under the token ids up to its end. A later prompt that starts with the
+same blocks takes them from the store instead of computing them; `generate` then runs the rest of the
+prompt on that cache (transformers' documented prefix re-use: `past_key_values=` a cache of the prompt's
+first tokens).
+
+Where a prompt is split depends on its own length alone, and a stored block holds exactly what computing
+it again would give (the same tokens, shapes and operations on the same cache), so an answer is a function
+of its request, whatever was asked before: a resumed run answers as an uninterrupted one. It is not
+bit-equal to one unsplit forward over the prompt (float sums in another order: log-probabilities agree
+to about 1e-6), so it is part of the engine's identity in the LLM cache key (`local_hf.ENGINE`).
+
+The store holds at most `max_tokens` tokens of keys and values (46 KB a token for SmolLM2-135M in float32),
+least recently used blocks dropped first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+BLOCK = 32
+"""Tokens per prefill block: a shared prefix is re-used to the last whole block inside it."""
+
+
+class PrefixCache:
+    """Key/value blocks of prompt prefixes, keyed by the token ids up to each block's end (see the module)."""
+
+    def __init__(self, block: int = BLOCK, max_tokens: int = 4096):
+        self.block, self.max_tokens = block, max_tokens
+        self._blocks: OrderedDict[tuple[int, ...], list[tuple[Any, Any]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.reused = self.computed = 0
+        """Blocks taken from the store / computed (for tests and the benchmark)."""
+
+    def prefill(self, hf: Any, ids: Sequence[int]) -> tuple[Any, int]:
+        """(cache, n): a `DynamicCache` of the prompt's first n tokens (n a multiple of `block`, n < len(ids);
+        None and 0 for a prompt of at most one block). Call under `torch.inference_mode()`."""
+        import torch
+        from transformers import DynamicCache
+
+        n = (len(ids) - 1) // self.block * self.block
+        if n == 0:
+            return None, 0
+        ids = [int(i) for i in ids]
+        cache = DynamicCache(config=hf.config)
+        with self._lock:
+            for end in range(self.block, n + 1, self.block):
+                key = tuple(ids[:end])
+                kv = self._blocks.get(key)
+                if kv is None:
+                    hf(input_ids=torch.tensor([ids[end - self.block:end]]), past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+                    kv = [(layer.keys[:, :, -self.block:].clone(), layer.values[:, :, -self.block:].clone())
+                          for layer in cache.layers]
+                    self._blocks[key] = kv
+                    self.computed += 1
+                    self._evict()
+                else:
+                    self._blocks.move_to_end(key)
+                    for i, (k, v) in enumerate(kv):
+                        cache.update(k, v, i)
+                    self.reused += 1
+        return cache, n
+
+    def _evict(self) -> None:
+        while len(self._blocks) * self.block > self.max_tokens:
+            self._blocks.popitem(last=False)
