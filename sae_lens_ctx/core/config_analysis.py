@@ -277,6 +277,11 @@ class AttributeConfig:
     """Source positions kept per (unit, head, prompt) in `lookups.jsonl`, largest |contribution| first
     (position 0, the attention sink, is recorded on its own as well)."""
 
+    occlusion: bool = True
+    """Occlude each context token of every train 'top' prompt in turn (replaced by the pad token, batched)
+    and record the unit's activation at the last token in `occlusions.jsonl`, which the unit look-up
+    explainer reads (`core/unit_lookups.py`, after Neuron-to-Graph). False writes an empty file."""
+
     def validate(self) -> None:
         check_positive("attribute.n_prompts", self.n_prompts)
         check_positive("attribute.lookup_top_k", self.lookup_top_k)

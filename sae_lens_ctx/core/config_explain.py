@@ -132,6 +132,10 @@ class ExplainConfig:
     lookup_merge: bool = True
     """Look-up explainer: treat tokens that differ only in case and leading space (' France', 'france') as one."""
 
+    unit_lookup_min_drop: float = 0.25
+    """Unit look-up explainer (no LLM, always run): a context token matters on a top prompt when occluding
+    it (`occlusions.jsonl`) drops the unit's activation by at least this share of the prompt's activation."""
+
     def validate(self) -> None:
         check_backend_name(self.backend)
         if self.backend == "openai-compatible" and not self.base_url:
@@ -147,6 +151,7 @@ class ExplainConfig:
         for name in ("max_concurrency", "timeout_s", "max_tokens", "context_window", "n_active", "unit_n_top"):
             check_positive(f"explain.{name}", getattr(self, name))
         check_fraction("explain.lookup_min_share", self.lookup_min_share)
+        check_fraction("explain.unit_lookup_min_drop", self.unit_lookup_min_drop)
         check_positive("explain.lookup_max_tokens", self.lookup_max_tokens)
         check_positive("explain.lookup_min_support", self.lookup_min_support)
         for name in ("max_retries", "n_inactive", "unit_n_random", "backoff_s", "max_heads_per_unit"):

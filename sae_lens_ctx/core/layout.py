@@ -14,6 +14,7 @@ from pathlib import Path
 from .config import RunConfig
 from .errors import UserError, did_you_mean
 from .lookups import LookupRecord
+from .unit_lookups import OcclusionRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
 
@@ -104,6 +105,8 @@ FILES: tuple[RunFile, ...] = (
     RunFile("attribute.json", "attribute", summary=True),
     RunFile("lookups.jsonl", "attribute", LookupRecord, "lookups",
             ("unit_id", "head", "split", "rank", "active", "attribution", "sources")),
+    RunFile("occlusions.jsonl", "attribute", OcclusionRecord, None,
+            ("unit_id", "split", "rank", "last_token", "activation", "tokens", "status")),
     RunFile("explanations.jsonl", "explain", ExplanationRecord, "explanations", ("unit_id", "head", "explainer", "text")),
     RunFile("explain.json", "explain", summary=True),
     RunFile("scores.jsonl", "score", ScoreRecord, "scores", ("unit_id", "head", "scorer", "value", "ci_low", "ci_high", "n")),

@@ -35,9 +35,10 @@ from ...core.errors import UserError
 from ...core.records import ContextRecord, HeadRecord, UnitRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
 from ...core.rules import parse_rule
 from ...inputs.context import RunContext
-from ...inputs.view import ModelView
+from ...inputs.view import ModelView, pad_id
 
 from .ablation import ablation_drops, masked_mean, mean_head_outputs
+from .occlusion import occluded_activations, occlusion_records
 from .direct import (UnitRead, attribute_prompts, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
                      lookup_records, pad_prompts, source_contributions, unit_read)
 
@@ -146,6 +147,8 @@ def run_stage(ctx: RunContext) -> None:
     matrices: dict[str, torch.Tensor] = {}
     per_unit, skipped = [], []
     lookups: list | None = [] if cfg.lookups else None
+    occlusions: list = []
+    replacement = pad_id(view.tokenizer)
     for unit in tqdm(units, desc="attribute", unit="unit", disable=None):
         train = prompts.get((unit.unit_id, "train"), [])[: cfg.n_prompts]
         test = prompts.get((unit.unit_id, "test"), [])
@@ -161,11 +164,17 @@ def run_stage(ctx: RunContext) -> None:
             view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
             [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
         summary["control"] = unit.control
+        if cfg.occlusion:
+            run = [bos + c.tokens for c in train]
+            occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, [c.rank for c in train], len(bos),
+                                            occluded_activations(view, read, run, len(bos), cfg.batch_size),
+                                            replacement)
         records += recs
         matrices.update(mats)
         per_unit.append(summary)
     write_jsonl(ctx.path("heads.jsonl"), records)
     write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
+    write_jsonl(ctx.path("occlusions.jsonl"), occlusions)
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")
