@@ -48,7 +48,14 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     relevant = {(h["unit_id"], h["head"]) for h in rows("heads.jsonl") if h["relevant"]}
     assert relevant and {(r["unit_id"], r["head"]) for r in rows("lookups.jsonl")} == relevant
     lookup = {(e["unit_id"], e["head"]): e for e in rows("explanations.jsonl") if e["explainer"] == "lookup"}
-    assert set(lookup) == relevant
+    assert {k for k in lookup if k[1] is not None} == relevant
+    # every unit: its occlusion records and its unit look-up explanation (head None), scored where ok
+    assert {r["unit_id"] for r in rows("occlusions.jsonl")} == {u["unit_id"] for u in units}
+    assert {k[0] for k in lookup if k[1] is None} == {u["unit_id"] for u in units}
+    unit_scored = {s["unit_id"] for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "unit_E"}
+    assert unit_scored == {k[0] for k, e in lookup.items() if k[1] is None and e["status"] == "ok"}
+    assert "unit_E" in summary["explainers"]["lookup"]
+    lookup = {k: e for k, e in lookup.items() if k[1] is not None}
     scored = {(s["unit_id"], s["head"]) for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "E"}
     assert scored == {k for k, e in lookup.items() if e["status"] == "ok"}
     assert "lookup" in summary["explainers"]

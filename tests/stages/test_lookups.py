@@ -290,3 +290,66 @@ def test_the_report_shades_each_planted_prompt_by_look_up(planted, planted_run):
     full = re.findall(rf'rgba\({LOOKUP_SHADE},1\.00\)[^>]*>([^<]*)</span>', section)
     assert sorted(set(full)) == sorted(planted.answer.heads.values())
     assert not re.findall(rf'rgba\({LOOKUP_SHADE},0\.(?:[1-9]\d|0[1-9])\)', section)  # nothing else shaded
+
+
+# -- unit look-ups: occlusion (attribute), the unit pattern (explain) and its judge (score) -------------
+
+
+def test_occluded_activations_equal_plain_transformers_with_the_token_replaced(planted):
+    """Each occluded row is the planted neuron's HF activation at the last token with that one context token
+    replaced by the pad token; occluding the trigger switches the neuron off, occluding a filler does not."""
+    from planted import encode, hf_neuron_activations
+    from sae_lens_ctx.stages.attribute.occlusion import occluded_activations, occlusion_records
+
+    view = load_model(ModelConfig(model_name=str(planted.directory)))
+    unit = discover_units(view, DiscoverConfig(unit_ids=["L2N37"], controls=False))[0][0]
+    read = unit_read(view, unit, AttributeConfig(), {})
+    prompts = [encode(planted, t)[0].tolist() for t in ("the france river of old", "louvre city", "small", "france")]
+    measured = occluded_activations(view, read, prompts, offset=1, batch_size=2)
+    pad = planted.tokenizer.pad_token_id
+    for prompt, (clean, occluded) in zip(prompts, measured):
+        variants = [prompt] + [prompt[:s] + [pad] + prompt[s + 1:] for s in range(1, len(prompt) - 1)]
+        want = hf_neuron_activations(planted, torch.tensor(variants))[:, -1]
+        torch.testing.assert_close(torch.tensor([clean, *occluded]), want, atol=1e-4, rtol=1e-4)
+    trigger_row = measured[0][1]
+    assert measured[0][0] > 1.0 and trigger_row[1] < 0.01 * measured[0][0]  # " france" occluded: off
+    assert min(abs(d) for d in (measured[0][0] - trigger_row[0], measured[0][0] - trigger_row[3])) < 0.2
+    records = occlusion_records(planted.tokenizer, "L2N37", prompts, [0, 1, 2, 3], 1, measured, pad)
+    # " small" alone: no trigger, no activation; " france" alone: active, nothing before it to occlude
+    assert [r.status for r in records] == ["ok", "ok", "inactive", "one_token"] and records[3].tokens == []
+    assert [t["token"] for t in records[0].tokens] == [" the", " france", " river", " of"]
+    assert records[0].last_token == " old" and records[1].tokens[0]["drop"] == pytest.approx(records[1].activation, rel=0.01)
+
+
+def test_planted_unit_lookup_names_both_triggers_and_scores_high(planted, planted_run):
+    """On each planted model the planted neuron's unit look-up pattern (occlusion of its trimmed train prompts)
+    is its two triggers, any last token (the neuron fires on whatever follows a trigger), nothing else; judged
+    on its held-out top vs matched low prompts its E and AUROC are >= 0.9 (1.0 on both models when this was
+    written), with the shuffled-pattern control <= 0.6."""
+    import json
+
+    from sae_lens_ctx.core.records import iter_jsonl
+
+    out = planted_run
+    a = planted.answer
+    unit = f"L{a.neuron_layer}N{a.neuron_index}"
+    triggers = sorted(a.heads.values())
+    occlusions = [r for r in iter_jsonl(out / "occlusions.jsonl") if r["unit_id"] == unit]
+    assert occlusions and all(r["status"] == "ok" and r["split"] == "train" for r in occlusions)
+    for r in occlusions:  # occluding the prompt's trigger switches the neuron off
+        drops = {t["token"]: t["drop"] for t in r["tokens"]}
+        assert max(drops[t] for t in triggers if t in drops) >= 0.9 * r["activation"]
+    [e] = [e for e in iter_jsonl(out / "explanations.jsonl")
+           if e["unit_id"] == unit and e["explainer"] == "lookup" and e["head"] is None]
+    assert e["status"] == "ok" and e["backend"] == "none" and e["pattern"]["last_tokens"] == []
+    assert sorted(t for c in e["pattern"]["context_tokens"] for t in c["tokens"]) == triggers
+    assert all(f'"{t}"' in e["text"] for t in triggers)
+    scores = {(s["scorer"], s["control_kind"]): s["value"] for s in iter_jsonl(out / "scores.jsonl")
+              if s["unit_id"] == unit and s["explainer"] == "lookup" and s["head"] is None}
+    assert scores[("unit_E", None)] >= 0.9 and scores[("unit_auroc", None)] >= 0.9
+    assert scores[("shuffled_unit_E", "shuffled")] <= 0.6
+    summary = json.loads((out / "summary.json").read_text())
+    block = summary["explainers"]["lookup"]["unit_E"]
+    assert block["real"]["n"] >= 1 and block["shuffled_explanations"]["mean"] <= 0.6
+    [row] = [r for r in summary["head_versus_neuron"] if r["unit_id"] == unit]
+    assert row["lookup_unit_E"] >= 0.9 and row["lookup_unit_auroc"] >= 0.9

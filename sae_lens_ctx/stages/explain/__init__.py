@@ -28,6 +28,7 @@ from ...inputs.context import RunContext
 from ...inputs.tokens import token_strings
 from . import heads as head_mod
 from . import units as unit_mod
+from .lookups import unit_lookup_explanations
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def run_stage(ctx: RunContext) -> None:
         llm.close()
     # no LLM, seconds; none from a run directory without look-ups (attribute.lookups=false)
     lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg) if lookup_rows else []
-    records = ordered(units, head_records + lookup_records, unit_records)
+    unit_lookups = unit_lookup_explanations(ctx, units)  # occlusion (N2G-style), no LLM
+    records = ordered(units, head_records + lookup_records, unit_records + unit_lookups)
     write_jsonl(ctx.path("explanations.jsonl"), records)
     summary = summarize([r for r in records if r.explainer != LOOKUP], llm)
     c = Counter(r.status for r in lookup_records)
@@ -72,6 +74,11 @@ def run_stage(ctx: RunContext) -> None:
                          "reasons": dict(sorted(Counter(r.error.split(":", 1)[0] for r in lookup_records
                                                         if r.error).items())),
                          "source": "lookups.jsonl" if lookup_rows else "none (attribute.lookups is off)"}
+    c = Counter(r.status for r in unit_lookups)
+    summary["lookup"]["units"] = {
+        "total": len(unit_lookups), "ok": c["ok"], "skipped": c["skipped"],
+        "reasons": dict(sorted(Counter(r.error.split(":", 1)[0] for r in unit_lookups if r.error).items())),
+        "source": "occlusions.jsonl" if unit_lookups else "none (attribute.occlusion is off)"}
     atomic_write(ctx.path("explain.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(llm=llm.summary(), seconds=round(time.perf_counter() - start, 1))
     print(summary_text(summary, ctx.this_run))
@@ -137,4 +144,9 @@ def summary_text(s: dict, this_run: dict) -> str:
         lk = s["lookup"]
         lines.append(f"  look-up explanations (no LLM): {lk['ok']}/{lk['total']} relevant pairs"
                      + ("; skipped: " + ", ".join(f"{k} {v}" for k, v in lk["reasons"].items()) if lk["reasons"] else ""))
+        if "units" in lk:
+            lu = lk["units"]
+            lines.append(f"  unit look-up explanations (no LLM, occlusion): {lu['ok']}/{lu['total']} units"
+                         + ("; skipped: " + ", ".join(f"{k} {v}" for k, v in lu["reasons"].items())
+                            if lu["reasons"] else ""))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from ...core.records import CONFOUND_CONTROLS, iter_jsonl
 
 
 
-UNIT_SCORERS = {"unit_E": "E", "unit_auroc": "auroc"}
+UNIT_SCORERS = {"unit_E": "E", "unit_auroc": "auroc", "lookup_unit_E": "lookup_E", "lookup_unit_auroc": "lookup_auroc"}
 """A unit's own scorers and the head scorers they compare with (score.py): the unit's explanation
 predicting the unit, its heads' predicting their own activity, by the same judge and metric."""
 

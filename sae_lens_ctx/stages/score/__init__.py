@@ -40,6 +40,8 @@ from ...core.records import CONFOUND_CONTROLS, ExplanationRecord, ScoreRecord, U
 from ...inputs.context import RunContext
 from ...core.lookups import EXPLAINER as LOOKUP
 from .controls import confound_judgements, control_scores, length_gaps
+from .lookups import SHUFFLED_TASK as SHUFFLED_UNIT
+from .lookups import unit_lookup_judgements
 from .jobs import (INPUTS, Inputs, Job, build_jobs, build_joined_jobs, lookup_judgements, read_inputs,  # noqa: F401
                    shuffled_partner, unit_job, unit_prompts)
 from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_answer, run_judgements,  # noqa: F401
@@ -65,14 +67,15 @@ def compute_scores(judgements: Sequence[Judgement], units: dict[str, UnitRecord]
     groups: dict[tuple, list[Judgement]] = defaultdict(list)
     for j in judgements:
         groups[(j.task, j.unit_id, j.head, j.explainer)].append(j)
-    prefix = {"head": "", "shuffled": "shuffled_", "unit": "unit_", "unit+head": "unit_plus_head_"}
+    prefix = {"head": "", "shuffled": "shuffled_", "unit": "unit_", "unit+head": "unit_plus_head_",
+              SHUFFLED_UNIT: "shuffled_unit_"}
     records: list[ScoreRecord] = []
     for (task, unit_id, head, explainer), js in groups.items():
         control = bool(unit_id in units and units[unit_id].control)
         group = score_group(js, unit_id, head, prefix[task], control, cfg, seed)
         if task == "unit":
             group.append(simulation_score(js, unit_id, control, cfg, seed))
-        kind = "shuffled" if task == "shuffled" else "random_unit" if control else None
+        kind = "shuffled" if task in ("shuffled", SHUFFLED_UNIT) else "random_unit" if control else None
         records += [replace(r, explainer=explainer, control_kind=kind) for r in group]
     if inp is not None:  # the confound controls of the LLM's explanations
         records += control_scores([j for j in judgements if j.explainer != LOOKUP], inp, cfg, seed)
@@ -86,13 +89,21 @@ def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreC
     boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
     mine = [s for s in scores if s.explainer == explainer]
     out: dict[str, Any] = {}
-    for scorer in ("E", "auroc"):
+    for scorer in ("E", "auroc", "unit_E", "unit_auroc"):
         real, ctrl = _values(mine, scorer, False), _values(mine, scorer, True)
         out[scorer] = {"real": aggregate(real, **boot), "random_units": aggregate(ctrl, **boot),
                        "real_minus_random_units": compare(real, ctrl, **boot)}
         paired_real, shuffled = _paired(mine, scorer, f"shuffled_{scorer}", False)
         out[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         out[scorer]["real_minus_shuffled"] = compare(paired_real, shuffled, paired=True, **boot)
+        if scorer.startswith("unit_"):  # the confound controls judge the same held-out prompts of each unit
+            for kind in CONFOUND_CONTROLS:
+                other = {s.unit_id: s.value for s in scores if s.control_kind == kind and s.scorer == scorer
+                         and not s.control}
+                keys = [s.unit_id for s in mine if s.scorer == scorer and not s.control and s.control_kind is None]
+                own = {s.unit_id: s.value for s in mine if s.scorer == scorer and not s.control and s.control_kind is None}
+                out[scorer][f"real_minus_{kind}"] = compare([own[k] for k in keys], [other.get(k) for k in keys],
+                                                            paired=True, **boot)
     out["paper_statistics"] = paper_statistics(_values(mine, "E", False), well_explained)
     out["pairs_scored"] = len([s for s in mine if s.scorer == "E" and s.value is not None])
     return out
@@ -253,7 +264,7 @@ def summary_text(s: dict) -> str:
         lines.append(f"well explained: {w['n_badges']} of {w['n_scores']} E scores (E ≥ {w['threshold']:g} and the "
                      "interval of the difference to every control above 0)")
     for name, block in s.get("explainers", {}).items():
-        for scorer in ("E", "auroc"):
+        for scorer in [k for k in ("E", "auroc", "unit_E", "unit_auroc") if k in block]:
             b = block[scorer]
             lines.append(f"  {name + ' ' + scorer:<21} real {fmt(b['real'])}; shuffled {fmt(b['shuffled_explanations'])}; "
                          f"random units {fmt(b['random_units'])}")
@@ -292,7 +303,7 @@ def run_stage(ctx: RunContext) -> None:
         judgements += run_judgements(llm, build_joined_jobs(inp, judgements, cfg), cfg)
     finally:
         llm.close()
-    looked_up = lookup_judgements(inp, cfg, ctx.config.seed)
+    looked_up = lookup_judgements(inp, cfg, ctx.config.seed) + unit_lookup_judgements(inp, cfg, ctx.config.seed)
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements + looked_up])
     scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed, inp)
     write_jsonl(ctx.path("scores.jsonl"), scores)
@@ -308,6 +319,9 @@ def run_stage(ctx: RunContext) -> None:
         for scorer in ("E", "auroc"):
             v = by_unit[row["unit_id"]][scorer]
             row[f"lookup_{scorer}_mean"] = float(np.mean(v)) if v else None
+        for scorer in ("unit_E", "unit_auroc"):  # the unit's own look-up pattern
+            v = by_unit[row["unit_id"]][scorer]
+            row[f"lookup_{scorer}"] = float(v[0]) if v else None
     summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1))

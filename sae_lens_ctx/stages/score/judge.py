@@ -89,7 +89,8 @@ class Judgement:
 
     task: str
     """'head' (a pair's own explanation), 'shuffled' (another pair's), 'unit' (the unit's own) or
-    'unit+head' (the unit's joined with one head's)."""
+    'unit+head' (the unit's joined with one head's); look-up patterns (`explainer` 'lookup') also
+    'unit_shuffled' (another unit's pattern)."""
     unit_id: str
     head: str | None
     explanation_of: str
