@@ -50,7 +50,8 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     lookup = {(e["unit_id"], e["head"]): e for e in rows("explanations.jsonl") if e["explainer"] == "lookup"}
     assert {k for k in lookup if k[1] is not None} == relevant
     # every unit: its occlusion records and its unit look-up explanation (head None), scored where ok
-    assert {r["unit_id"] for r in rows("occlusions.jsonl")} == {u["unit_id"] for u in units}
+    fired = {c["unit_id"] for c in rows("contexts.jsonl") if c["split"] == "train" and c["kind"] == "top"}
+    assert {r["unit_id"] for r in rows("occlusions.jsonl")} == fired
     assert {k[0] for k in lookup if k[1] is None} == {u["unit_id"] for u in units}
     unit_scored = {s["unit_id"] for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "unit_E"}
     assert unit_scored == {k[0] for k, e in lookup.items() if k[1] is None and e["status"] == "ok"}
