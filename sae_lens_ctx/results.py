@@ -116,10 +116,12 @@ class Explanations(Records[ExplanationRecord]):
 
     file, record_type = "explanations.jsonl", ExplanationRecord
 
-    def text(self, unit_id: str, head: str | None = None) -> str | None:
-        """The explanation text of a unit (`head=None`) or of one of its heads; None if absent or failed."""
+    def text(self, unit_id: str, head: str | None = None, explainer: str | None = None) -> str | None:
+        """The explanation text of a unit (`head=None`) or of one of its heads, by `explainer` ('lookup' for
+        the look-up explainer's; None: the LLM's); None if absent or failed."""
         for e in self.records:
-            if e.unit_id == unit_id and e.head == head and e.status == "ok":
+            if e.unit_id == unit_id and e.head == head and e.status == "ok" and \
+                    (e.explainer == explainer if explainer else e.explainer != "lookup"):
                 return e.text
         return None
 
@@ -212,11 +214,12 @@ def open_run(out: str | Path) -> RunResult:
 
 
 def to_neuronpedia(run: str | Path | RunResult, *, include_heads: bool = False,
-                   include_controls: bool = False) -> list[dict]:
+                   include_controls: bool = False, include_lookups: bool = False) -> list[dict]:
     """Explanations in the shape Neuronpedia exports and SAE-Lens users pass around: one dict per unit
     explanation with `modelId`, `layer` (Neuronpedia's source id, e.g. `8-res-jb`), `index` (a string),
     `description`, `explanationModelName`, `typeName`, plus our `unit_id`, `sae_id`, `scores` (the unit's
-    own scores by scorer) and, with `include_heads`, `head` rows for each relevant (unit, head) pair.
+    own scores by scorer) and, with `include_heads`, `head` rows for each relevant (unit, head) pair. The LLM's
+    explanations only, unless `include_lookups` (then the look-up explainer's too, `typeName` 'lookup').
 
     `modelId`/`layer` come from the SAE's `neuronpedia_id` (`model/source`) when it has one; otherwise
     `modelId` is the run's model name and `layer` the SAE id (or `L{layer}-mlp` for neurons).
@@ -227,13 +230,16 @@ def to_neuronpedia(run: str | Path | RunResult, *, include_heads: bool = False,
     model_name = json.loads(model_json.read_text())["model_name"] if model_json.is_file() else None
     scores: dict[tuple[str, str | None], dict[str, float | None]] = {}
     if (out / "scores.jsonl").is_file():
-        for s in iter_jsonl(out / "scores.jsonl"):
-            scores.setdefault((s["unit_id"], s.get("head")), {})[s["scorer"]] = s.get("value")
+        for s in iter_jsonl(out / "scores.jsonl"):  # each explanation's own scores (no shuffled or confound control)
+            if s.get("control_kind") in (None, "random_unit"):
+                scores.setdefault((s["unit_id"], s.get("head"), s.get("explainer")), {})[s["scorer"]] = s.get("value")
     rows = []
     path = out / "explanations.jsonl"
     for e in (iter_jsonl(path) if path.is_file() else ()):
         unit = units.get(e["unit_id"], {})
         if e.get("status", "ok") != "ok" or (e.get("head") is not None and not include_heads):
+            continue
+        if e.get("explainer") == "lookup" and not include_lookups:
             continue
         if unit.get("control") and not include_controls:
             continue
@@ -246,7 +252,7 @@ def to_neuronpedia(run: str | Path | RunResult, *, include_heads: bool = False,
             "description": e["text"], "explanationModelName": e.get("model"), "typeName": e.get("explainer"),
             "unit_id": e["unit_id"], "head": e.get("head"), "kind": unit.get("kind"), "sae_id": unit.get("sae_id"),
             "sae_release": unit.get("sae_release"), "hook_name": unit.get("hook_name"), "token": unit.get("token"),
-            "scores": scores.get((e["unit_id"], e.get("head")), {}),
+            "scores": scores.get((e["unit_id"], e.get("head"), e.get("explainer")), {}),
         })
     return rows
 
