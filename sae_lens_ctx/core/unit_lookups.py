@@ -270,15 +270,14 @@ def judge(pattern: dict | None, tokens: Sequence[int]) -> tuple[bool, float]:
 
 def explain_units(units: Sequence, occlusions: Sequence[OcclusionRecord],
                   negatives: dict[str, list[list[int]]], cfg) -> list[ExplanationRecord]:
-    """An `ExplanationRecord` (explainer 'lookup', `head` None) per unit of `units` (records or dicts with a
-    `unit_id`), from `occlusions.jsonl` and each unit's negatives (`inactive_windows`); `cfg` the explain
-    section."""
+    """An `ExplanationRecord` (explainer 'lookup', `head` None) per unit of `units` (`UnitRecord`s), from
+    `occlusions.jsonl` and each unit's negatives (`inactive_windows`); `cfg` the explain section."""
     by_unit: dict[str, list[OcclusionRecord]] = defaultdict(list)
     for r in occlusions:
         by_unit[r.unit_id].append(r)
     out = []
     for u in units:
-        unit_id = u["unit_id"] if isinstance(u, dict) else u.unit_id
+        unit_id = u.unit_id
         text, pattern, error = explain_unit(by_unit.get(unit_id, []), negatives.get(unit_id, []),
                                             min_drop=cfg.unit_lookup_min_drop, max_tokens=cfg.lookup_max_tokens,
                                             min_support=cfg.lookup_min_support, merge=cfg.lookup_merge)

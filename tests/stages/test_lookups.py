@@ -136,14 +136,14 @@ def test_planted_lookups_explanations_and_scores(planted, planted_run):
             assert top["token"] == trigger[r["head"]] and top["attention"] > 0.8
             assert top["contribution"] > 0.99 * r["attribution"]
     explanations = {e["head"]: e for e in iter_jsonl(out / "explanations.jsonl")
-                    if e["unit_id"] == unit and e["explainer"] == "lookup"}
+                    if e["unit_id"] == unit and e["explainer"] == "lookup" and e["head"] is not None}
     assert set(explanations) == set(trigger)
     for head, e in explanations.items():
         assert e["status"] == "ok" and e["backend"] == "none"
         assert [t["tokens"] for t in e["pattern"]["tokens"]] == [[trigger[head]]]  # the trigger, nothing else
         assert f'"{trigger[head]}"' in e["text"]
     scores = {(s["head"], s["scorer"]): s for s in iter_jsonl(out / "scores.jsonl")
-              if s["unit_id"] == unit and s["explainer"] == "lookup"}
+              if s["unit_id"] == unit and s["explainer"] == "lookup" and s["head"] is not None}
     for head in trigger:
         assert scores[(head, "E")]["value"] >= 0.9 and scores[(head, "E")]["control_kind"] is None
         assert scores[(head, "auroc")]["value"] >= 0.9

@@ -65,7 +65,7 @@ def run_stage(ctx: RunContext) -> None:
         llm.close()
     # no LLM, seconds; none from a run directory without look-ups (attribute.lookups=false)
     lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg) if lookup_rows else []
-    unit_lookups = unit_lookup_explanations(ctx, units)  # occlusion (N2G-style), no LLM
+    unit_lookups = unit_lookup_explanations(ctx, units, contexts)  # occlusion (N2G-style), no LLM
     records = ordered(units, head_records + lookup_records, unit_records + unit_lookups)
     write_jsonl(ctx.path("explanations.jsonl"), records)
     summary = summarize([r for r in records if r.explainer != LOOKUP], llm)

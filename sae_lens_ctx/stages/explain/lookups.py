@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...core.errors import UserError
-from ...core.records import ContextRecord, ExplanationRecord, read_jsonl
+from ...core.records import ContextRecord, ExplanationRecord, UnitRecord, read_jsonl
 from ...core.unit_lookups import INACTIVE_FRACTION, OcclusionRecord, explain_units, inactive_windows
 from ...inputs.context import RunContext
 
@@ -47,13 +47,14 @@ def train_negatives(contexts: Sequence[ContextRecord], occlusions: Sequence[Occl
     return out
 
 
-def unit_lookup_explanations(ctx: RunContext, units: Sequence) -> list[ExplanationRecord]:
+def unit_lookup_explanations(ctx: RunContext, units: Sequence[UnitRecord],
+                             contexts: Sequence[ContextRecord]) -> list[ExplanationRecord]:
     """An `ExplanationRecord` (explainer 'lookup', `head` None) per unit; none from a run directory without
-    occlusions (`attribute.occlusion=false`, or written before they existed)."""
+    occlusions (`attribute.occlusion=false`, or written before they existed). `contexts`: all of
+    `contexts.jsonl`, in file order."""
     path = ctx.path("occlusions.jsonl")
     occlusions = read_jsonl(path, OcclusionRecord) if path.is_file() else []
     if not occlusions:
         return []
-    contexts = read_jsonl(ctx.path("contexts.jsonl"), ContextRecord)
     negatives = train_negatives(contexts, occlusions, ctx.path("context_acts.safetensors"))
     return explain_units(units, occlusions, negatives, ctx.config.explain)

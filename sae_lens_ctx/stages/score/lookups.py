@@ -21,10 +21,10 @@ def unit_lookup_judgements(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Jud
         return []
     patterns = {}
     for (unit_id, head), e in inp.lookup_explanations.items():
-        if head is None and e["status"] == "ok" and unit_id in inp.units:
+        if head is None and e.status == "ok" and unit_id in inp.units:
             rows = unit_prompts(inp, unit_id, cfg, kinds=("top", "low", "random"))
             if rows:
-                patterns[(unit_id, None)] = (e["pattern"], rows)
+                patterns[(unit_id, None)] = (e.pattern, rows)
             else:
                 inp.not_scored["unit look-up without held-out prompts"] += 1
     partner = shuffled_partner(list(patterns), seed) if cfg.shuffled_control else {}
@@ -32,9 +32,9 @@ def unit_lookup_judgements(inp: Inputs, cfg: ScoreConfig, seed: int) -> list[Jud
     for key, (_, rows) in patterns.items():
         shown = [(key, "unit")] + ([(partner[key], SHUFFLED_TASK)] if key in partner else [])
         for c in rows:
-            label = {"top": True, "low": False}.get(c["kind"])
+            label = {"top": True, "low": False}.get(c.kind)
             for whose, task in shown:
-                answer, graded = unit_judge(patterns[whose][0], c["tokens"])
-                out.append(Judgement(task, key[0], None, whose[0], c["kind"], c["rank"], label, c["activation"],
+                answer, graded = unit_judge(patterns[whose][0], c.tokens)
+                out.append(Judgement(task, key[0], None, whose[0], c.kind, c.rank, label, c.activation,
                                      answer=answer, p_yes=graded, explainer=LOOKUP))
     return out
