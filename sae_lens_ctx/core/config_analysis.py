@@ -282,9 +282,14 @@ class AttributeConfig:
     and record the unit's activation at the last token in `occlusions.jsonl`, which the unit look-up
     explainer reads (`core/unit_lookups.py`, after Neuron-to-Graph). False writes an empty file."""
 
+    occlusion_prompts: int = 8
+    """Train 'top' prompts per unit occluded (the first, most activating ones). A prompt of n tokens costs
+    n forwards of n tokens, so this bounds occlusion's share of the stage's time (the README gives it)."""
+
     def validate(self) -> None:
         check_positive("attribute.n_prompts", self.n_prompts)
         check_positive("attribute.lookup_top_k", self.lookup_top_k)
+        check_positive("attribute.occlusion_prompts", self.occlusion_prompts)
         check_positive("attribute.batch_size", self.batch_size)
         check_fraction("attribute.band_low", self.band_low, closed=True)
         check_fraction("attribute.band_high", self.band_high, closed=True)

@@ -165,8 +165,9 @@ def run_stage(ctx: RunContext) -> None:
             [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
         summary["control"] = unit.control
         if cfg.occlusion:
-            run = [bos + c.tokens for c in train]
-            occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, [c.rank for c in train], len(bos),
+            occluded = train[:cfg.occlusion_prompts]
+            run = [bos + c.tokens for c in occluded]
+            occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, [c.rank for c in occluded], len(bos),
                                             occluded_activations(view, read, run, len(bos), cfg.batch_size),
                                             replacement)
         records += recs
