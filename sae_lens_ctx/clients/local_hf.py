@@ -15,11 +15,15 @@ A prompt's opening blocks are computed once and re-used by later prompts that sh
 Generation runs on `GENERATION_THREADS` torch threads (1): a 135M model's per-token matrices are too small
 to gain from more, and on a machine where other processes compete for the cores, threads that wait for
 each other collapse throughput (measured on a loaded 2-core machine: about 0.4 tokens/s with 2 threads
-against 4 with 1; see the README).
+against 4 with 1; see the README). The cores are used instead by running calls side by side: greedy calls
+(temperature 0: every judge call, the default explainer) are not serialised, so the LLM layer's
+`explain.max_concurrency` workers each compute one call on one core, with no thread waiting for
+another's; a call that samples takes a lock (torch's random generator is process-wide). An answer does not
+depend on what runs beside it (one thread per call computes it the same way).
 
 The model is loaded once per process and cached (a second, plain HF copy: the model under study is a
 TransformerBridge whose weights may be folded, so it is not shared); the second load reads the checkpoint
-the first one converted (`core.embedded.load_gguf`'s cache), seconds rather than the GGUF's minute. Generation is serialised by a lock.
+the first one converted (`core.embedded.load_gguf`'s cache), seconds rather than the GGUF's minute.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,10 @@ ENGINE = f"transformers-prefill{BLOCK}"
 GENERATION_THREADS = 1
 """torch intra-op threads while generating (restored afterwards)."""
 
+# transformers 5 renames generate's and forward's `past_key_values` (to `cache`) with a FutureWarning per call;
+# 4.x, which this package also supports, knows only the old name
+warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+
 _LOADED: dict[str, tuple[Any, Any, threading.Lock]] = {}
 _LOADED_LOCK = threading.Lock()
 _PREFIXES: dict[str, PrefixCache] = {}
@@ -52,7 +61,8 @@ _PREFIXES: dict[str, PrefixCache] = {}
 
 
 def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
-    """(model, tokenizer, lock): the GGUF at `path` through transformers in float32, loaded once per process."""
+    """(model, tokenizer, sampling lock): the GGUF at `path` through transformers in float32, loaded once per
+    process; the lock serialises calls that sample (torch's random generator is shared)."""
     with _LOADED_LOCK:
         key = str(path)
         if key not in _LOADED:
@@ -108,8 +118,11 @@ class TransformersClient:
         stops = [stops] if isinstance(stops, str) else [x for x in stops if x]
         sampling = {"do_sample": False} if temperature <= 0.0 else {"do_sample": True, "temperature": temperature,
                                                                     "top_p": top_p, "top_k": None}
-        with lock, torch.inference_mode(), _threads(GENERATION_THREADS), torch.random.fork_rng():
-            torch.manual_seed(int(params.get("seed") or 0))
+        sampled = lock if sampling["do_sample"] else contextlib.nullcontext()
+        with sampled, torch.inference_mode(), _threads(GENERATION_THREADS), \
+                torch.random.fork_rng(enabled=sampling["do_sample"]):
+            if sampling["do_sample"]:
+                torch.manual_seed(int(params.get("seed") or 0))
             deadline = time.monotonic() + self.timeout_s
             cache, _ = _PREFIXES[str(self.path)].prefill(hf, prompt[0].tolist())
             out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
@@ -151,17 +164,28 @@ def _eos_ids(hf: Any, tok: Any) -> set[int]:
     return ids | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "before": 0}
+
+
 @contextlib.contextmanager
 def _threads(n: int) -> Any:
-    """torch's intra-op thread count set to `n` for the block, restored after."""
+    """torch's intra-op thread count (process-wide) set to `n` while any call is inside the block; the count
+    from before the first entry is restored when the last one leaves."""
     import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    with _THREADS_LOCK:
+        if _THREADS_STATE["users"] == 0:
+            _THREADS_STATE["before"] = torch.get_num_threads()
+            torch.set_num_threads(n)
+        _THREADS_STATE["users"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0:
+                torch.set_num_threads(_THREADS_STATE["before"])
 
 
 def _token_logprob(tok: Any, logits: Any, token: int, top: int) -> TokenLogprob:

@@ -54,23 +54,25 @@ class PrefixCache:
             return None, 0
         ids = [int(i) for i in ids]
         cache = DynamicCache(config=hf.config)
-        with self._lock:
-            for end in range(self.block, n + 1, self.block):
-                key = tuple(ids[:end])
+        for end in range(self.block, n + 1, self.block):
+            key = tuple(ids[:end])
+            with self._lock:
                 kv = self._blocks.get(key)
-                if kv is None:
-                    hf(input_ids=torch.tensor([ids[end - self.block:end]]), past_key_values=cache, use_cache=True,
-                       logits_to_keep=1)
-                    kv = [(layer.keys[:, :, -self.block:].clone(), layer.values[:, :, -self.block:].clone())
-                          for layer in cache.layers]
+                if kv is not None:
+                    self._blocks.move_to_end(key)
+                    self.reused += 1
+            if kv is None:  # computed outside the lock: calls run side by side (two may compute one block alike)
+                hf(input_ids=torch.tensor([ids[end - self.block:end]]), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+                kv = [(layer.keys[:, :, -self.block:].clone(), layer.values[:, :, -self.block:].clone())
+                      for layer in cache.layers]
+                with self._lock:
                     self._blocks[key] = kv
                     self.computed += 1
                     self._evict()
-                else:
-                    self._blocks.move_to_end(key)
-                    for i, (k, v) in enumerate(kv):
-                        cache.update(k, v, i)
-                    self.reused += 1
+            else:
+                for i, (k, v) in enumerate(kv):
+                    cache.update(k, v, i)
         return cache, n
 
     def _evict(self) -> None:
