@@ -7,11 +7,13 @@ with no network and no key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,8 +57,9 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     cached = converted_gguf_dir(path, dtype)
     if cached is not None and (cached / "config.json").is_file():
         try:
-            tok = AutoTokenizer.from_pretrained(cached)
-            hf = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, use_safetensors=True)
+            with _no_progress_bars():  # "Loading weights" of a local checkpoint: instant, a bar is noise
+                tok = AutoTokenizer.from_pretrained(cached)
+                hf = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, use_safetensors=True)
             return hf.eval(), tok
         except Exception as e:  # a damaged cache entry: convert the GGUF again and replace it
             log.warning("converted GGUF in %s could not be read (%s): converting %s again", cached, e, path.name)
@@ -70,6 +73,20 @@ def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:
     if cached is not None:
         _save_converted(hf, tok, cached)
     return hf.eval(), tok
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars off for the block (restored after, when they were on)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_gguf_tokenizer(path: Path) -> Any:
