@@ -18,6 +18,10 @@ trimming) here gets one negative ('low') of exactly its token length:
   (comparable position in its document), then a seeded pseudo-random order; a (context, end) is used
   once per unit.
 
+Candidates are run as prompts lazily, in batched rounds: each round runs the windows the greedy choice
+reaches and has not run yet (most positives take their first candidate, so about one window per positive
+runs instead of `CANDIDATES_PER_POSITIVE`); the choice is the same as running them all first.
+
 A positive for which no candidate qualifies gets no negative; the count is in `mine.json`.
 """
 
@@ -73,21 +77,34 @@ def match_negatives(reader: Reader, positives: Sequence[Prompt], pool: Sequence[
         plans.append([(cid, e, length) for _, _, cid, e in ranked[:CANDIDATES_PER_POSITIVE]])
     windows = sorted({w for plan in plans for w in plan})
     slot = {w: i for i, w in enumerate(windows)}
-    seqs = [list(contexts[cid].context.tokens[e - n + 1:e + 1]) for cid, e, n in windows]
-    acts = suffix_evaluator(reader, seqs, [unit] * len(seqs), bos_ids, token_budget)(
-        [(i, 0) for i in range(len(seqs))]) if seqs else []
-    out, used, missing = [], set(), 0
-    for p, plan in zip(positives, plans):
-        for cid, e, n in plan:
-            a = acts[slot[(cid, e, n)]]
-            if (cid, e) in used or float(a[-1]) > limit:
-                continue
-            used.add((cid, e))
-            c = contexts[cid]
-            out.append(Prompt(unit, p.split, "low", c.context, e, float(a[-1]), c.row, start=e - bos - n + 1, acts=a))
+    evaluate = suffix_evaluator(reader, [list(contexts[cid].context.tokens[e - n + 1:e + 1]) for cid, e, n in windows],
+                                [unit] * len(windows), bos_ids, token_budget)
+    acts: dict = {}  # window → its token activations as a prompt (torch, 1-D)
+    while True:  # the greedy choice below, with windows run lazily: only those it reaches
+        out, used, missing, need = [], set(), 0, []
+        for p, plan in zip(positives, plans):
+            for cid, e, n in plan:
+                w = (cid, e, n)
+                if (cid, e) in used:
+                    continue
+                if w not in acts:
+                    need.append(w)  # undecided until run; later positives go on speculatively
+                    break
+                a = acts[w]
+                if float(a[-1]) > limit:
+                    continue
+                used.add((cid, e))
+                c = contexts[cid]
+                out.append(Prompt(unit, p.split, "low", c.context, e, float(a[-1]), c.row, start=e - bos - n + 1,
+                                  acts=a))
+                break
+            else:
+                missing += 1
+        if not need:
             break
-        else:
-            missing += 1
+        need = sorted(set(need))
+        for w, a in zip(need, evaluate([(slot[w], 0) for w in need])):
+            acts[w] = a
     return out, missing
 
 
