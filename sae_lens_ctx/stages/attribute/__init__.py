@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 # -- the stage -----------------------------------------------------------------------------------
 
 
-def _top_prompts(contexts: list[ContextRecord]) -> dict[tuple[str, str], list[ContextRecord]]:
+def top_prompts(contexts: list[ContextRecord]) -> dict[tuple[str, str], list[ContextRecord]]:
+    """(unit_id, split) → the unit's top prompts of that split, by rank."""
     grouped: dict[tuple[str, str], list[ContextRecord]] = defaultdict(list)
     for c in contexts:
         if c.kind == "top":
@@ -136,7 +137,7 @@ def run_stage(ctx: RunContext) -> None:
             raise UserError(f"{ctx.out} has no {name}: run the discover and mine stages first")
     view = ctx.model
     units = read_jsonl(ctx.path("units.jsonl"), UnitRecord)
-    prompts = _top_prompts(read_jsonl(ctx.path("contexts.jsonl"), ContextRecord))
+    prompts = top_prompts(read_jsonl(ctx.path("contexts.jsonl"), ContextRecord))
     bos = [view.tokenizer.bos_token_id] if ctx.config.corpus.prepend_bos and view.tokenizer.bos_token_id is not None else []
     saes = {s.sae_id: s for s in ctx.sae_sources()}
     mean_z = None

@@ -10,7 +10,7 @@ import torch
 
 from ...inputs.view import ModelView
 
-from .direct import UnitRead, pad_prompts
+from .direct import UnitRead, length_batches, pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,14 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
                    mode: str = "z", mean_z: dict[int, torch.Tensor] | None = None,
                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """`[n_prompts, n_heads]` drops (clean − ablated) of the unit's token probability and of its activation
-    at each prompt's last position, one ablated head per batch row next to a clean row per prompt."""
+    at each prompt's last position, one ablated head per batch row next to a clean row per prompt (rows of
+    similar length batched together, `direct.length_batches`)."""
     unit = read.unit
     rows = [(p, None) for p in range(len(prompts))] + [(p, j) for p in range(len(prompts)) for j in range(len(heads))]
     probs = torch.zeros(len(rows))
     acts = torch.zeros(len(rows))
-    for r0 in range(0, len(rows), batch_size):
-        chunk = rows[r0:r0 + batch_size]
+    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size):
+        chunk = [rows[r] for r in batch]
         tokens, last = pad_prompts([prompts[p] for p, _ in chunk], view)
         idx = torch.arange(len(chunk))
         ablate: dict[int, list[tuple[int, int]]] = defaultdict(list)
@@ -76,13 +77,13 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
         else:
             hooks.append((read.sae.hook_name, save_act))
         logits = view.run_with_hooks(tokens, hooks, return_type="logits")
-        probs[r0:r0 + len(chunk)] = logits[idx, last.to(logits.device)].float().softmax(-1)[:, unit.token_id].cpu()
+        probs[batch] = logits[idx, last.to(logits.device)].float().softmax(-1)[:, unit.token_id].cpu()
         act = got["act"]
         if read.sae is None:
             act = act[:, unit.index]
         else:
             act = read.sae.sae.encode(act.to(read.sae.sae.W_enc))[:, unit.index].float()
-        acts[r0:r0 + len(chunk)] = act.cpu()
+        acts[batch] = act.cpu()
     n = len(prompts)
     clean_p, clean_a = probs[:n], acts[:n]
     prob_drop = (clean_p[:, None] - probs[n:].reshape(n, len(heads))) if heads else torch.zeros(n, 0)

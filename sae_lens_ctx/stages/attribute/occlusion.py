@@ -3,8 +3,8 @@ token replaced, batched over tokens and prompts (N2G's saliency step, Foote et a
 its use are in `core/unit_lookups.py`).
 
 Every variant of every prompt (the prompt itself, then one row per occluded position) is one row; rows of
-similar length share a batch, right-padded (`direct.pad_prompts`: nothing at or before a row's last
-position sees the padding), and the forward stops as soon as the unit's hook has fired.
+similar length share a batch (`direct.length_batches`), right-padded (`direct.pad_prompts`: nothing at or
+before a row's last position sees the padding), and the forward stops as soon as the unit's hook has fired.
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ from ...core.unit_lookups import OcclusionRecord
 from ...inputs.tokens import token_strings
 from ...inputs.view import ModelView, pad_id
 
-from .direct import UnitRead, pad_prompts
-
-TOKENS_PER_BATCH = 64
-"""Rows per batch are `attribute.batch_size × TOKENS_PER_BATCH / longest row` (at least `batch_size`):
-occlusion rows are trimmed prompts, mostly short, so a batch holds more of them than of the stage's
-other forwards at the same memory."""
-
+from .direct import UnitRead, length_batches, pad_prompts
 
 class _Fired(Exception):
     """Raised by the unit's hook to end the forward there (nothing after it is needed)."""
@@ -64,13 +58,9 @@ def occluded_activations(view: ModelView, read: UnitRead, prompts: Sequence[list
     replacement = pad_id(view.tokenizer)
     rows = [(p, None) for p in range(len(prompts))]
     rows += [(p, s) for p, prompt in enumerate(prompts) for s in range(offset, len(prompt) - 1)]
-    rows.sort(key=lambda r: (-len(prompts[r[0]]), r[0], -1 if r[1] is None else r[1]))
     values: dict[tuple[int, int | None], float] = {}
-    i = 0
-    while i < len(rows):
-        width = len(prompts[rows[i][0]])
-        n = max(batch_size, batch_size * TOKENS_PER_BATCH // max(width, 1))
-        chunk = rows[i:i + n]
+    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size):
+        chunk = [rows[r] for r in batch]
         variants = []
         for p, s in chunk:
             tokens = list(prompts[p])
@@ -80,7 +70,6 @@ def occluded_activations(view: ModelView, read: UnitRead, prompts: Sequence[list
         tokens, last = pad_prompts(variants, view)
         for key, value in zip(chunk, _read_activation(view, read, tokens, last).tolist()):
             values[key] = value
-        i += n
     return [(values[(p, None)], [values[(p, s)] for s in range(offset, len(prompt) - 1)])
             for p, prompt in enumerate(prompts)]
 
