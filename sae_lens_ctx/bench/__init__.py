@@ -55,7 +55,7 @@ import torch
 from ..inputs.view import ModelView
 from ..stages.mine.scan import UnitReader, scan
 from .shapes import DEFAULT_SHAPES, SHAPES, neuron_units, shape_model, synthetic_contexts  # noqa: F401
-from .timings import (PeakRss, attribution_units, bench_attribution, bench_discover, bench_memory,  # noqa: F401
+from .timings import (PeakRss, attribution_units, bench_attribute_parts, bench_attribution, bench_discover, bench_memory,  # noqa: F401
                       bench_paper_scan, bench_scan, bench_trim)
 
 
@@ -182,6 +182,26 @@ def run_bench(views: Sequence, *, out: Path | None = None, log=print, **kwargs) 
     return result
 
 
+def _attribute_parts_cli(run_dir: Path, repeats: int, out: Path | None) -> int:
+    from ..core.config import RunConfig
+    from ..core.errors import UserError
+    from ..inputs.model import load_model
+
+    for name in ("config.yaml", "units.jsonl", "contexts.jsonl"):
+        if not (run_dir / name).is_file():
+            raise UserError(f"--attribute-run {run_dir}: no {name} (run `sae-lens-ctx run --out {run_dir} --until mine` first)")
+    view = load_model(RunConfig.from_yaml(run_dir / "config.yaml").model)
+    result = bench_attribute_parts(view, run_dir, repeats=repeats)
+    s = result["seconds"]
+    print(f"attribute stage on {result['n_units']} units of {run_dir} (median of {repeats}): without look-ups "
+          f"{s['without_lookups']}s, with look-ups {s['with_lookups']}s (+{result['lookups_overhead']:.1%}), "
+          f"occlusion {s['occlusion']}s (+{result['occlusion_overhead']:.1%})")
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def bench_cli(argv: list[str]) -> int:
     """`sae-lens-ctx bench [--shape S ...] [--model NAME ...] [--out FILE] [sizes]`."""
     import argparse
@@ -217,7 +237,12 @@ def bench_cli(argv: list[str]) -> int:
     p.add_argument("--discover-layers", type=int, default=1, help="last layers whose neurons discovery scores")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also time the scan under torch.compile (mine.compile)")
+    p.add_argument("--attribute-run", type=Path, metavar="RUN_DIR",
+                   help="instead: time the attribute stage's parts (without and with look-ups, occlusion) on this run "
+                        "directory's units and prompts (after mine), with its model")
     a = p.parse_args(argv)
+    if a.attribute_run is not None:
+        return _attribute_parts_cli(a.attribute_run, a.repeats, a.out)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         from ..core.errors import UserError

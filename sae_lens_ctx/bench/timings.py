@@ -11,6 +11,7 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -281,3 +282,52 @@ def bench_discover(view: ModelView, n_layers: int = 1) -> dict:
             "seconds": round(seconds, 3), "units_per_s": round(write.shape[0] / seconds, 1),
             "peak_rss_bytes": rss.peak, "peak_rss_delta_bytes": rss.peak - rss.before,
             "finite": bool(torch.isfinite(torch.from_numpy(stats.kurtosis)).all())}
+
+
+def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -> dict:
+    """The attribute stage's parts on a real run directory (after `mine`), in one process: for every
+    neuron unit with train prompts, `attribute_unit` without look-ups (attribution, relevance, ablation:
+    the stage before the look-ups issue), the same with look-up attribution and records, and the unit's
+    occlusion. Seconds are each part's sum over units, the median of `repeats` interleaved repeats;
+    `lookups_overhead` = with / without − 1, `occlusion_overhead` = occlusion / without."""
+    from dataclasses import replace
+
+    from ..core.config import RunConfig
+    from ..core.records import ContextRecord, UnitRecord, read_jsonl
+    from ..stages.attribute import attribute_unit, top_prompts, unit_read
+    from ..stages.attribute.occlusion import occluded_activations
+
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    cfg = config.attribute
+    units = [u for u in read_jsonl(run_dir / "units.jsonl", UnitRecord) if u.sae_id is None]
+    prompts = top_prompts(read_jsonl(run_dir / "contexts.jsonl", ContextRecord))
+    bos = [view.tokenizer.bos_token_id] if config.corpus.prepend_bos and view.tokenizer.bos_token_id is not None else []
+    jobs = []
+    for u in units:
+        train = prompts.get((u.unit_id, "train"), [])[:cfg.n_prompts]
+        test = prompts.get((u.unit_id, "test"), [])
+        if train:
+            jobs.append((unit_read(view, u, cfg, {}), [bos + c.tokens for c in train], [bos + c.tokens for c in test],
+                         [c.rank for c in train], [c.rank for c in test]))
+    base = replace(cfg, lookups=False)
+    times: dict[str, list[float]] = {"without_lookups": [], "with_lookups": [], "occlusion": []}
+    for _ in range(repeats):
+        run = {k: 0.0 for k in times}
+        for read, train, test, tr, te in jobs:
+            start = time.perf_counter()
+            attribute_unit(view, read, train, test, tr, te, base)
+            run["without_lookups"] += time.perf_counter() - start
+            start = time.perf_counter()
+            attribute_unit(view, read, train, test, tr, te, cfg, lookups=[], offset=len(bos))
+            run["with_lookups"] += time.perf_counter() - start
+            start = time.perf_counter()
+            occluded_activations(view, read, train[:cfg.occlusion_prompts], len(bos), cfg.batch_size)
+            run["occlusion"] += time.perf_counter() - start
+        for k, v in run.items():
+            times[k].append(v)
+    seconds = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    without = max(seconds["without_lookups"], 1e-9)
+    return {"run_dir": str(run_dir), "n_units": len(jobs), "repeats": repeats, "seconds": seconds,
+            "each_repeat": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            "lookups_overhead": round(seconds["with_lookups"] / without - 1, 3),
+            "occlusion_overhead": round(seconds["occlusion"] / without, 3)}
