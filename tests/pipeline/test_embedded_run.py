@@ -42,6 +42,13 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
         assert set(summary["headline"]["E"][side]) >= {"mean", "ci_low", "ci_high", "n"}
     assert summary["headline"]["E"]["real_minus_random_units"]["verdict"]
     assert "not built yet" not in proc.stdout and "scored" in proc.stdout
+    # matched negatives (scores issue): every unit's held-out positives and negatives differ in mean length by
+    # at most 10 %, and the length-only judge cannot tell the units' classes apart
+    mine = json.loads((out / "mine.json").read_text())
+    for u in mine["per_unit"]:
+        top, low = u["test_lengths"]["top"]["mean"], u["test_lengths"]["low"]["mean"]
+        assert top and low and abs(top - low) <= 0.10 * top, (u["unit_id"], top, low)
+    assert 0.40 <= summary["headline"]["unit_auroc"]["length_control"]["mean"] <= 0.60
     # look-ups: every relevant pair has its look-up records, its look-up explanation, and (where explained)
     # its look-up scores beside the LLM's
     rows = lambda name: [json.loads(line) for line in (out / name).read_text().splitlines()]  # noqa: E731
