@@ -43,7 +43,8 @@ class ExplainConfig:
     rejected key or a model the server does not serve is then one clear error."""
 
     max_concurrency: int = 4
-    """Calls in flight at once (in-process backends serialise them anyway)."""
+    """Calls in flight at once. The in-process `embedded` backend runs greedy calls (temperature 0) side by
+    side, one core each, and serialises sampling ones; `llama-cpp` serialises every call."""
 
     timeout_s: float = 120.0
     """Time bound of one attempt, in seconds (HTTP: the SDK's timeout; in-process: a generation deadline)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -337,6 +337,34 @@ def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     for j, r in enumerate(rows):
         out[j, :len(r)] = torch.tensor(r, dtype=torch.long)
     return out
+
+
+FORWARD_OVERHEAD_TOKENS = 64
+"""What one forward costs beyond its tokens, in tokens: a forward reads every weight once, whatever its
+batch (SmolLM2-135M on 2 CPU cores: about 0.1 s for a 4-token batch, against about 700 tokens/s)."""
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, min_rows: int = 1) -> Iterator[list[int]]:
+    """Row indices in batches of similar length, longest first, for `pad_batch`: the split of the sorted rows
+    that costs the fewest padded tokens plus `FORWARD_OVERHEAD_TOKENS` per batch (dynamic programming), each
+    batch at most `max_tokens` padded tokens or `min_rows` rows, whichever is more. In a causal model a
+    right-padded row's result does not depend on its batch."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    width = [max(lengths[i], 1) for i in order]
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows; cut[j]: where its last batch starts
+    cut = [0] * (n + 1)
+    for i in range(n):
+        for j in range(i + 1, min(n, i + max(min_rows, max_tokens // width[i])) + 1):
+            cost = best[i] + FORWARD_OVERHEAD_TOKENS + (j - i) * width[i]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], n
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    for i, j in reversed(bounds):
+        yield order[i:j]
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -107,3 +107,28 @@ def test_embedded_model_loads_offline_and_matches_transformers(embedded_view):
     # folded weights centre the unembedding: logits move by a per-position constant, probabilities do not
     torch.testing.assert_close(got.log_softmax(-1), expected.log_softmax(-1), atol=2e-4, rtol=1e-4)
     assert_mlp_read_exact(embedded_view, tokens, layer=5)
+
+
+def test_length_batches_cover_every_row_once_within_the_budget_and_beat_one_batch_per_width():
+    import random
+
+    from sae_lens_ctx.inputs.view import FORWARD_OVERHEAD_TOKENS, length_batches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([2, 3, 12, 13, 14, 40, 44]) for _ in range(200)]
+    batches = list(length_batches(lengths, max_tokens=512))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 512
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+    cost = lambda bs: sum(FORWARD_OVERHEAD_TOKENS + len(b) * max(lengths[i] for i in b) for b in bs)  # noqa: E731
+    # the old rule: longest first, as many rows as fit the longest's width
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    greedy, i = [], 0
+    while i < len(order):
+        n = max(1, 512 // lengths[order[i]])
+        greedy.append(order[i:i + n])
+        i += n
+    assert cost(batches) < cost(greedy)
+    assert sorted(len(b) for b in length_batches([5] * 3, max_tokens=1, min_rows=2)) == [1, 2]  # min_rows wins
+    assert list(length_batches([], 64)) == []

@@ -8,9 +8,9 @@ from collections import defaultdict
 
 import torch
 
-from ...inputs.view import ModelView
+from ...inputs.view import ModelView, length_batches
 
-from .direct import UnitRead, length_batches, pad_prompts
+from .direct import TOKENS_PER_BATCH, UnitRead, pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """`[n_prompts, n_heads]` drops (clean − ablated) of the unit's token probability and of its activation
     at each prompt's last position, one ablated head per batch row next to a clean row per prompt (rows of
-    similar length batched together, `direct.length_batches`)."""
+    similar length batched together, `inputs.view.length_batches`)."""
     unit = read.unit
     rows = [(p, None) for p in range(len(prompts))] + [(p, j) for p in range(len(prompts)) for j in range(len(heads))]
     probs = torch.zeros(len(rows))
     acts = torch.zeros(len(rows))
-    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size):
+    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size * TOKENS_PER_BATCH, batch_size):
         chunk = [rows[r] for r in batch]
         tokens, last = pad_prompts([prompts[p] for p, _ in chunk], view)
         idx = torch.arange(len(chunk))

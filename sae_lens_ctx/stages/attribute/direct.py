@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -109,39 +109,9 @@ def pad_prompts(prompts: list[list[int]], view: ModelView) -> tuple[torch.Tensor
 
 
 TOKENS_PER_BATCH = 64
-"""Rows per batch are `attribute.batch_size × TOKENS_PER_BATCH / longest row` (at least `batch_size`): the
-stage's ablation and occlusion rows are trimmed prompts, mostly short, so a batch holds more of them at
-the same memory."""
-
-
-FORWARD_OVERHEAD_TOKENS = 64
-"""What one forward costs beyond its tokens, in tokens: a forward reads every weight once, whatever its
-batch (on 2 CPU cores, SmolLM2-135M: about 0.1 s for a 4-token batch against about 1,300 tokens/s)."""
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    """Row indices in batches of similar length, longest first, chosen to cost the fewest padded tokens plus
-    `FORWARD_OVERHEAD_TOKENS` per batch (an exact split of the sorted rows, by dynamic programming), with at
-    most `batch_size × TOKENS_PER_BATCH` padded tokens (and at least `batch_size` rows) a batch. A row's
-    result does not depend on its batch (right padding, causal attention)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    width = [max(lengths[i], 1) for i in order]
-    budget = batch_size * TOKENS_PER_BATCH
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j rows; cut[j]: where its last batch starts
-    cut = [0] * (n + 1)
-    for i in range(n):
-        rows = max(batch_size, budget // width[i])
-        for j in range(i + 1, min(n, i + rows) + 1):
-            cost = best[i] + FORWARD_OVERHEAD_TOKENS + (j - i) * width[i]
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    bounds, j = [], n
-    while j > 0:
-        bounds.append((cut[j], j))
-        j = cut[j]
-    for i, j in reversed(bounds):
-        yield order[i:j]
+"""Ablation and occlusion batches hold at most `attribute.batch_size × TOKENS_PER_BATCH` padded tokens (and
+at least `batch_size` rows): their rows are trimmed prompts, mostly short, so a batch holds more of them
+than of the stage's other forwards at the same memory."""
 
 
 @torch.inference_mode()

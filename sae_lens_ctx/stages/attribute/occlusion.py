@@ -3,7 +3,7 @@ token replaced, batched over tokens and prompts (N2G's saliency step, Foote et a
 its use are in `core/unit_lookups.py`).
 
 Every variant of every prompt (the prompt itself, then one row per occluded position) is one row; rows of
-similar length share a batch (`direct.length_batches`), right-padded (`direct.pad_prompts`: nothing at or
+similar length share a batch (`inputs.view.length_batches`), right-padded (`direct.pad_prompts`: nothing at or
 before a row's last position sees the padding), and the forward stops as soon as the unit's hook has fired.
 """
 
@@ -15,9 +15,9 @@ import torch
 
 from ...core.unit_lookups import OcclusionRecord
 from ...inputs.tokens import token_strings
-from ...inputs.view import ModelView, pad_id
+from ...inputs.view import ModelView, length_batches, pad_id
 
-from .direct import UnitRead, length_batches, pad_prompts
+from .direct import TOKENS_PER_BATCH, UnitRead, pad_prompts
 
 class _Fired(Exception):
     """Raised by the unit's hook to end the forward there (nothing after it is needed)."""
@@ -59,7 +59,7 @@ def occluded_activations(view: ModelView, read: UnitRead, prompts: Sequence[list
     rows = [(p, None) for p in range(len(prompts))]
     rows += [(p, s) for p, prompt in enumerate(prompts) for s in range(offset, len(prompt) - 1)]
     values: dict[tuple[int, int | None], float] = {}
-    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size):
+    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size * TOKENS_PER_BATCH, batch_size):
         chunk = [rows[r] for r in batch]
         variants = []
         for p, s in chunk:

@@ -13,8 +13,8 @@ activations. The search assumes the activation falls monotonically as the suffix
 does not, the replay still follows the serial search's path, so the result is the serial result, not
 the true shortest suffix.
 
-`suffix_evaluator` runs the candidates (each distinct suffix once, longest first, in token-budgeted
-batches) and `trim_prompts` trims mining's kept prompts (`Prompt`) with it.
+`suffix_evaluator` runs the candidates (each distinct suffix once, in token-budgeted batches of similar
+length) and `trim_prompts` trims mining's kept prompts (`Prompt`) with it.
 
 Differences from the authors' code, on purpose: the comparison is `>=` (the issue's "at least 0.8×"),
 and the recorded trimmed activation is the one at the returned start (the authors recorded the last
@@ -31,7 +31,7 @@ from ...core.progress import tqdm  # a bar on a terminal, progress lines in a lo
 
 from ...core.config import MineConfig
 from ...inputs.corpus import TokenContext
-from ...inputs.view import pad_batch, pad_id
+from ...inputs.view import length_batches, pad_batch, pad_id
 
 Reader = Callable[[torch.Tensor], torch.Tensor]
 """`reader(tokens [B, T])` → every unit's activation `[B, T, U]`; it also has `.view` (the ModelView).
@@ -151,7 +151,8 @@ def suffix_evaluator(reader: Reader, prompts: Sequence[Sequence[int]], cols: Seq
                      bos_ids: Sequence[int], token_budget: int) -> Evaluate:
     """`evaluate([(prompt, start)])` for `trim_batched`: runs `bos_ids + prompts[i][start:]` and returns
     unit `cols[i]`'s activations after BOS. Each distinct sequence runs once (prompts of several units
-    can share a suffix), longest first, in batches of at most `token_budget` padded tokens."""
+    can share a suffix), in batches of similar length of at most `token_budget` padded tokens
+    (`inputs.view.length_batches`)."""
     view = reader.view
     pad = pad_id(view.tokenizer)
 
@@ -159,16 +160,11 @@ def suffix_evaluator(reader: Reader, prompts: Sequence[Sequence[int]], cols: Seq
         slots: dict[tuple[int, ...], int] = {}
         keys = [slots.setdefault((*bos_ids, *prompts[i][s:]), len(slots)) for i, s in requests]
         seqs = list(slots)
-        order = sorted(range(len(seqs)), key=lambda j: -len(seqs[j]))
         acts: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-        b0 = 0
-        while b0 < len(order):
-            n = max(1, min(len(order) - b0, token_budget // len(seqs[order[b0]])))
-            chunk = order[b0:b0 + n]
+        for chunk in length_batches([len(q) for q in seqs], token_budget):
             out = reader(pad_batch([seqs[j] for j in chunk], pad).to(view.device)).cpu()
             for r, j in enumerate(chunk):
                 acts[j] = out[r, :len(seqs[j])]
-            b0 += n
         return [acts[k][len(bos_ids):, cols[i]] for (i, _), k in zip(requests, keys)]
 
     return evaluate
