@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import traceback
@@ -240,6 +241,9 @@ def _configure_logging(debug: bool, verbose: bool) -> None:
     if not (debug or verbose):
         for name in QUIET_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        # W&B's own console lines (its run-history and summary footer) too: its documented switch, which a
+        # user's WANDB_QUIET still overrides; the run is announced by pipeline.wandb_log
+        os.environ.setdefault("WANDB_QUIET", "true")
 
 
 def main(argv: list[str] | None = None) -> int:

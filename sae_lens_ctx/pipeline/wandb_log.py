@@ -197,11 +197,7 @@ def _init(config: RunConfig, root: Path, job_type: str, mode: str, settings: dic
         resume="allow" if lc.wandb_id else None, job_type=job_type, tags=tags(config, job_type),
         group=results_name(config), config=redact(config.to_dict()), dir=str(root), mode=mode,
         settings=wandb.Settings(**{"init_timeout": lc.wandb_init_timeout,
-                                   "table_raise_on_max_row_limit_exceeded": True,
-                                   # W&B's run-history and summary footer only with -v (the CLI leaves the
-                                   # "wandb" logger at INFO then); this module announces the run itself
-                                   "quiet": not logging.getLogger("wandb").isEnabledFor(logging.INFO),
-                                   **(settings or {})}))
+                                   "table_raise_on_max_row_limit_exceeded": True, **(settings or {})}))
 
 
 def start_run(config: RunConfig, root: Path, job_type: str, settings: dict | None = None) -> tuple[Any, dict]:
