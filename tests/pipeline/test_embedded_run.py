@@ -10,8 +10,8 @@ import yaml
 
 from wandb_offline import Offline
 
-# A hang guard, not a timing assertion: about five times the main job's measured duration on a quiet 2-core
-# machine (~11 minutes from a clean clone), so a slow or busy machine still passes and only a hang fails.
+# A hang guard, not a timing assertion: several times the main job's measured duration on a quiet 2-core
+# machine (~9 minutes from a fresh install), so a slow or busy machine still passes and only a hang fails.
 HANG_GUARD_S = 3600
 
 
