@@ -92,15 +92,64 @@ def token_key(token: str, merge: bool) -> str:
 
 
 @dataclass
-class _Candidate:
+class Candidate:
+    """A token (tokens merged by `token_key`) that a look-up explainer may name, with the train prompts it
+    separates: the head explainer's looked-up tokens, the unit explainer's last and context tokens."""
+
     key: str
     ids: set[int] = field(default_factory=set)
     tokens: set[str] = field(default_factory=set)
-    looked_up: set[int] = field(default_factory=set)
-    """Active train prompts (by rank) where the token was looked up."""
-    attention: list[float] = field(default_factory=list)
-    present: set[int] = field(default_factory=set)
-    """Inactive train prompts (by rank) where the token occurs."""
+    positive: set[int] = field(default_factory=set)
+    """Positive prompts it covers (head: active prompts where it was looked up; unit: top prompts where it is
+    the last token, or where occluding it mattered)."""
+    negative: set[int] = field(default_factory=set)
+    """Negative prompts it matches (head: inactive prompts where it occurs; unit: inactive windows where it is
+    the last token, or occurs)."""
+    values: list[float] = field(default_factory=list)
+    """Per covered occurrence: the attention (head) or the relative occlusion drop (unit context tokens)."""
+
+    def weight(self, n_p: int, n_n: int) -> float:
+        """Train TPR − FPR (FPR 0 without negatives), at least 1e-6: the judge's graded score of a match."""
+        return max(len(self.positive) / n_p - (len(self.negative) / n_n if n_n else 0.0), 1e-6)
+
+
+def balanced_accuracy(tp: set, fp: set, n_p: int, n_n: int) -> float:
+    """(TPR + 1 − FPR) / 2 of the covered positives `tp` and matched negatives `fp`; TPR alone without negatives."""
+    tpr = len(tp) / n_p
+    return tpr if not n_n else (tpr + 1 - len(fp) / n_n) / 2
+
+
+def choose_tokens(candidates: dict[str, Candidate], n_p: int, n_n: int, max_tokens: int,
+                  within: tuple[set, set] | None = None) -> tuple[list[Candidate], set, set, float]:
+    """Candidates added greedily while the balanced accuracy of "one of them matches" improves (ties: more
+    positives, fewer negatives, then the key); at most `max_tokens`. `within` (positives, negatives): the rule
+    is that base ∧ (one of them), so matches are intersected with it and it is the starting point.
+    Returns (chosen, covered positives, matched negatives, balanced accuracy)."""
+    chosen: list[Candidate] = []
+    union_p: set[int] = set()
+    union_n: set[int] = set()
+    tp, fp = (set(within[0]), set(within[1])) if within else (set(), set())
+    best = balanced_accuracy(tp, fp, n_p, n_n)
+    while len(chosen) < max_tokens:
+        scored = []
+        for c in candidates.values():
+            if c in chosen:
+                continue
+            p, n = union_p | c.positive, union_n | c.negative
+            if within:
+                p, n = p & within[0], n & within[1]
+            scored.append((balanced_accuracy(p, n, n_p, n_n), len(c.positive), -len(c.negative),
+                           [-ord(ch) for ch in c.key], c.key, p, n))
+        if not scored:
+            break
+        value, *_, key, p, n = max(scored, key=lambda t: t[:4])
+        if value <= best + 1e-12:
+            break
+        best, tp, fp = value, p, n
+        chosen.append(candidates[key])
+        union_p |= candidates[key].positive
+        union_n |= candidates[key].negative
+    return chosen, tp, fp, best
 
 
 def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]], *, min_share: float,
@@ -121,50 +170,29 @@ def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]
     peak = max((s["contribution"] for r in active for s in r.sources if s["position"] >= r.offset), default=0.0)
     if not peak > 0:
         return None, pattern, "no_lookup: on its active prompts the head draws nothing from the context tokens"
-    candidates: dict[str, _Candidate] = {}
+    candidates: dict[str, Candidate] = {}
     for r in active:
         for s in r.sources:
             if s["position"] < r.offset or s["contribution"] < min_share * peak:
                 continue
             key = token_key(s["token"], merge)
-            c = candidates.setdefault(key, _Candidate(key))
+            c = candidates.setdefault(key, Candidate(key))
             c.ids.add(s["token_id"])
             c.tokens.add(s["token"])
-            c.looked_up.add(r.rank)
-            c.attention.append(s["attention"])
+            c.positive.add(r.rank)
+            c.values.append(s["attention"])
     for c in candidates.values():
-        c.present = {r.rank for r in inactive if c.ids & set(tokens_of.get(r.rank, []))}
-    candidates = {k: c for k, c in candidates.items() if len(c.looked_up) >= min_support}
+        c.negative = {r.rank for r in inactive if c.ids & set(tokens_of.get(r.rank, []))}
+    candidates = {k: c for k, c in candidates.items() if len(c.positive) >= min_support}
     n_a, n_i = len(active), len(inactive)
-
-    def balanced(tp: set, fp: set) -> float:
-        tpr = len(tp) / n_a
-        return tpr if not n_i else (tpr + 1 - len(fp) / n_i) / 2
-
-    chosen: list[_Candidate] = []
-    tp: set[int] = set()
-    fp: set[int] = set()
-    best_value = balanced(tp, fp) if n_i else 0.0
-    while len(chosen) < max_tokens:
-        scored = [(balanced(tp | c.looked_up, fp | c.present), len(c.looked_up), -len(c.present), c.key)
-                  for c in candidates.values() if c not in chosen]
-        if not scored:
-            break
-        value, *_, key = max(scored, key=lambda t: (t[0], t[1], t[2], [-ord(ch) for ch in t[3]]))
-        if value <= best_value + 1e-12:
-            break
-        best_value = value
-        chosen.append(candidates[key])
-        tp |= candidates[key].looked_up
-        fp |= candidates[key].present
+    chosen, _, _, best_value = choose_tokens(candidates, n_a, n_i, max_tokens)
     if not chosen:
         return None, pattern, "no_pattern: no looked-up token separates the active train prompts from the inactive ones"
     for c in chosen:
-        weight = len(c.looked_up) / n_a - (len(c.present) / n_i if n_i else 0.0)
         pattern["tokens"].append({
             "key": c.key, "token_ids": sorted(c.ids), "tokens": sorted(c.tokens),
-            "n_active_looked_up": len(c.looked_up), "n_inactive_present": len(c.present),
-            "mean_attention": sum(c.attention) / len(c.attention), "weight": max(weight, 1e-6)})
+            "n_active_looked_up": len(c.positive), "n_inactive_present": len(c.negative),
+            "mean_attention": sum(c.values) / len(c.values), "weight": c.weight(n_a, n_i)})
     pattern["train_balanced_accuracy"] = best_value
     return explanation_text(pattern), pattern, None
 

@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .lookups import EXPLAINER, token_key
+from .lookups import EXPLAINER, Candidate, choose_tokens, token_key
 from .records import ExplanationRecord
 
 INACTIVE_FRACTION = 0.1
@@ -110,60 +110,11 @@ def inactive_windows(lengths: Sequence[int], candidates: Sequence[tuple[Sequence
 # -- the explainer -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Candidate:
-    key: str
-    ids: set[int] = field(default_factory=set)
-    tokens: set[str] = field(default_factory=set)
-    positive: set[int] = field(default_factory=set)
-    """Positives (by index) it covers: where it is the last token, or where it mattered."""
-    negative: set[int] = field(default_factory=set)
-    """Negatives (by index) it matches: where it is the last token, or where it occurs."""
-    drops: list[float] = field(default_factory=list)
-    """Relative drops where it mattered (context tokens)."""
-
-
-def _balanced(tp: set, fp: set, n_p: int, n_n: int) -> float:
-    return (len(tp) / n_p + 1 - len(fp) / n_n) / 2
-
-
-def _greedy(candidates: dict[str, _Candidate], tp0: set, fp0: set, n_p: int, n_n: int, max_tokens: int,
-            restrict: bool) -> tuple[list[_Candidate], set, set, float]:
-    """Add candidates while balanced accuracy improves. `restrict`: the rule is base ∧ (any chosen), so the
-    matched sets are the base's intersected with the chosen candidates' union (else the union alone)."""
-    chosen: list[_Candidate] = []
-    union_p: set[int] = set()
-    union_n: set[int] = set()
-    tp, fp = set(tp0), set(fp0)
-    best = _balanced(tp, fp, n_p, n_n)
-    while len(chosen) < max_tokens:
-        scored = []
-        for c in candidates.values():
-            if c in chosen:
-                continue
-            p, n = union_p | c.positive, union_n | c.negative
-            if restrict:
-                p, n = p & tp0, n & fp0
-            scored.append((_balanced(p, n, n_p, n_n), len(c.positive), -len(c.negative),
-                           [-ord(ch) for ch in c.key], c.key, p, n))
-        if not scored:
-            break
-        value, *_, key, p, n = max(scored, key=lambda t: t[:4])
-        if value <= best + 1e-12:
-            break
-        best, tp, fp = value, p, n
-        chosen.append(candidates[key])
-        union_p |= candidates[key].positive
-        union_n |= candidates[key].negative
-    return chosen, tp, fp, best
-
-
-def _entry(c: _Candidate, n_p: int, n_n: int, context: bool) -> dict:
+def _entry(c: Candidate, n_p: int, n_n: int, context: bool) -> dict:
     out = {"key": c.key, "token_ids": sorted(c.ids), "tokens": sorted(c.tokens), "n_positive": len(c.positive),
-           "n_negative": len(c.negative),
-           "weight": max(len(c.positive) / n_p - len(c.negative) / n_n, 1e-6)}
+           "n_negative": len(c.negative), "weight": c.weight(n_p, n_n)}
     if context:
-        out["mean_drop"] = sum(c.drops) / len(c.drops)
+        out["mean_drop"] = sum(c.values) / len(c.values)
     return out
 
 
@@ -184,21 +135,21 @@ def explain_unit(records: Sequence[OcclusionRecord], negatives: Sequence[Sequenc
     if not negatives:
         return None, pattern, "no_negatives: no train prompt window where the unit is inactive was found"
     n_p, n_n = len(positives), len(negatives)
-    last: dict[str, _Candidate] = {}
-    context: dict[str, _Candidate] = {}
+    last: dict[str, Candidate] = {}
+    context: dict[str, Candidate] = {}
     for i, r in enumerate(positives):
-        c = last.setdefault(token_key(r.last_token, merge), _Candidate(token_key(r.last_token, merge)))
+        c = last.setdefault(token_key(r.last_token, merge), Candidate(token_key(r.last_token, merge)))
         c.ids.add(r.last_token_id)
         c.tokens.add(r.last_token)
         c.positive.add(i)
         for t in r.tokens:
             if r.activation > 0 and t["drop"] >= min_drop * r.activation:
                 key = token_key(t["token"], merge)
-                c = context.setdefault(key, _Candidate(key))
+                c = context.setdefault(key, Candidate(key))
                 c.ids.add(t["token_id"])
                 c.tokens.add(t["token"])
                 c.positive.add(i)
-                c.drops.append(t["drop"] / r.activation)
+                c.values.append(t["drop"] / r.activation)
     for j, tokens in enumerate(negatives):
         present = set(tokens)
         for c in last.values():
@@ -209,12 +160,12 @@ def explain_unit(records: Sequence[OcclusionRecord], negatives: Sequence[Sequenc
                 c.negative.add(j)
     last = {k: c for k, c in last.items() if len(c.positive) >= min_support}
     context = {k: c for k, c in context.items() if len(c.positive) >= min_support}
-    everything_p, everything_n = set(range(n_p)), set(range(n_n))
     # any last token, context tokens greedily
-    ctx_a, tp_a, fp_a, value_a = _greedy(context, everything_p, everything_n, n_p, n_n, max_tokens, False)
+    ctx_a, tp_a, fp_a, value_a = choose_tokens(context, n_p, n_n, max_tokens)
     # last tokens greedily, then context tokens within
-    last_b, tp_l, fp_l, _ = _greedy(last, everything_p, everything_n, n_p, n_n, max_tokens, False)
-    ctx_b, tp_b, fp_b, value_b = _greedy(context, tp_l, fp_l, n_p, n_n, max_tokens, True) if last_b else ([], tp_l, fp_l, 0.0)
+    last_b, tp_l, fp_l, _ = choose_tokens(last, n_p, n_n, max_tokens)
+    ctx_b, tp_b, fp_b, value_b = choose_tokens(context, n_p, n_n, max_tokens, within=(tp_l, fp_l)) if last_b \
+        else ([], tp_l, fp_l, 0.0)
     chosen_last, chosen_ctx, value, tp, fp = ([], ctx_a, value_a, tp_a, fp_a) if value_a >= value_b or not last_b \
         else (last_b, ctx_b, value_b, tp_b, fp_b)
     if not chosen_last and not chosen_ctx:

@@ -97,11 +97,11 @@ def explainer_summary(scores: Sequence[ScoreRecord], explainer: str, cfg: ScoreC
         out[scorer]["shuffled_explanations"] = aggregate([v for v in shuffled if v is not None], **boot)
         out[scorer]["real_minus_shuffled"] = compare(paired_real, shuffled, paired=True, **boot)
         if scorer.startswith("unit_"):  # the confound controls judge the same held-out prompts of each unit
+            keys = [s.unit_id for s in mine if s.scorer == scorer and not s.control and s.control_kind is None]
+            own = {s.unit_id: s.value for s in mine if s.scorer == scorer and not s.control and s.control_kind is None}
             for kind in CONFOUND_CONTROLS:
                 other = {s.unit_id: s.value for s in scores if s.control_kind == kind and s.scorer == scorer
                          and not s.control}
-                keys = [s.unit_id for s in mine if s.scorer == scorer and not s.control and s.control_kind is None]
-                own = {s.unit_id: s.value for s in mine if s.scorer == scorer and not s.control and s.control_kind is None}
                 out[scorer][f"real_minus_{kind}"] = compare([own[k] for k in keys], [other.get(k) for k in keys],
                                                             paired=True, **boot)
     out["paper_statistics"] = paper_statistics(_values(mine, "E", False), well_explained)
