@@ -1,12 +1,8 @@
 """LLM backends behind one small protocol, and the one layer every call goes through.
 
-Protocol (after delphi's ``Client.generate``)::
-
-    client.generate(messages, **params) -> Response(text, logprobs, prompt_tokens, completion_tokens)
-
-`params` are OpenAI chat parameters: ``max_tokens``, ``temperature``, ``top_p``, ``top_logprobs``
-(an int: how many alternatives per generated token; 0 or absent = no logprobs), ``stop``, ``seed``.
-A backend raises `LLMError(reason, transient)` for a failed call.
+The protocol is `core.llm.Client` (after delphi's ``Client.generate``: ``client.generate(messages,
+**params) -> Response``, and optionally ``generate_batch`` for backends that answer many requests in
+one pass); its parameters and errors are described there.
 
 Backends (`register_backend(name, factory)`; a duplicate name is refused):
 
@@ -28,8 +24,8 @@ and parameters: never by a key or a URL), a bound on concurrent calls, a time bo
 (the SDK's timeout; a deadline inside in-process generation), retries of transient failures with
 exponential backoff and jitter (the SDK's own retry for timeouts, 429, 5xx and connection errors;
 ours, same count, for malformed or empty answers), failures recorded with their reason and counted,
-and cost accounting from a price table. A failed call comes back as a failed `CallResult`: it is never
-turned into text.
+cost accounting from a price table, and batches for a backend that takes them (`LLM.map`). A failed
+call comes back as a failed `CallResult`: it is never turned into text.
 
 `NeuronExplainerClient` exposes an `LLM` as the duck-typed ``make_request`` object neuron-explainer's
 explainer calls (ecosystem-notes §3.5 a).
@@ -306,15 +302,7 @@ class LLM:
                     if e.transient and not e.retried:
                         continue
                     break
-                cost = self.cost(response)
-                with self._lock:
-                    self.stats.ok += 1
-                    self.stats.prompt_tokens += response.prompt_tokens
-                    self.stats.completion_tokens += response.completion_tokens
-                    self.stats.cost_usd += cost or 0.0
-                if self.cache is not None:
-                    self.cache.put(key, self.backend, self.model, {"messages": messages, "params": params}, response)
-                return CallResult(True, response, None, phash, cost, attempts=attempts)
+                return self._answered(messages, params, key, response, attempts)
         message = redact(str(error), self._secret)
         with self._lock:
             self.stats.failed += 1
@@ -323,14 +311,70 @@ class LLM:
         return CallResult(False, None, message, phash, None, attempts=attempts)
 
     def map(self, requests: Sequence[tuple[Sequence[Message], dict[str, Any]]]) -> list[CallResult]:
-        """Many calls, at most `max_concurrency` at once; results in request order."""
+        """Many calls, at most `max_concurrency` at once; results in request order. Requests of one set of
+        params that the client can answer together (its `batchable(params)`, e.g. the embedded model's
+        one-token judge calls) go to its `generate_batch` (`_map_batched`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         if not requests:
             return []
+        batchable = getattr(self.client, "batchable", None)
+        if batchable is not None and all(p == requests[0][1] for _, p in requests) and batchable(requests[0][1]):
+            return self._map_batched([m for m, _ in requests], requests[0][1])
         workers = max(1, min(self.max_concurrency, len(requests)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda r: self.call(r[0], **r[1]), requests))
+
+    def _answered(self, messages: list[dict], params: dict[str, Any], key: str, response: Response,
+                  attempts: int) -> CallResult:
+        """A backend's answer counted, cached and returned."""
+        cost = self.cost(response)
+        with self._lock:
+            self.stats.ok += 1
+            self.stats.prompt_tokens += response.prompt_tokens
+            self.stats.completion_tokens += response.completion_tokens
+            self.stats.cost_usd += cost or 0.0
+        if self.cache is not None:
+            self.cache.put(key, self.backend, self.model, {"messages": messages, "params": params}, response)
+        return CallResult(True, response, None, prompt_hash(messages), cost, attempts=attempts)
+
+    def _map_batched(self, requests: Sequence[Sequence[Message]], params: dict[str, Any]) -> list[CallResult]:
+        """`map` through the client's `generate_batch`: cached answers from the cache, each distinct missing
+        request computed once, in one batch on `max_concurrency` workers; a request the batch failed goes
+        through `call` again (its own retries). Counted as `call` counts them, a batched request as one
+        backend call."""
+        params = {k: v for k, v in sorted(params.items()) if v is not None}
+        engine = getattr(self.client, "engine", None)
+        asked = [[dict(m) for m in messages] for messages in requests]
+        keys = [request_key(self.backend, self.model, m, params, engine) for m in asked]
+        results: list[CallResult | None] = [None] * len(asked)
+        missing: dict[str, list[int]] = {}
+        for i, (messages, key) in enumerate(zip(asked, keys)):
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit is not None:
+                with self._lock:
+                    self.stats.cache_hits += 1
+                    self.stats.ok += 1
+                results[i] = CallResult(True, hit, None, prompt_hash(messages), self.cost(hit), cached=True)
+            else:
+                missing.setdefault(key, []).append(i)
+        first = [where[0] for where in missing.values()]
+        with self._lock:
+            self.stats.backend_calls += len(first)
+        answers = self.client.generate_batch([asked[i] for i in first], params, workers=self.max_concurrency) \
+            if first else []
+        for i, answer in zip(first, answers):
+            messages, key = asked[i], keys[i]
+            if isinstance(answer, Response) and answer.text.strip():
+                result = self._answered(messages, params, key, answer, attempts=1)
+            else:
+                reason = answer.reason if isinstance(answer, LLMError) else "empty_completion"
+                with self._lock:
+                    self.stats.attempt_errors[reason] += 1
+                result = self.call(messages, **params)  # one by one, with its own retries
+            for j in missing[key]:
+                results[j] = result
+        return results  # type: ignore[return-value]
 
     def summary(self) -> dict[str, Any]:
         s = self.stats

@@ -10,7 +10,9 @@ token), stop strings, and, when `top_logprobs` is asked for, one
 raw logits, before temperature, as OpenAI reports them), with its `top_logprobs` most likely alternatives.
 
 A prompt's opening blocks are computed once and re-used by later prompts that share them
-(`prefix_cache.PrefixCache`: judge prompts of one explanation, neuron-explainer's few-shot opening).
+(`prefix_cache.PrefixCache`: neuron-explainer's few-shot opening). One-token greedy requests (the judge's)
+also come in lists through `generate_batch`: grouped by shared prefix and computed a group a forward
+(`token_batches`), twice as fast on the embedded run's judge calls, every answer the same.
 
 Generation runs on `GENERATION_THREADS` torch threads (1): a 135M model's per-token matrices are too small
 to gain from more, and on a machine where other processes compete for the cores, threads that wait for
@@ -40,12 +42,14 @@ from typing import Any
 from ..core.embedded import load_gguf, load_gguf_tokenizer
 from ..core.llm import LLMError, Message, Response, TokenLogprob
 from .prefix_cache import BLOCK, PrefixCache
+from .token_batches import MAX_ROWS, group_by_prefix, next_token_logits
 
 log = logging.getLogger(__name__)
 
-ENGINE = f"transformers-prefill{BLOCK}"
+ENGINE = f"transformers-prefill{BLOCK}-batch{MAX_ROWS}"
 """The engine named in the LLM cache key of this backend: transformers, prompts prefilled in blocks of
-`prefix_cache.BLOCK` tokens (shared prefixes computed once)."""
+`prefix_cache.BLOCK` tokens (shared prefixes computed once), single-token requests computed up to
+`token_batches.MAX_ROWS` a forward (`generate_batch`)."""
 
 GENERATION_THREADS = 1
 """torch intra-op threads while generating (restored afterwards)."""
@@ -133,17 +137,69 @@ class TransformersClient:
                               **sampling)
             if time.monotonic() > deadline:
                 raise LLMError("timeout", f"generation passed explain.timeout_s ({self.timeout_s}s)", transient=True)
-        eos = _eos_ids(hf, tok)
         ids = [int(i) for i in out.sequences[0, prompt.shape[1]:]]
-        n = next((k for k, i in enumerate(ids) if i in eos), len(ids))
-        finish = "stop" if n < len(ids) else "length"
-        text = tok.decode(ids[:n], skip_special_tokens=True)
-        cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-        if cut >= 0:  # generation stopped on a stop string: it is not part of the answer
-            text, finish = text[:cut], "stop"
-        lps = [_token_logprob(tok, out.logits[k][0].float(), ids[k], top) for k in range(n)] if top else None
-        return Response(text=text, logprobs=lps, prompt_tokens=int(prompt.shape[1]), completion_tokens=n,
-                        finish_reason=finish)
+        return _response(tok, _eos_ids(hf, tok), ids, [x[0] for x in out.logits] if top else None, top, stops,
+                         int(prompt.shape[1]))
+
+    def batchable(self, params: dict[str, Any]) -> bool:
+        """Whether requests with these `params` can go through `generate_batch`: greedy, one token."""
+        return int(params.get("max_tokens") or 256) == 1 and float(params.get("temperature") or 0.0) <= 0.0
+
+    def generate_batch(self, requests: Sequence[Sequence[Message]], params: dict[str, Any],
+                       workers: int = 1) -> list[Response | LLMError]:
+        """The answers of many `batchable` requests, in order, each a `Response` or the `LLMError` it met:
+        grouped by shared prompt prefix and computed a group a forward (`token_batches`), groups on
+        `workers` threads of one torch thread each. Every answer is what `generate` gives for its request
+        with the same params, its log-probabilities to about 2e-5 (see `token_batches`). The deadline
+        (`timeout_s`) bounds the whole batch: groups not started by then fail as transient timeouts."""
+        import torch
+        from concurrent.futures import ThreadPoolExecutor
+
+        hf, tok, _ = load_gguf_lm(self.path)
+        top = int(params.get("top_logprobs") or 0)
+        stops = params.get("stop") or []
+        stops = [stops] if isinstance(stops, str) else [x for x in stops if x]
+        out: list[Response | LLMError] = [LLMError("not_run")] * len(requests)
+        prompts: dict[int, list[int]] = {}
+        for i, messages in enumerate(requests):
+            ids = tok.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=True)["input_ids"]
+            if len(ids) + 1 > self.context_window:
+                out[i] = LLMError("context_too_long", f"{len(ids)} prompt tokens + max_tokens 1 exceed the context "
+                                  f"window of {self.context_window} (explain.context_window)")
+            else:
+                prompts[i] = [int(t) for t in ids]
+        index = list(prompts)
+        groups = [[index[k] for k in g] for g in group_by_prefix([prompts[i] for i in index])]
+        eos, pad = _eos_ids(hf, tok), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        deadline = time.monotonic() + self.timeout_s
+
+        def run(group: list[int]) -> None:
+            if time.monotonic() > deadline:
+                for i in group:
+                    out[i] = LLMError("timeout", f"batch passed explain.timeout_s ({self.timeout_s}s)", transient=True)
+                return
+            with torch.inference_mode(), _threads(GENERATION_THREADS):
+                logits = next_token_logits(hf, _PREFIXES[str(self.path)], [prompts[i] for i in group], pad)
+            for i, row in zip(group, logits):
+                out[i] = _response(tok, eos, [int(row.argmax())], [row], top, stops, len(prompts[i]))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(groups)))) as pool:
+            list(pool.map(run, groups))
+        return out
+
+
+def _response(tok: Any, eos: set[int], ids: list[int], logits: list[Any] | None, top: int, stops: list[str],
+              prompt_tokens: int) -> Response:
+    """A `Response` from generated token ids (cut at the first end-of-sequence token, then at the first stop
+    string) and, when `top` logprobs are asked, the logits at each generated position."""
+    n = next((k for k, i in enumerate(ids) if i in eos), len(ids))
+    finish = "stop" if n < len(ids) else "length"
+    text = tok.decode(ids[:n], skip_special_tokens=True)
+    cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    if cut >= 0:  # generation stopped on a stop string: it is not part of the answer
+        text, finish = text[:cut], "stop"
+    lps = [_token_logprob(tok, logits[k].float(), ids[k], top) for k in range(n)] if top else None
+    return Response(text=text, logprobs=lps, prompt_tokens=prompt_tokens, completion_tokens=n, finish_reason=finish)
 
 
 class _Deadline:

@@ -8,6 +8,11 @@ Protocol (after delphi's ``Client.generate``)::
 (an int: how many alternatives per generated token; 0 or absent = no logprobs), ``stop``, ``seed``.
 A backend raises `LLMError(reason, transient)` for a failed call.
 
+Optionally, a backend that answers many requests in one pass has ``batchable(params) -> bool`` and
+``generate_batch(requests, params, workers) -> list[Response | LLMError]`` (answers in request order, a
+failure in its request's place); the call layer then hands it whole lists of such requests (the embedded
+model: one-token greedy judge calls, `clients.token_batches`).
+
 The registry (SAE-Lens style: explicit, duplicates refused) names the built-in backends here, so that a
 config can be checked without importing any client; their factories are attached by `sae_lens_ctx.clients`
 when it is imported (the run engine and the apps import it). `register_backend` adds a user's backend.

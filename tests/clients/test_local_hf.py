@@ -1,4 +1,4 @@
-"""The embedded LLM through transformers (sae_lens_ctx/explain/local_hf.py), on the real embedded SmolLM2:
+"""The embedded LLM through transformers (sae_lens_ctx/clients/local_hf.py), on the real embedded SmolLM2:
 every generated token's logprobs recomputed with a plain transformers forward, stop strings, seeded
 sampling, token counting, the cache key's engine, and the OpenAI-compatible server's one-line error
 without the llama-cpp extra (a fault injection: the import of llama_cpp blocked in a subprocess)."""
@@ -15,7 +15,7 @@ import torch
 
 from sae_lens_ctx.core.config import ExplainConfig
 from sae_lens_ctx.clients.llm import LLM, make_client
-from sae_lens_ctx.core.llm import request_key
+from sae_lens_ctx.core.llm import LLMError, Response, request_key
 from sae_lens_ctx.clients.local_hf import ENGINE, TransformersClient, load_gguf_lm
 
 # A hang guard, not a timing assertion: many times what the subprocess takes even on a busy 2-core machine
@@ -104,3 +104,106 @@ def test_serve_without_the_llama_cpp_extra_is_one_line_naming_the_install(tmp_pa
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr.count("\n") == 1 and 'pip install "sae-lens-ctx[llama-cpp]"' in p.stderr, p.stderr
+
+
+def _judge_messages(explanation: str, example: str) -> list[dict[str, str]]:
+    from sae_lens_ctx.core import prompts
+
+    return prompts.judge_messages(explanation, example, " right")
+
+
+@pytest.mark.embedded
+def test_a_batch_of_one_token_requests_answers_as_one_by_one(tmp_path, client):
+    """`generate_batch` (groups by shared prefix, one forward a group) against `generate` per request: the
+    same answers, log-probabilities and top alternatives to 1e-4; a request too long fails in its place."""
+    explanations = ["the word 'right' after 'get it'", "legal rights and the courts", "directions: left or right"]
+    examples = ["We're getting it right", "the right to vote", "turn right at the light", "I hope I got it",
+                "all men are created equal and endowed with rights"]
+    requests = [_judge_messages(e, x) for x in examples for e in explanations]  # explanations interleaved
+    requests.append([{"role": "user", "content": "word " * 5000}])
+    params = {"max_tokens": 1, "temperature": 0.0, "top_logprobs": 5}
+    assert client.batchable(params) and not client.batchable({"max_tokens": 2})
+    batched = client.generate_batch(requests, params, workers=2)
+    assert isinstance(batched[-1], LLMError) and batched[-1].reason == "context_too_long"
+    for messages, got in zip(requests[:-1], batched):
+        want = client.generate(messages, **params)
+        assert got.text == want.text and got.completion_tokens == want.completion_tokens == 1
+        assert got.prompt_tokens == want.prompt_tokens and got.finish_reason == want.finish_reason
+        assert [t for t, _ in got.logprobs[0].top] == [t for t, _ in want.logprobs[0].top]
+        assert np.allclose([v for _, v in got.logprobs[0].top], [v for _, v in want.logprobs[0].top], atol=1e-4)
+
+
+def test_prompts_are_grouped_by_their_shared_prefix():
+    from sae_lens_ctx.clients.token_batches import group_by_prefix
+
+    system = list(range(1000, 1030))
+    a, b = system + list(range(50)), system + list(range(100, 140))
+    prompts = [x + [7000 + k, 7001 + k, 2] for k in range(5) for x in (a, b)]  # two explanations, interleaved
+    groups = group_by_prefix(prompts)
+    assert sorted(sorted(g) for g in groups) == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    small = group_by_prefix(prompts, max_rows=3)
+    assert max(len(g) for g in small) == 3 and sorted(i for g in small for i in g) == list(range(10))
+    assert group_by_prefix([[5], [5], [6, 1]]) in ([[0, 1], [2]], [[0, 1, 2]])  # one-token prompts: no prefix left
+
+
+@pytest.mark.embedded
+def test_llm_layer_batches_caches_and_computes_duplicates_once(tmp_path, client):
+    from sae_lens_ctx.clients.llm import ResponseCache
+
+    llm = LLM(client, max_concurrency=2, cache=ResponseCache(tmp_path / "c.sqlite"))
+    params = {"max_tokens": 1, "temperature": 0.0, "top_logprobs": 3}
+    one = _judge_messages("legal rights", "the right to vote")
+    two = _judge_messages("legal rights", "turn right")
+    assert llm.call(one, **params).ok  # answered one by one, cached
+    results = llm.map([(one, params), (two, params), (two, params)])
+    assert [r.ok for r in results] == [True] * 3 and results[0].cached and not results[1].cached
+    assert results[1] is results[2] and llm.stats.backend_calls == 2 and llm.stats.cache_hits == 1
+    key = request_key("embedded", client.model, two, params, ENGINE)
+    assert llm.cache.get(key).text == results[1].text
+
+
+class _FlakyBatches:
+    """Fault injection at the batch seam (a fake, named as such): a client whose `generate_batch` fails
+    one request with a transient error; one by one it answers."""
+
+    backend, model, engine = "fake-batching", "fake", "fake"
+
+    def __init__(self):
+        self.one_by_one = []
+
+    def batchable(self, params):
+        return True
+
+    def generate_batch(self, requests, params, workers=1):
+        return [LLMError("timeout", "injected", transient=True) if i == 1 else Response(text="Yes")
+                for i, _ in enumerate(requests)]
+
+    def generate(self, messages, **params):
+        self.one_by_one.append(messages[0]["content"])
+        return Response(text="No")
+
+
+def test_a_request_the_batch_failed_is_asked_again_on_its_own():
+    fake = _FlakyBatches()
+    llm = LLM(fake, max_concurrency=2)
+    results = llm.map([([{"role": "user", "content": c}], {"max_tokens": 1}) for c in "abc"])
+    assert [r.text for r in results] == ["Yes", "No", "Yes"] and fake.one_by_one == ["b"]
+    assert llm.stats.attempt_errors == {"timeout": 1} and llm.stats.ok == 3 and llm.stats.failed == 0
+
+
+@pytest.mark.embedded
+def test_a_shared_prefix_is_computed_once_and_answers_as_a_fresh_store():
+    from sae_lens_ctx.clients.prefix_cache import BLOCK, PrefixCache
+
+    hf, tok, _ = load_gguf_lm(make_client(ExplainConfig()).path)
+    shared = [int(i) for i in torch.randint(100, 40000, (BLOCK * 2 + 10,), generator=torch.Generator().manual_seed(0))]
+    a, b = shared + [11, 12, 13], shared + [21, 22]
+    store = PrefixCache()
+    with torch.inference_mode():
+        store.prefill(hf, a)
+        cache, n = store.prefill(hf, b)
+        assert n == 2 * BLOCK and store.computed == 2 and store.reused == 2
+        reused = hf(input_ids=torch.tensor([b[n:]]), past_key_values=cache, use_cache=True).logits[0, -1]
+        fresh_cache, _ = PrefixCache().prefill(hf, b)
+        fresh = hf(input_ids=torch.tensor([b[n:]]), past_key_values=fresh_cache, use_cache=True).logits[0, -1]
+    assert torch.equal(reused, fresh)  # a stored block is bit for bit what computing it again gives

@@ -133,7 +133,7 @@ def run_judgements(llm: LLM, jobs: list[tuple[Judgement, list[dict[str, str]]]],
     if cfg.top_logprobs:
         params["top_logprobs"] = cfg.top_logprobs
     out: list[Judgement] = []
-    batch = max(1, llm.max_concurrency * 4)
+    batch = max(1, llm.max_concurrency * 16)  # whole explanations' prompts in one map: a batching LLM groups them
     with tqdm(total=len(jobs), desc="judge", unit="call", disable=None) as bar:
         for start in range(0, len(jobs), batch):
             chunk = jobs[start:start + batch]
