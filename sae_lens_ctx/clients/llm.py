@@ -42,7 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -372,8 +372,15 @@ class LLM:
                 with self._lock:
                     self.stats.attempt_errors[reason] += 1
                 result = self.call(messages, **params)  # one by one, with its own retries
-            for j in missing[key]:
-                results[j] = result
+            results[missing[key][0]] = result
+            for j in missing[key][1:]:  # the same request again: served the first one's answer, as a cache hit
+                with self._lock:
+                    if result.ok:
+                        self.stats.cache_hits += 1
+                        self.stats.ok += 1
+                    else:
+                        self.stats.failed += 1
+                results[j] = replace(result, cached=True, attempts=0)
         return results  # type: ignore[return-value]
 
     def summary(self) -> dict[str, Any]:
