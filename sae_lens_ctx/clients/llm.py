@@ -251,19 +251,14 @@ class LLM:
     def call(self, messages: Sequence[Message], **params: Any) -> CallResult:
         """One call: from the cache if it was answered before, else from the backend (retried). Identical
         requests made at the same time reach the backend once: the others wait for its cached answer."""
-        params = {k: v for k, v in sorted(params.items()) if v is not None}
-        messages = [dict(m) for m in messages]
+        messages, params, key = self._request(messages, params)
         phash = prompt_hash(messages)
-        key = request_key(self.backend, self.model, messages, params, getattr(self.client, "engine", None))
         if self.cache is None:
             return self._call_backend(messages, params, key, phash)
         while True:
-            hit = self.cache.get(key)
+            hit = self._cached(key, messages)
             if hit is not None:
-                with self._lock:
-                    self.stats.cache_hits += 1
-                    self.stats.ok += 1
-                return CallResult(True, hit, None, phash, self.cost(hit), cached=True)
+                return hit
             with self._lock:
                 first = self._in_flight.get(key)
                 if first is None:
@@ -325,6 +320,23 @@ class LLM:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(lambda r: self.call(r[0], **r[1]), requests))
 
+    def _request(self, messages: Sequence[Message], params: dict[str, Any]) -> tuple[list[dict], dict[str, Any], str]:
+        """(messages, params, cache key) of a request as it is cached: params sorted, None values dropped."""
+        params = {k: v for k, v in sorted(params.items()) if v is not None}
+        messages = [dict(m) for m in messages]
+        return messages, params, request_key(self.backend, self.model, messages, params,
+                                             getattr(self.client, "engine", None))
+
+    def _cached(self, key: str, messages: list[dict]) -> CallResult | None:
+        """The cached answer under `key`, counted as a hit; None when there is none (or no cache)."""
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is None:
+            return None
+        with self._lock:
+            self.stats.cache_hits += 1
+            self.stats.ok += 1
+        return CallResult(True, hit, None, prompt_hash(messages), self.cost(hit), cached=True)
+
     def _answered(self, messages: list[dict], params: dict[str, Any], key: str, response: Response,
                   attempts: int) -> CallResult:
         """A backend's answer counted, cached and returned."""
@@ -343,20 +355,13 @@ class LLM:
         request computed once, in one batch on `max_concurrency` workers; a request the batch failed goes
         through `call` again (its own retries). Counted as `call` counts them, a batched request as one
         backend call."""
-        params = {k: v for k, v in sorted(params.items()) if v is not None}
-        engine = getattr(self.client, "engine", None)
-        asked = [[dict(m) for m in messages] for messages in requests]
-        keys = [request_key(self.backend, self.model, m, params, engine) for m in asked]
-        results: list[CallResult | None] = [None] * len(asked)
+        normalised = [self._request(messages, params) for messages in requests]
+        asked, keys = [m for m, _, _ in normalised], [k for _, _, k in normalised]
+        params = normalised[0][1]
+        results: list[CallResult | None] = [self._cached(k, m) for m, k in zip(asked, keys)]
         missing: dict[str, list[int]] = {}
-        for i, (messages, key) in enumerate(zip(asked, keys)):
-            hit = self.cache.get(key) if self.cache is not None else None
-            if hit is not None:
-                with self._lock:
-                    self.stats.cache_hits += 1
-                    self.stats.ok += 1
-                results[i] = CallResult(True, hit, None, prompt_hash(messages), self.cost(hit), cached=True)
-            else:
+        for i, key in enumerate(keys):
+            if results[i] is None:
                 missing.setdefault(key, []).append(i)
         first = [where[0] for where in missing.values()]
         with self._lock:

@@ -118,8 +118,7 @@ class TransformersClient:
         temperature = float(params.get("temperature") or 0.0)
         top_p = float(params.get("top_p") or 1.0)
         top = int(params.get("top_logprobs") or 0)
-        stops = params.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else [x for x in stops if x]
+        stops = _stops(params)
         sampling = {"do_sample": False} if temperature <= 0.0 else {"do_sample": True, "temperature": temperature,
                                                                     "top_p": top_p, "top_k": None}
         sampled = lock if sampling["do_sample"] else contextlib.nullcontext()
@@ -133,7 +132,7 @@ class TransformersClient:
                               past_key_values=cache,
                               stopping_criteria=[_Deadline(deadline)], stop_strings=stops or None, tokenizer=tok,
                               output_logits=bool(top), return_dict_in_generate=True,
-                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                              pad_token_id=_pad_id(tok),
                               **sampling)
             if time.monotonic() > deadline:
                 raise LLMError("timeout", f"generation passed explain.timeout_s ({self.timeout_s}s)", transient=True)
@@ -157,8 +156,7 @@ class TransformersClient:
 
         hf, tok, _ = load_gguf_lm(self.path)
         top = int(params.get("top_logprobs") or 0)
-        stops = params.get("stop") or []
-        stops = [stops] if isinstance(stops, str) else [x for x in stops if x]
+        stops = _stops(params)
         out: list[Response | LLMError] = [LLMError("not_run")] * len(requests)
         prompts: dict[int, list[int]] = {}
         for i, messages in enumerate(requests):
@@ -170,7 +168,7 @@ class TransformersClient:
                 prompts[i] = [int(t) for t in ids]
         index = list(prompts)
         groups = [[index[k] for k in g] for g in group_by_prefix([prompts[i] for i in index])]
-        eos, pad = _eos_ids(hf, tok), tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        eos, pad = _eos_ids(hf, tok), _pad_id(tok)
         deadline = time.monotonic() + self.timeout_s
 
         def run(group: list[int]) -> None:
@@ -186,6 +184,16 @@ class TransformersClient:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(groups)))) as pool:
             list(pool.map(run, groups))
         return out
+
+
+def _stops(params: dict[str, Any]) -> list[str]:
+    """The request's stop strings as a list (OpenAI's `stop` is one string or a list), empty ones dropped."""
+    stops = params.get("stop") or []
+    return [stops] if isinstance(stops, str) else [x for x in stops if x]
+
+
+def _pad_id(tok: Any) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _response(tok: Any, eos: set[int], ids: list[int], logits: list[Any] | None, top: int, stops: list[str],

@@ -82,7 +82,7 @@ def next_token_logits(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[in
     import torch
     from transformers import DynamicCache
 
-    p = min(_common(rows[0], rows[-1]), *(len(r) - 1 for r in rows)) if len(rows) > 1 else len(rows[0]) - 1
+    p = min(_common(rows[0], rows[-1]), *(len(r) - 1 for r in rows))  # rows in sorted order: see group_by_prefix
     first = [int(i) for i in rows[0][:p]]
     cache, n = prefixes.prefill(hf, first + [pad_id])  # whole blocks of the shared prefix, from the store
     if cache is None:
