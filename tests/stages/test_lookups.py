@@ -156,7 +156,8 @@ def test_planted_lookups_explanations_and_scores(planted, planted_run):
 
 def test_marked_lookups_mark_the_trigger_and_off_is_the_papers_prompt(planted, planted_run):
     """explain.mark_lookups: the planted pair's active examples mark its trigger, the note says what the marks
-    are; off, the prompt is byte for byte the paper's prompt of before look-ups existed."""
+    are; off, the prompt is byte for byte our prompt of before look-ups existed (the paper's structure in
+    our words, core/prompts.py)."""
     import hashlib
 
     from sae_lens_ctx.core.config import ExplainConfig
@@ -183,7 +184,7 @@ def test_marked_lookups_mark_the_trigger_and_off_is_the_papers_prompt(planted, p
         assert not any("[[" in ex for ex in job_on.inactive)
         assert [ex.replace("[[", "").replace("]]", "").strip() for ex in job_on.active] == \
             [ex.strip() for ex in job_off.active]
-    # off: the paper's prompt, unchanged (the digest of this exact text before issue 16)
+    # off: our prompt, unchanged (the digest of this exact text before issue 16)
     m = prompts.head_messages(" paris", ["the city of france", "a new\nfrance"], ["the old river"], "round2")
     assert hashlib.sha256(m[0]["content"].encode()).hexdigest() == \
         "a4169a533872ae78619a81a43e60d70290b5a64bb4433b404338cc67ca233ebe"

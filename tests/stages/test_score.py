@@ -110,6 +110,24 @@ def test_paper_statistics_histogram_skew_and_well_explained():
     assert score.paper_statistics([0.5, 0.6], 0.67)["skewtest_pvalue"] is None
 
 
+def test_paper_statistics_as_the_authors_compute_them():
+    """7_results at f97f993: the red bins are the last three of np.linspace(0, 1, 10), so E = 2/3 is well
+    explained, and the std printed is np.std (ddof=0), written by hand in their loop as var / len."""
+    from sae_lens_ctx.core.rules import PAPER_WELL_EXPLAINED
+
+    values = [0.5, 2 / 3, (1 / 3 + 1) / 2, 0.75, 1.0, 0.25, 0.6]
+    s = score.paper_statistics(values, PAPER_WELL_EXPLAINED)
+    edges = np.linspace(0, 1, 10)
+    red = sum(np.histogram(values, edges)[0][-3:])  # their plt.hist bins, the red three
+    assert red == 4 and s["well_explained_fraction"] == pytest.approx(4 / 7)
+    assert score.paper_statistics(values, 0.6666666667)["well_explained_fraction"] == pytest.approx(4 / 7)
+    mean = sum(values) / len(values)
+    std = (sum((x - mean) ** 2 for x in values) / len(values)) ** 0.5  # their loop, by hand
+    assert s["std"] == pytest.approx(std, abs=1e-15) and s["std"] == pytest.approx(np.std(values), abs=1e-15)
+    assert s["std_ddof1"] == pytest.approx(np.std(values, ddof=1), abs=1e-15)
+    assert score.paper_statistics([0.5], PAPER_WELL_EXPLAINED)["std"] == 0.0
+
+
 def test_shuffled_partners_never_give_a_pair_its_own_explanation():
     pairs = [("U1", "H1"), ("U1", "H2"), ("U2", "H1"), ("U3", "H4"), ("U3", "H5")]
     for seed in range(20):

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from ...core.records import CONFOUND_CONTROLS, atomic_path  # noqa: E402
+from ...core.rules import PAPER_WELL_EXPLAINED, ROUND_OFF  # noqa: E402
 from .tables import RunTables, number, safe_name, scorer_label  # noqa: E402
 
 REAL, CONTROL, MARK = "#1f77b4", "#999999", "#d62728"
@@ -118,14 +119,15 @@ def score_histograms(res: RunTables, well_explained: float) -> Figure | None:
         lo, hi = min(everything + [0.0]), max(everything + [1.0])
         bins = np.linspace(lo, hi, 16)
         marked = is_e_scorer(scorer)
-        if marked and lo < well_explained < hi:  # a bin edge at the threshold, so red bins are exactly the well explained
-            bins = np.unique(np.append(bins[np.abs(bins - well_explained) > (hi - lo) / 60], well_explained))
+        edge = well_explained - ROUND_OFF  # a bin edge at the threshold, so red bins are exactly the well explained
+        if marked and lo < edge < hi:
+            bins = np.unique(np.append(bins[np.abs(bins - edge) > (hi - lo) / 60], edge))
         counts, edges, patches = ax.hist(values[False], bins=bins, color=REAL, alpha=0.8, label="selected")
         if values[True]:
             ax.hist(values[True], bins=bins, histtype="step", color="black", linewidth=1.5, label="control")
         if marked:
             for patch, left in zip(patches, edges[:-1]):
-                if left >= well_explained - 1e-12:
+                if left >= edge:
                     patch.set_facecolor(MARK)
             ax.axvline(well_explained, color=MARK, linestyle="--", linewidth=1)
             ax.set_title(f"{scorer} (red: ≥ {well_explained:g}, well explained)", fontsize=9)
@@ -184,7 +186,7 @@ def heatmap_file(unit_id: str) -> str:
     return f"heatmaps/{safe_name(unit_id)}.png"
 
 
-def write_plots(res: RunTables, folder: Path, well_explained: float = 0.67) -> dict[str, str]:
+def write_plots(res: RunTables, folder: Path, well_explained: float = PAPER_WELL_EXPLAINED) -> dict[str, str]:
     """Draw every plot whose records exist into `folder`; returns name → path relative to `folder`."""
     folder = Path(folder)
     written: dict[str, str] = {}

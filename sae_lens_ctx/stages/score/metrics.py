@@ -15,6 +15,7 @@ from scipy import stats
 
 from ...clients.neuron_explainer import neuron_explainer_imports
 from ...core.config import ScoreConfig
+from ...core.rules import ROUND_OFF
 from ...core.records import ScoreRecord
 from .judge import Judgement
 
@@ -195,16 +196,23 @@ def compare(real: Sequence[float], control: Sequence[float], n_resamples: int, c
 
 def paper_statistics(values: Sequence[float], well_explained: float) -> dict[str, Any]:
     """mean ± std, the histogram in 0.1 bins, the share at or above `well_explained`, the skew and
-    D'Agostino's skewtest with the one-sided alternative 'greater' (paper-method §5.3, §7.1)."""
+    D'Agostino's skewtest with the one-sided alternative 'greater' (paper-method §5.3, §7.1).
+
+    As the authors' `7_results` notebook (f97f993): `std` is `np.std` (ddof=0, the population std they
+    print; `std_ddof1` is the sample std beside it), and the share counts E at or above the threshold up
+    to float round-off (`core.rules.ROUND_OFF`), as their red bins (the last three of
+    `np.linspace(0, 1, 10)`, E >= 6/9) hold E = 2/3."""
     v = np.asarray([x for x in values if x is not None], float)
     # 0.1-wide bins [0, 0.1), ..., [0.9, 1.0]; the tiny offset keeps 0.7 out of the 0.6 bin (float edges)
     counts = np.bincount(np.clip((v * 10 + 1e-9).astype(int), 0, 9), minlength=10)
     edges = np.linspace(0.0, 1.0, 11)
     out: dict[str, Any] = {"n": int(v.size), "mean": float(v.mean()) if v.size else None,
-                           "std": float(v.std(ddof=1)) if v.size > 1 else None,
+                           "std": float(v.std(ddof=0)) if v.size else None,
+                           "std_ddof1": float(v.std(ddof=1)) if v.size > 1 else None,
                            "histogram": {"edges": [round(e, 2) for e in edges], "counts": counts.tolist()},
                            "well_explained_threshold": well_explained,
-                           "well_explained_fraction": float((v >= well_explained).mean()) if v.size else None,
+                           "well_explained_fraction":
+                               float((v >= well_explained - ROUND_OFF).mean()) if v.size else None,
                            "skew": None, "skewtest_pvalue": None}
     if v.size > 2 and np.ptp(v) > 0:
         out["skew"] = float(stats.skew(v))

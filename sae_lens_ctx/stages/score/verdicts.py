@@ -2,8 +2,8 @@
 
 * **The "well explained" badge** (`well_explained`, paper-method §7.1's threshold): an E score (a
   pair's `E`, a unit's `unit_E`; the threshold is defined on E, not AUROC) gets it only where E ≥ the
-  threshold (`logging.well_explained`, 0.67) AND the bootstrap interval of the difference between it
-  and each of its controls lies wholly above 0:
+  threshold up to float round-off (`logging.well_explained`, 2/3; `core.rules.at_least`) AND the
+  bootstrap interval of the difference between it and each of its controls lies wholly above 0:
 
   - **paired** over the same held-out prompts, for the controls judged on exactly those prompts: the
     shuffled explanation (pairs), the length-only and the token-present judges (`controls.py`). Prompts
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from ...core.config import ScoreConfig
+from ...core.rules import at_least
 from ...core.records import CONFOUND_CONTROLS, ExplanationRecord, ScoreRecord
 from .judge import Judgement
 from .metrics import balanced_accuracy, balanced_accuracy_along, bootstrap_ci
@@ -123,9 +124,9 @@ def well_explained(scores: Sequence[ScoreRecord], judgements: Sequence[Judgement
         if random_units.get((s.scorer, s.explainer)):
             versus["random_units"] = _unpaired_difference(real, random_units[(s.scorer, s.explainer)], cfg, seed)
         behind = [k for k, v in versus.items() if v["ci_low"] is None or v["ci_low"] <= 0]
-        badge = s.value >= threshold and not behind
+        badge = at_least(s.value, threshold) and not behind
         why = (f"E ≥ {threshold:g} and the interval of the difference to every control lies above 0" if badge
-               else f"E = {s.value:.3f} is below {threshold:g}" if s.value < threshold
+               else f"E = {s.value:.3f} is below {threshold:g}" if not at_least(s.value, threshold)
                else "the interval of the difference holds 0 (or there is none) against: " + ", ".join(behind))
         rows.append({"unit_id": s.unit_id, "head": s.head, "scorer": s.scorer, "explainer": s.explainer,
                      "value": s.value, "ci_low": s.ci_low, "ci_high": s.ci_high, "n": s.n, "badge": badge,
