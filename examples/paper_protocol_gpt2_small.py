@@ -3,9 +3,10 @@
 What it shows
     The whole study with the paper's settings, from the preset `wandb_configs/gpt2-small.yaml` (layers
     9-11, 20 neurons per layer, top-30 documents of NeelNanda/pile-10k trimmed at 0.8, the first 20
-    prompts per neuron attributed, active = mean + 2 std, relevant = active on 25-75 % of prompts, GPT-4
-    explanations with the round-2 prompt, a Yes/No judge on 10 held-out prompts, balanced accuracy E,
-    "well explained" at E >= 0.67), run on a `HookedTransformer` as SAE-Lens users hold it, logged to W&B.
+    prompts per neuron attributed, active = mean + 2 std (the authors' rule), relevant = active on 25-75 %
+    of prompts, GPT-4 explanations with the round-2 prompt structure, a Yes/No judge on 10 held-out prompts,
+    balanced accuracy E, "well explained" at E >= 6/9 as the authors' red bins), run on a
+    `HookedTransformer` as SAE-Lens users hold it, logged to W&B.
     It prints the headline E with its CI beside the random-unit and shuffled-explanation controls.
 
     NOT run in CI: it needs the hub (GPT-2 small, pile-10k), an OpenAI key (OPENAI_API_KEY) and a few
@@ -43,7 +44,7 @@ if "--check-config" in sys.argv:
         "band 25-75 %": (config.attribute.band_low, config.attribute.band_high) == (0.25, 0.75),
         "round-2 prompt": config.explain.prompt_ending == "round2" and config.score.judge_prompt == "round2",
         "10 held-out prompts": config.score.n_prompts == 10 and config.mine.n_test_prompts >= 10,
-        "well explained at 0.67": config.logging.well_explained == 0.67,
+        "well explained from 6/9 (E = 2/3 counts)": abs(config.logging.well_explained - 6 / 9) < 1e-9,
         "no secret in the config": "sk-" not in config.to_yaml(),
     }
     for name, ok in checks.items():

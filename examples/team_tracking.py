@@ -2,8 +2,10 @@
 
 What it shows
     A team that wants to know how much the paper's active-head rule matters runs the same analysis
-    twice, once with round 2's rule (`mean+2std`: a head is active on a prompt when its attribution is
-    above the mean plus two standard deviations of all upstream heads) and once with round 1's (`top3`),
+    twice, once with round 2's rule (`mean+2std-positive`: a head is active on a prompt when its attribution
+    is above the mean plus two standard deviations of all upstream heads, and positive) and once with round
+    1's (`top3-positive`: among the prompt's 3 largest, and positive; the authors' `top3` and `mean+2std`
+    keep negative heads too, docs/authors-code.md),
     each logged as one W&B run with the whole run directory as a versioned `sae-lens-ctx-results`
     artifact. A teammate then compares the two from the artifacts alone (here: offline W&B runs read back
     from disk with `wandb leet inspect --json`; online, `wandb.Api().artifact(...)` gives the same files).
@@ -11,8 +13,9 @@ What it shows
     The model is the planted GPT-2 of tests/support/planted.py (hand-set weights: neuron L2N37 predicts " paris",
     driven by head L0H3 after " france" and by head L1H5 after " louvre"), so the right answer is known:
     both rules must find exactly the two planted heads (one head drives the neuron on each prompt, and
-    `top3` counts only heads with a positive attribution), so the comparison is a check that changing the
-    rule changes nothing else. On a real model the two rules disagree: run this on your own model and
+    the `-positive` rules count only heads with a positive attribution: the authors' `top3` would also
+    mark a silent head, of attribution exactly 0, where fewer than 3 heads are positive), so the
+    comparison is a check that changing the rule changes nothing else. On a real model the two rules disagree: run this on your own model and
     corpus (the quickstart's settings) to see by how much.
 
 Run it
@@ -34,7 +37,7 @@ from planted import make_planted_gpt2, planted_corpus  # noqa: E402
 
 import sae_lens_ctx as slc  # noqa: E402
 
-RULES = ("mean+2std", "top3")
+RULES = ("mean+2std-positive", "top3-positive")
 work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="sae-lens-ctx-team-"))
 plant = make_planted_gpt2(work / "planted-gpt2")
 documents = planted_corpus(plant, n_docs=120)
@@ -97,9 +100,10 @@ for key in ("heads/n_pairs", "heads/per_unit_mean", "heads/ablation_effect_mean"
 # The example checks its own output: the planted heads under the paper's round-2 rule, and that the
 # comparison really came from two different artifacts.
 planted = {("L2N37", "L0H3"), ("L2N37", "L1H5")}
-assert relevant["mean+2std"] == relevant["top3"] == planted, relevant
-assert active["mean+2std"] == active["top3"] == planted, active  # silent heads (zero attribution) never active
-assert metrics["mean+2std"]["heads/n_pairs"] == metrics["top3"]["heads/n_pairs"] == len(planted)
+round2, round1 = RULES
+assert relevant[round2] == relevant[round1] == planted, relevant
+assert active[round2] == active[round1] == planted, active  # silent heads (zero attribution) never active
+assert metrics[round2]["heads/n_pairs"] == metrics[round1]["heads/n_pairs"] == len(planted)
 assert tracking[RULES[0]]["run_id"] != tracking[RULES[1]]["run_id"]
 assert tracking[RULES[0]]["results_artifact"] != tracking[RULES[1]]["results_artifact"]
 print(f"team_tracking: OK (work directory {work})")

@@ -325,8 +325,8 @@ def test_every_preset_loads_and_validates(path):
         assert cfg.explain.backend == "openai" and "api_key" not in path.read_text().replace("OPENAI_API_KEY", "")
     if path.stem.startswith("gpt2-large") and "control" not in path.stem:
         assert cfg.discover.top_k == 40
-    rules = {"round1": "top3"}  # the authors' rules (core/rules.py): the default, mean+2std-positive, is ours
-    assert cfg.attribute.rule == rules.get(path.stem.rsplit("-", 1)[-1], "mean+2std")
+    rules = {"round1": "top3", "embedded": "mean+2std-positive"}  # the paper presets: the authors' rules
+    assert cfg.attribute.rule == rules.get(path.stem.rsplit("-", 1)[-1], "mean+2std")  # the default is ours
 
 
 def test_the_embedded_preset_is_the_default():
