@@ -218,14 +218,14 @@ def test_stage_functions_chain_in_one_run_directory(tmp_path, planted_gpt2, docu
     units = slc.find_next_token_units(model, layers=[2], corpus=documents, config=cfg, out=tmp_path / "run")
     assert units.out == tmp_path / "run" and [u.unit_id for u in units if not u.control] == ["L2N37"]
     contexts = slc.mine_contexts(units, top_k=6)
-    heads = slc.attribute_heads(contexts, rule="top3")
+    heads = slc.attribute_heads(contexts, rule="top3-positive")
     assert contexts.out == heads.out == units.out
     saved = slc.open_run(units.out).config
-    assert (saved.mine.top_k, saved.attribute.rule, saved.discover.layers) == (6, "top3", [2])
+    assert (saved.mine.top_k, saved.attribute.rule, saved.discover.layers) == (6, "top3-positive", [2])
     assert len([c for c in contexts if c.unit_id == "L2N37" and c.split == "train" and c.kind == "top"]) == 6
     assert {h.head for h in heads.relevant() if h.unit_id == "L2N37"} >= {"L0H3", "L1H5"}
     # up to date: nothing re-runs, and the same records come back
-    again = slc.attribute_heads(heads, rule="top3")
+    again = slc.attribute_heads(heads, rule="top3-positive")
     assert [s.status for s in again._session.stages] == ["skipped"] * 4
     assert again.records == heads.records
     # explicit unit ids start a new run directory with exactly those units
