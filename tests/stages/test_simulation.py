@@ -75,3 +75,40 @@ def test_failed_sequences_are_counted_by_reason_and_the_rest_scored():
     assert sim.values["ev_correlation"] == pytest.approx(1.0)
     [ev] = [r for r in score_records(sim, "u", False, "x", None, ScoreConfig(), 0) if r.metric == "ev_correlation"]
     assert ev.n == 2 and ev.n_failed == 1 and ev.failures == {"call failed: no_prompt_logprobs": 1}
+
+
+# -- the planted models --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def planted_sim_run(planted, tmp_path_factory):
+    """The whole pipeline on the planted model (offline test LLM: chat only, no logprobs), once per architecture."""
+    from test_lookups import _run_planted
+
+    return _run_planted(planted, tmp_path_factory.mktemp(f"sim-{planted.arch}"))
+
+
+def test_planted_unit_lookup_simulates_per_token_and_its_shuffled_control_does_not(planted, planted_sim_run):
+    """The planted neuron fires after either trigger: its look-up pattern, simulated at every token of held-out
+    top and random windows (the deterministic tier), has ev_correlation >= 0.9; another unit's pattern on the
+    same windows <= 0.3. The offline test LLM serves chat without logprobs: the probe picks the logprob-free
+    tier, and the records say so."""
+    out = planted_sim_run
+    a = planted.answer
+    unit = f"L{a.neuron_layer}N{a.neuron_index}"
+    windows = [w for w in iter_jsonl(out / "windows.jsonl") if w["unit_id"] == unit]
+    assert {w["kind"] for w in windows} == {"top", "random"}
+    assert all(len(w["tokens"]) == len(w["activations"]) == len(w["token_ids"]) for w in windows)
+    sims = [s for s in iter_jsonl(out / "scores.jsonl") if s["unit_id"] == unit and s["metric"] == "ev_correlation"]
+    by = {(s["explainer"], s["control_kind"]): s for s in sims}
+    own = by[("lookup", None)]
+    assert own["tier"] == "deterministic" and own["target"] == "unit" and own["n"] >= 6
+    assert own["value"] >= 0.9 and own["ci_low"] is not None
+    shuffled = by.get(("lookup", "shuffled"))
+    assert shuffled is None or shuffled["value"] is None or shuffled["value"] <= 0.3
+    llm = [s for s in sims if s["explainer"] not in ("lookup", "length", "token")]
+    assert llm and {s["tier"] for s in llm} == {"logprob-free"}
+    summary = json.loads((out / "summary.json").read_text())["simulation"]
+    assert summary["tier"] == "logprob-free" and "chat answers only" in summary["probe"]
+    assert summary["tiers"]["deterministic"]["lookup"]["ev_correlation"]["real"]["n"] >= 1
+    assert "prompt-logprobs" not in summary["tiers"]
