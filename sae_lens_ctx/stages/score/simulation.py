@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ...clients.llm import LLM
+from ...clients.llm import LLM, LOCAL_BACKENDS
 from ...clients.neuron_explainer import (NeuronExplainerClient, UnreproducedSequence, neuron_explainer_imports,
                                          simulator_module)
 from ...core.config import ScoreConfig
@@ -366,49 +367,59 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
     from ...core.lookups import EXPLAINER as LOOKUP
 
     scores: list[ScoreRecord] = []
-    client = NeuronExplainerClient(llm) if llm is not None and tier else None
     before = _prefix_counts(llm)
     units = [u for u in sequences if u in inp.units]
     llm_text = {u: inp.unit_explanations[u] for u in units
-                if u in inp.unit_explanations and inp.unit_explanations[u].status == "ok"}
+                if u in inp.unit_explanations and inp.unit_explanations[u].status == "ok"} if llm and tier else {}
     lookup = {u: inp.lookup_explanations[(u, None)] for u in units
               if (u, None) in inp.lookup_explanations and inp.lookup_explanations[(u, None)].status == "ok"}
     llm_partner = partner(sorted(llm_text)) if cfg.shuffled_control else {}
     lookup_partner = partner(sorted(lookup)) if cfg.shuffled_control else {}
     max_calls = cfg.simulation_max_calls_per_sequence if tier == "token-by-token" else None
+
+    def kind_of(unit_id: str, kind: str | None) -> str | None:
+        return kind or ("random_unit" if inp.units[unit_id].control else None)
+
+    jobs = [(u, llm_text[u].explainer, kind, text) for u in units if u in llm_text
+            for text, kind in [(llm_text[u].text, None)]
+            + ([(llm_text[llm_partner[u]].text, "shuffled")] if u in llm_partner else [])]
+    prompt_tokens: list[int] = []
+
+    def run(job: tuple) -> Simulated:
+        unit_id, _, _, text = job
+        if not text.strip():
+            return Simulated(tier, dict.fromkeys(METRICS), failures=Counter({"empty explanation": len(sequences[unit_id])}),
+                             skipped="empty explanation")
+        client = NeuronExplainerClient(llm)  # one per explanation: its requests are computed together
+        sim = simulate(llm_simulator(tier, text, client), sequences[unit_id], tier, max_calls)
+        prompt_tokens.extend(client.prompt_tokens)
+        return sim
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = llm.max_concurrency if llm is not None else 1
+    if llm is not None and llm.backend in LOCAL_BACKENDS:
+        workers = min(workers, os.cpu_count() or 1)  # in-process: one explanation a core
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for (unit_id, explainer, kind, _), sim in zip(jobs, pool.map(run, jobs)):
+            scores.extend(score_records(sim, unit_id, bool(inp.units[unit_id].control), explainer,
+                                        kind_of(unit_id, kind), cfg, seed))
     for unit_id in units:
         seqs, unit = sequences[unit_id], inp.units[unit_id]
-        control = bool(unit.control)
-
-        def add(sim: Simulated, explainer: str, kind: str | None) -> None:
-            kind = kind or ("random_unit" if control else None)
-            scores.extend(score_records(sim, unit_id, control, explainer, kind, cfg, seed))
-
-        if client is not None and unit_id in llm_text:
-            e = llm_text[unit_id]
-            shown = [(e.text, None)] + ([(llm_text[llm_partner[unit_id]].text, "shuffled")]
-                                        if unit_id in llm_partner else [])
-            for text, kind in shown:
-                if not text.strip():
-                    sim = Simulated(tier, dict.fromkeys(METRICS), failures=Counter({"empty explanation": len(seqs)}),
-                                    skipped="empty explanation")
-                else:
-                    sim = simulate(llm_simulator(tier, text, client), seqs, tier, max_calls)
-                add(sim, e.explainer, kind)
-        if unit_id in lookup:
-            shown = [(lookup[unit_id].pattern, None)] + ([(lookup[lookup_partner[unit_id]].pattern, "shuffled")]
-                                                         if unit_id in lookup_partner else [])
-            for pattern, kind in shown:
-                add(simulate(FixedSimulator(seqs, lookup_predictions(pattern)), seqs, "deterministic"), LOOKUP, kind)
-        for name, predict in (("length", position_predictions), ("token", token_predictions(unit.token_id))):
-            add(simulate(FixedSimulator(seqs, predict), seqs, "deterministic"), name, name)
+        shown = [(lookup[unit_id].pattern, None)] + ([(lookup[lookup_partner[unit_id]].pattern, "shuffled")]
+                                                     if unit_id in lookup_partner else []) if unit_id in lookup else []
+        fixed = [(LOOKUP, kind, lookup_predictions(pattern)) for pattern, kind in shown]
+        fixed += [("length", "length", position_predictions), ("token", "token", token_predictions(unit.token_id))]
+        for explainer, kind, predict in fixed:
+            sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
+            scores.extend(score_records(sim, unit_id, bool(unit.control), explainer, kind_of(unit_id, kind), cfg, seed))
     after = _prefix_counts(llm)
     info: dict[str, Any] = {"tier": tier, "n_units": len(units),
                             "sequences_per_unit": {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random},
                             "window": cfg.simulation_window}
-    if client is not None and client.prompt_tokens:
-        total = sum(client.prompt_tokens)
-        info["prompt_tokens_per_sequence"] = round(total / len(client.prompt_tokens), 1)
+    if prompt_tokens:
+        total = sum(prompt_tokens)
+        info["prompt_tokens_per_sequence"] = round(total / len(prompt_tokens), 1)
         if before is not None and after is not None:
             served = (after[0] - before[0]) * after[2]
             info["prefix_cache"] = {"prompt_tokens": total, "served_from_cache": served,
