@@ -345,9 +345,10 @@ def run_stage(ctx: RunContext) -> None:
         for scorer in ("unit_E", "unit_auroc"):  # the unit's own look-up pattern
             v = by_unit[row["unit_id"]][scorer]
             row[f"lookup_{scorer}"] = float(v[0]) if v else None
-    summary["simulation"] = {**simulated.info, "probe": why, "seconds": sim_seconds,
+    summary["simulation"] = {**{k: v for k, v in simulated.info.items() if k != "prefix_cache"}, "probe": why,
                              "tiers": simulation_summary(simulated.scores, cfg, ctx.config.seed)}
     summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
-    ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1))
+    ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1),
+                        simulation_seconds=sim_seconds, simulation_prefix_cache=simulated.info.get("prefix_cache"))
     print(summary_text(summary))
