@@ -11,7 +11,7 @@ import pytest
 from sae_lens_ctx.core.config import ScoreConfig
 from sae_lens_ctx.core.records import iter_jsonl
 from sae_lens_ctx.stages.score.simulation import (SimSequence, Simulated, cut_window, FixedSimulator, score_records,
-                                                   simulate, simulation_summary, token_predictions)
+                                                   simulate, simulation_summary, simulation_text, token_predictions)
 
 
 # -- windows, fixed simulators, records ----------------------------------------------------------
@@ -56,6 +56,8 @@ def test_a_unit_that_never_fires_is_skipped_with_its_reason_never_nan():
     summary = simulation_summary(score_records(sim, "u", False, "lookup", None, ScoreConfig(), 0), ScoreConfig(), 0)
     block = summary["deterministic"]["lookup"]["ev_correlation"]
     assert block["real"]["n"] == 0 and block["real"]["mean"] is None
+    text = simulation_text({"tier": None, "probe": "score.simulate is off", "tiers": summary})
+    assert "deterministic only" in text and "deterministic lookup ev_correlation real n/a (n=0)" in text
 
 
 def test_failed_sequences_are_counted_by_reason_and_the_rest_scored():

@@ -49,7 +49,8 @@ from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_an
 from .metrics import (aggregate, auroc, auroc_along, balanced_accuracy, balanced_accuracy_along,  # noqa: F401
                       bootstrap_ci, compare, paper_statistics, pearson, pearson_along, score_group,
                       simulate_and_score_correlation, simulation_score)
-from .simulation import TIERS, probe_tier, read_sequences, simulation_scores, simulation_summary  # noqa: F401
+from .simulation import (TIERS, probe_tier, read_sequences, simulation_scores, simulation_summary,  # noqa: F401
+                         simulation_text)
 from .verdicts import ONE_SIDED, SIMILAR_JACCARD, flags, one_sided_judge, well_explained  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -352,3 +353,4 @@ def run_stage(ctx: RunContext) -> None:
     ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1),
                         simulation_seconds=sim_seconds, simulation_prefix_cache=simulated.info.get("prefix_cache"))
     print(summary_text(summary))
+    print(simulation_text(summary["simulation"]))

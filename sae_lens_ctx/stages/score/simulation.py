@@ -464,3 +464,22 @@ def simulation_summary(scores: Sequence[ScoreRecord], cfg: ScoreConfig, seed: in
                                                       [controls_by[(k, metric, kind)] for k in keys], paired=True, **boot)
                 block[metric] = m
     return out
+
+
+def simulation_text(block: dict[str, Any]) -> str:
+    """The console lines of summary.json's `simulation` block: per tier and explainer, ev_correlation real
+    beside its controls."""
+    def fmt(a: dict) -> str:
+        if a["mean"] is None:
+            return "n/a (n=0)"
+        ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["ci_low"] is not None else ""
+        return f"{a['mean']:.3f}{ci} (n={a['n']})"
+
+    lines = [f"simulation ({block.get('tier') or 'deterministic only'}; {block.get('probe', '')})"]
+    for tier, by_explainer in block.get("tiers", {}).items():
+        for explainer, metrics in by_explainer.items():
+            m = metrics["ev_correlation"]
+            lines.append(f"  {tier} {explainer} ev_correlation real {fmt(m['real'])}; shuffled "
+                         f"{fmt(m['shuffled_explanations'])}; random units {fmt(m['random_units'])}; "
+                         f"length {fmt(m['length_control'])}; token {fmt(m['token_control'])}")
+    return "\n".join(lines)
