@@ -60,9 +60,6 @@ TIERS = ("prompt-logprobs", "token-by-token", "logprob-free", "deterministic")
 METRICS = ("ev_correlation", "rsquared", "absolute_dev_explained")
 """neuron-explainer's scores of a simulation, as `ScoreRecord.metric` (scorer `sim_{metric}`)."""
 
-TOP_LOGPROBS = 15
-"""Alternatives per position, neuron-explainer's (its simulators ask for 15)."""
-
 UNPREDICTED = "token without a prediction (neuron-explainer sets its EV to 0: a newline folded into it, or no digit among the top logprobs)"
 
 
@@ -140,18 +137,22 @@ def probe_tier(llm: LLM, wanted: str = "auto") -> tuple[str | None, str]:
     if wanted != "auto":
         return wanted, "set by score.simulate"
     why = []
-    answer = llm.prompt_logprobs(["Activations: 0"], 2)[0]
-    if isinstance(answer, PromptLogprobs) and any(answer.top_logprobs[1:]):
-        return "prompt-logprobs", "the backend returns prompt logprobs"
-    why.append(f"no prompt logprobs ({answer.reason if isinstance(answer, LLMError) else 'empty'})")
-    chat = llm.call([{"role": "user", "content": "Say 0."}], max_tokens=1, temperature=0.0, top_logprobs=2)
-    if chat.ok and chat.response.logprobs and chat.response.logprobs[0].top:
-        return "token-by-token", "; ".join(why) + ": chat answers carry token logprobs"
-    why.append("no chat logprobs" if chat.ok else f"chat failed ({chat.reason})")
-    plain = llm.call([{"role": "user", "content": "Say 0."}], max_tokens=4, temperature=0.0)
-    if plain.ok:
-        return "logprob-free", "; ".join(why) + ": chat answers only"
-    why.append(f"chat failed ({plain.reason})")
+    ask = [{"role": "user", "content": "Say 0."}]
+    try:
+        answer = llm.prompt_logprobs(["Activations: 0"], 2)[0]
+        if isinstance(answer, PromptLogprobs) and any(answer.top_logprobs[1:]):
+            return "prompt-logprobs", "the backend returns prompt logprobs"
+        why.append(f"no prompt logprobs ({answer.reason if isinstance(answer, LLMError) else 'empty'})")
+        chat = llm.call(ask, max_tokens=1, temperature=0.0, top_logprobs=2)
+        if chat.ok and chat.response.logprobs and chat.response.logprobs[0].top:
+            return "token-by-token", "; ".join(why) + ": chat answers carry token logprobs"
+        why.append("no chat logprobs" if chat.ok else f"chat failed ({chat.reason})")
+        plain = llm.call(ask, max_tokens=4, temperature=0.0)
+        if plain.ok:
+            return "logprob-free", "; ".join(why) + ": chat answers only"
+        why.append(f"chat failed ({plain.reason})")
+    except Exception as e:  # a user's backend that cannot take the probe's requests: no LLM tier, not a crash
+        why.append(f"the probe failed ({type(e).__name__}: {str(e)[:120]})")
     return None, "; ".join(why)
 
 
