@@ -169,8 +169,8 @@ def test_bad_echo_answers_and_explanations_are_counted_never_nan_never_a_crash(s
 @pytest.mark.embedded
 def test_llama_cpp_in_process_prompt_logprobs_simulate_like_transformers(embedded):
     """The llama-cpp backend (the optional extra; CI installs it) on the same GGUF: its prompt logprobs serve the
-    all-at-once simulator, the same tokens and expected values close to the transformers tier (another engine:
-    within 0.5)."""
+    all-at-once simulator, the same tokens and expected values close to the transformers tier (another engine
+    with its own kernels: within 0.2; 0.11 at most when this was written)."""
     pytest.importorskip("llama_cpp")
     from sae_lens_ctx.core.embedded import embedded_gguf_path
 
@@ -178,4 +178,4 @@ def test_llama_cpp_in_process_prompt_logprobs_simulate_like_transformers(embedde
     assert probe_tier(llm)[0] == "prompt-logprobs"
     theirs, ours = _simulate(llm), _simulate(LLM(embedded))
     assert theirs.tokens == ours.tokens == TOKENS
-    np.testing.assert_allclose(theirs.expected_activations, ours.expected_activations, atol=0.5, rtol=0)
+    np.testing.assert_allclose(theirs.expected_activations, ours.expected_activations, atol=0.2, rtol=0)
