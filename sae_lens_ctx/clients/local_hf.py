@@ -146,11 +146,16 @@ class TransformersClient:
         return _response(tok, _eos_ids(hf, tok), ids, [x[0] for x in out.logits] if top else None, top, stops,
                          int(prompt.shape[1]))
 
-    def prefix_cache_counts(self) -> tuple[int, int, int]:
-        """(blocks re-used, blocks computed, tokens a block) of this model's prefix cache so far."""
+    shared_tokens = 0
+    """Prompt tokens `prompt_logprobs` computed once for several prompts of one call (their shared opening,
+    counted for every prompt but the first)."""
+
+    def prefix_cache_counts(self) -> tuple[int, int, int, int]:
+        """(blocks re-used, blocks computed, tokens a block) of this model's prefix cache so far, and
+        `shared_tokens`."""
         load_gguf_lm(self.path)
         cache = _PREFIXES[str(self.path)]
-        return cache.reused, cache.computed, cache.block
+        return cache.reused, cache.computed, cache.block, self.shared_tokens
 
     def batchable(self, params: dict[str, Any]) -> bool:
         """Whether requests with these `params` can go through `generate_batch`: greedy, one token."""
@@ -227,6 +232,8 @@ class TransformersClient:
         with torch.inference_mode(), _threads(GENERATION_THREADS):
             hidden, shared = prompt_hidden_states(hf, _PREFIXES[str(self.path)], [rows[i][0] for i in index],
                                                   min(rows[i][2] for i in index) - 1, _pad_id(tok))
+            with _LOADED_LOCK:
+                self.shared_tokens += shared * (len(index) - 1)
             for k, i in enumerate(index):
                 ids, offsets, first = rows[i]
                 h = hidden[k, first - 1 - shared:len(ids) - 1 - shared]  # states predicting tokens first..end

@@ -422,13 +422,15 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
         total = sum(prompt_tokens)
         info["prompt_tokens_per_sequence"] = round(total / len(prompt_tokens), 1)
         if before is not None and after is not None:
-            served = (after[0] - before[0]) * after[2]
+            served, shared = (after[0] - before[0]) * after[2], after[3] - before[3]
             info["prefix_cache"] = {"prompt_tokens": total, "served_from_cache": served,
-                                    "share": round(served / total, 3) if total else None}
+                                    "share": round(served / total, 3) if total else None,
+                                    "shared_within_call": shared, "shared_share": round(shared / total, 3),
+                                    "computed": total - served - shared}
     return SimulationRun(scores, info)
 
 
-def _prefix_counts(llm: LLM | None) -> tuple[int, int, int] | None:
+def _prefix_counts(llm: LLM | None) -> tuple[int, int, int, int] | None:
     counts = getattr(getattr(llm, "client", None), "prefix_cache_counts", None)
     return counts() if callable(counts) else None
 
