@@ -47,8 +47,9 @@ class NeuronExplainerClient:
 
     It answers chat requests (`messages`) in the OpenAI response shape and keeps every `CallResult`
     in `results`. A failed call raises `NeuronExplainerCallFailed` (so no text is made up). Requests
-    without `messages` (the logprob simulators' `/completions` with `echo` and prompt logprobs) cannot
-    be served by a chat protocol and raise `NotImplementedError`.
+    without `messages` are the simulators' (see the module docstring): a text prompt with `echo` through the
+    backend's prompt logprobs, a HARMONY_V4 prompt (messages) as one chat call; a text completion without
+    echo has no backend here and raises `NotImplementedError`.
     """
 
     def __init__(self, llm: LLM):
