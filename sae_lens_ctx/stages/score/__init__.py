@@ -296,8 +296,8 @@ def run_cost(ctx: RunContext, judgements: Sequence[Judgement]) -> dict[str, Any]
 def simulation_tier(llm: LLM, cfg: ScoreConfig, sequences: dict) -> tuple[str | None, str]:
     """The LLM simulation tier of this run (`simulation.probe_tier`, asked once before any heavy work),
     announced in one line; None (only the deterministic tier) when off, without sequences, or unserved."""
-    if cfg.simulate == "off":
-        tier, why = None, "score.simulate is off"
+    if cfg.simulate == "off" or not cfg.unit_scores:
+        tier, why = None, "score.simulate is off" if cfg.simulate == "off" else "score.unit_scores is off"
     elif not sequences:
         tier, why = None, "no held-out sequences (windows.jsonl): re-run the mine stage"
     else:
