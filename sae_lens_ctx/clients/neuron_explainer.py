@@ -95,7 +95,7 @@ class NeuronExplainerClient:
                                                       [b[1] for b in group])
                 except LLMError as e:
                     answers = [e] * len(group)
-                except Exception as e:  # every queued request gets an answer, or its simulation would wait forever
+                except Exception as e:  # noqa: BLE001  (every queued request needs an answer, or it waits forever)
                     answers = [LLMError("client_error", f"{type(e).__name__}: {str(e)[:200]}")] * len(group)
                 for (_, _, _, fut), answer in zip(group, answers):
                     fut.set_result(answer)

@@ -10,7 +10,7 @@ import pytest
 
 from sae_lens_ctx.core.config import ScoreConfig
 from sae_lens_ctx.core.records import iter_jsonl
-from sae_lens_ctx.stages.score.simulation import (SimSequence, Simulated, cut_window, FixedSimulator, score_records,
+from sae_lens_ctx.stages.score.simulation import (FixedSimulator, SimSequence, cut_window, score_records,
                                                    simulate, simulation_summary, simulation_text, token_predictions)
 
 

@@ -151,7 +151,7 @@ def probe_tier(llm: LLM, wanted: str = "auto") -> tuple[str | None, str]:
         if plain.ok:
             return "logprob-free", "; ".join(why) + ": chat answers only"
         why.append(f"chat failed ({plain.reason})")
-    except Exception as e:  # a user's backend that cannot take the probe's requests: no LLM tier, not a crash
+    except Exception as e:  # noqa: BLE001  (a backend that cannot take the probe: no LLM tier, not a crash)
         why.append(f"the probe failed ({type(e).__name__}: {str(e)[:120]})")
     return None, "; ".join(why)
 
