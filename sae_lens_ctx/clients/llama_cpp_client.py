@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.config import ExplainConfig
 from ..core.errors import UserError
-from ..core.llm import Client, LLMError, Message, Response, TokenLogprob
+from ..core.llm import Client, LLMError, Message, PromptLogprobs, Response, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,46 @@ class LlamaCppClient:
                         completion_tokens=int(usage.get("completion_tokens", 0)),
                         finish_reason=choice.get("finish_reason"))
 
+    def prompt_logprobs(self, prompts: Sequence[str], top_logprobs: int,
+                        from_offsets: Sequence[int] | None = None) -> list[PromptLogprobs | LLMError]:
+        """Each text prompt scored token by token (`core.llm.PromptLogprobs`): one evaluation of the prompt
+        on a second copy of the model loaded with `logits_all` (llama.cpp keeps the logits of every position
+        only then), log-softmaxed at every position from the token at `from_offsets` on. Calls are serialised."""
+        offsets = list(from_offsets) if from_offsets is not None else [0] * len(prompts)
+        llm, lock = load_llama(self.path, self.context_window, logits_all=True)
+        out: list[PromptLogprobs | LLMError] = []
+        for prompt, offset in zip(prompts, offsets):
+            ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
+            if len(ids) > self.context_window:
+                out.append(LLMError("context_too_long", f"{len(ids)} prompt tokens exceed the context window of "
+                                    f"{self.context_window} (explain.context_window)"))
+                continue
+            if len(ids) < 2:
+                out.append(LLMError("bad_request", "a prompt of fewer than two tokens has no position to score"))
+                continue
+            with lock:
+                llm.reset()
+                llm.eval(ids)
+                logits = np.array(llm.scores[:len(ids)], dtype=np.float64)  # every position: logits_all
+            raw = [llm.detokenize([int(t)]) for t in ids]
+            full = b"".join(raw)
+            tokens, starts, at = [], [], 0
+            for piece in raw:  # character offsets (a character split over tokens starts at its first byte's)
+                starts.append(len(full[:at].decode("utf-8", errors="ignore")))
+                tokens.append(_piece_text(piece))
+                at += len(piece)
+            first = max(1, next((k for k, o in enumerate(starts) if o >= offset), len(ids)))
+            shifted = logits[first - 1:len(ids) - 1]
+            lse = shifted.max(-1, keepdims=True) + np.log(np.exp(shifted - shifted.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            logprobs = shifted - lse
+            chosen = [None] * first + [float(logprobs[q, ids[first + q]]) for q in range(len(ids) - first)]
+            tops: list[dict[str, float] | None] = [None] * first
+            for row in logprobs:
+                best = np.argsort(-row)[:top_logprobs]
+                tops.append({_piece_text(llm.detokenize([int(i)])): float(row[i]) for i in best})
+            out.append(PromptLogprobs(tokens=tokens, text_offset=starts, token_logprobs=chosen, top_logprobs=tops))
+        return out
+
     @staticmethod
     def _token_logprobs(llm: Any, steps: list[tuple[int, Any]], top: int, eos: int) -> list[TokenLogprob]:
         """One `TokenLogprob` per generated token (EOS excluded): the chosen token (read back from the
@@ -151,6 +191,15 @@ class LlamaCppClient:
                 break
             out.append(TokenLogprob(piece(chosen), float(logprobs[chosen]), [(piece(i), float(logprobs[i])) for i in best]))
         return out
+
+
+def _piece_text(piece: bytes) -> str:
+    """A token's bytes as completions servers echo them: its text, or ``bytes:\\xNN...`` where it is not
+    whole UTF-8 on its own (part of a multi-byte character; neuron-explainer merges those)."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -49,7 +49,7 @@ from typing import Any
 from ..core.config import ExplainConfig
 from ..core.embedded import embedded_gguf_path
 from ..core.errors import UserError
-from ..core.llm import (BACKENDS, Client, LLMError, Message, Response, TokenLogprob,  # noqa: F401  (re-exported)
+from ..core.llm import (BACKENDS, Client, LLMError, Message, PromptLogprobs, Response, TokenLogprob,  # noqa: F401
                         check_backend_name, parse_prices, prompt_hash, register_backend, request_key)
 
 from .llama_cpp_client import LLAMA_CPP_EXTRA, LlamaCppClient, llama_cpp_factory, local_n_ctx, load_llama  # noqa: F401
@@ -142,6 +142,19 @@ class ResponseCache:
             self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
                              (key, backend, model, json.dumps(request, ensure_ascii=False),
                               json.dumps(response.to_json(), ensure_ascii=False)))
+            self._db.commit()
+
+    def get_json(self, key: str) -> dict | None:
+        """A stored answer as its JSON (for answers that are not a chat `Response`: prompt logprobs)."""
+        with self._lock:
+            row = self._db.execute("SELECT response FROM responses WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def put_json(self, key: str, backend: str, model: str, request: dict, answer: dict) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?)",
+                             (key, backend, model, json.dumps(request, ensure_ascii=False),
+                              json.dumps(answer, ensure_ascii=False)))
             self._db.commit()
 
     def close(self) -> None:
@@ -387,6 +400,54 @@ class LLM:
                         self.stats.failed += 1
                 results[j] = replace(result, cached=True, attempts=0)
         return results  # type: ignore[return-value]
+
+    @property
+    def has_prompt_logprobs(self) -> bool:
+        """Whether the backend has the prompt-logprobs capability at all (a server may still refuse it)."""
+        return callable(getattr(self.client, "prompt_logprobs", None))
+
+    def prompt_logprobs(self, prompts: Sequence[str], top_logprobs: int,
+                        from_offsets: Sequence[int] | None = None) -> list[PromptLogprobs | LLMError]:
+        """Each text prompt scored token by token (`core.llm.PromptLogprobs`, alternatives from its
+        `from_offsets` character on): from the cache where answered before, the rest in one backend call
+        (the backend computes prompts that share an opening together). Not retried here: the SDK retries
+        transient HTTP failures; a failure comes back in its prompt's place as an `LLMError`, counted."""
+        if not self.has_prompt_logprobs:
+            return [LLMError("no_prompt_logprobs", f"the {self.backend} backend cannot score prompts")] * len(prompts)
+        offsets = list(from_offsets) if from_offsets is not None else [0] * len(prompts)
+        keys = [request_key(self.backend, self.model, [{"role": "prompt", "content": p}],
+                            {"echo": True, "logprobs": top_logprobs, "max_tokens": 0, "from_offset": o},
+                            getattr(self.client, "engine", None)) for p, o in zip(prompts, offsets)]
+        out: list[PromptLogprobs | LLMError | None] = []
+        for key in keys:
+            hit = self.cache.get_json(key) if self.cache is not None else None
+            out.append(PromptLogprobs.from_json(hit) if hit is not None else None)
+        missing = [i for i, x in enumerate(out) if x is None]
+        with self._lock:
+            self.stats.cache_hits += len(out) - len(missing)
+            self.stats.ok += len(out) - len(missing)
+            self.stats.backend_calls += len(missing)
+        if missing:
+            try:
+                answers = self.client.prompt_logprobs([prompts[i] for i in missing], top_logprobs,
+                                                      [offsets[i] for i in missing])
+            except LLMError as e:
+                answers = [e] * len(missing)
+            for i, answer in zip(missing, answers):
+                out[i] = answer
+                with self._lock:
+                    if isinstance(answer, PromptLogprobs):
+                        self.stats.ok += 1
+                        self.stats.prompt_tokens += len(answer.tokens)
+                    else:
+                        self.stats.failed += 1
+                        self.stats.failures[answer.reason] += 1
+                        self.stats.attempt_errors[answer.reason] += 1
+                if isinstance(answer, PromptLogprobs) and self.cache is not None:
+                    self.cache.put_json(keys[i], self.backend, self.model,
+                                        {"prompt": prompts[i], "top_logprobs": top_logprobs,
+                                         "from_offset": offsets[i]}, answer.to_json())
+        return out  # type: ignore[return-value]
 
     def summary(self) -> dict[str, Any]:
         s = self.stats

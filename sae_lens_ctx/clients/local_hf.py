@@ -14,6 +14,12 @@ A prompt's opening blocks are computed once and re-used by later prompts that sh
 also come in lists through `generate_batch`: grouped by shared prefix and computed a group a forward
 (`token_batches`), twice as fast on the embedded run's judge calls, every answer the same.
 
+`prompt_logprobs` scores text prompts (no chat template) token by token, as a completions server with
+``echo`` does: the prompts of one call share their opening (neuron-explainer's simulator prompts of one
+explanation share everything up to the sequence), which is computed once (whole blocks through the prefix
+cache, across calls); each prompt's rest is one forward, and the unembedding is applied only at the
+positions asked for. A single prompt asked from offset 0 is exactly one forward.
+
 Generation runs on `GENERATION_THREADS` torch threads (1): a 135M model's per-token matrices are too small
 to gain from more, and on a machine where other processes compete for the cores, threads that wait for
 each other collapse throughput (measured on a loaded 2-core machine: about 0.4 tokens/s with 2 threads
@@ -40,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.embedded import load_gguf, load_gguf_tokenizer
-from ..core.llm import LLMError, Message, Response, TokenLogprob
+from ..core.llm import LLMError, Message, PromptLogprobs, Response, TokenLogprob
 from .prefix_cache import BLOCK, PrefixCache
-from .token_batches import MAX_ROWS, group_by_prefix, next_token_logits
+from .token_batches import MAX_ROWS, group_by_prefix, next_token_logits, prompt_hidden_states
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +146,17 @@ class TransformersClient:
         return _response(tok, _eos_ids(hf, tok), ids, [x[0] for x in out.logits] if top else None, top, stops,
                          int(prompt.shape[1]))
 
+    shared_tokens = 0
+    """Prompt tokens `prompt_logprobs` computed once for several prompts of one call (their shared opening,
+    counted for every prompt but the first)."""
+
+    def prefix_cache_counts(self) -> tuple[int, int, int, int]:
+        """(blocks re-used, blocks computed, tokens a block) of this model's prefix cache so far, and
+        `shared_tokens`."""
+        load_gguf_lm(self.path)
+        cache = _PREFIXES[str(self.path)]
+        return cache.reused, cache.computed, cache.block, self.shared_tokens
+
     def batchable(self, params: dict[str, Any]) -> bool:
         """Whether requests with these `params` can go through `generate_batch`: greedy, one token."""
         return int(params.get("max_tokens") or 256) == 1 and float(params.get("temperature") or 0.0) <= 0.0
@@ -184,6 +201,98 @@ class TransformersClient:
         with ThreadPoolExecutor(max_workers=max(1, min(workers, len(groups)))) as pool:
             list(pool.map(run, groups))
         return out
+
+
+    def prompt_logprobs(self, prompts: Sequence[str], top_logprobs: int,
+                        from_offsets: Sequence[int] | None = None) -> list[PromptLogprobs | LLMError]:
+        """Each text prompt's tokens, offsets and top log-probabilities (`core.llm.PromptLogprobs`), the
+        alternatives only at tokens starting at or after its `from_offsets` character (default 0); an
+        `LLMError` in the place of a prompt longer than the context window. One call's prompts should share
+        their opening (see the module docstring); they are computed together."""
+        import torch
+
+        hf, tok, _ = load_gguf_lm(self.path)
+        from_offsets = list(from_offsets) if from_offsets is not None else [0] * len(prompts)
+        out: list[PromptLogprobs | LLMError] = [LLMError("not_run")] * len(prompts)
+        rows: dict[int, tuple[list[int], list[int], int]] = {}
+        for i, (prompt, offset) in enumerate(zip(prompts, from_offsets)):
+            enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offsets = [int(t) for t in enc["input_ids"]], [int(a) for a, _ in enc["offset_mapping"]]
+            if len(ids) > self.context_window:
+                out[i] = LLMError("context_too_long", f"{len(ids)} prompt tokens exceed the context window of "
+                                  f"{self.context_window} (explain.context_window)")
+            elif len(ids) < 2:
+                out[i] = LLMError("bad_request", "a prompt of fewer than two tokens has no position to score")
+            else:
+                first = next((k for k, o in enumerate(offsets) if o >= offset), len(ids))
+                rows[i] = (ids, offsets, max(1, first))
+        if not rows:
+            return out
+        index = list(rows)
+        with torch.inference_mode(), _threads(GENERATION_THREADS):
+            hidden, shared = prompt_hidden_states(hf, _PREFIXES[str(self.path)], [rows[i][0] for i in index],
+                                                  min(rows[i][2] for i in index) - 1, _pad_id(tok))
+            with _LOADED_LOCK:
+                self.shared_tokens += shared * (len(index) - 1)
+            for k, i in enumerate(index):
+                ids, offsets, first = rows[i]
+                h = hidden[k, first - 1 - shared:len(ids) - 1 - shared]  # states predicting tokens first..end
+                logprobs = torch.log_softmax(hf.get_output_embeddings()(h).double(), dim=-1)
+                chosen = logprobs[torch.arange(len(ids) - first), torch.tensor(ids[first:])]
+                values, best = logprobs.topk(top_logprobs, dim=-1) if top_logprobs > 0 else (None, None)
+                tops: list[dict[str, float] | None] = [None] * first
+                for q in range(len(ids) - first):
+                    tops.append({} if values is None else
+                                {_piece(tok, int(b)): float(v) for v, b in zip(values[q], best[q])})
+                out[i] = PromptLogprobs(tokens=[_piece(tok, t) for t in ids], text_offset=offsets,
+                                        token_logprobs=[None] * first + [float(x) for x in chosen],
+                                        top_logprobs=tops)
+        return out
+
+
+_PIECES: dict[tuple[int, int], str] = {}
+
+
+def _piece(tok: Any, token: int) -> str:
+    """One token as text, as completions servers echo it; a piece that is not whole UTF-8 on its own (part
+    of a multi-byte character) as OpenAI writes those, ``bytes:\\xNN...`` (neuron-explainer merges them)."""
+    key = (id(tok), token)
+    if key not in _PIECES:
+        text = tok.decode([token], clean_up_tokenization_spaces=False)
+        if "\ufffd" in text:
+            raw = _raw_bytes(tok, token)
+            if raw is not None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        _PIECES[key] = text
+    return _PIECES[key]
+
+
+def _byte_of_char() -> dict[str, int]:
+    """GPT-2's byte-level BPE table, inverted: the character that stands for each byte → the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_of_char()
+
+
+def _raw_bytes(tok: Any, token: int) -> bytes | None:
+    """A byte-level BPE token's bytes (GPT-2's byte-to-character table), None for another tokenizer."""
+    table = _BYTE_OF_CHAR
+    piece = tok.convert_ids_to_tokens(token)
+    if not isinstance(piece, str) or any(c not in table for c in piece):
+        return None
+    return bytes(table[c] for c in piece)
 
 
 def _stops(params: dict[str, Any]) -> list[str]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 from ..core.config import ExplainConfig
 from ..core.errors import UserError, did_you_mean
-from ..core.llm import Client, LLMError, Message, Response, TokenLogprob
+from ..core.llm import Client, LLMError, Message, PromptLogprobs, Response, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,39 @@ class OpenAIClient:
             self._ready = True
 
     def generate(self, messages: Sequence[Message], **params: Any) -> Response:
+        self.ensure_ready()
+        with self._errors():
+            out = self._sdk.chat.completions.create(model=self.model, messages=list(messages), **_chat_kwargs(params))
+        return _openai_response(out)
+
+    def prompt_logprobs(self, prompts: Sequence[str], top_logprobs: int,
+                        from_offsets: Sequence[int] | None = None) -> list[PromptLogprobs | LLMError]:
+        """Each text prompt through `/v1/completions` with ``echo: true``, ``max_tokens: 0`` and ``logprobs:
+        top_logprobs``, as vLLM documents it (one request per prompt; a server batches them itself). A server
+        that refuses the request, or answers without prompt logprobs (llama.cpp's server, OpenAI, Ollama),
+        gives `LLMError('no_prompt_logprobs')`. Alternatives before `from_offsets` are dropped."""
+        self.ensure_ready()
+        offsets = list(from_offsets) if from_offsets is not None else [0] * len(prompts)
+        out: list[PromptLogprobs | LLMError] = []
+        for prompt, offset in zip(prompts, offsets):
+            try:
+                with self._errors():
+                    answer = self._sdk.completions.create(model=self.model, prompt=prompt, echo=True, max_tokens=0,
+                                                          logprobs=top_logprobs, temperature=0.0)
+                out.append(_echo_logprobs(answer, offset))
+            except LLMError as e:
+                if e.reason in ("bad_request", "not_found", "http_404", "http_405", "http_501"):
+                    e = LLMError("no_prompt_logprobs", f"the server refused /completions with echo: {e}")
+                out.append(e)
+        return out
+
+    @contextlib.contextmanager
+    def _errors(self) -> Any:
+        """The SDK's exceptions as `LLMError`s with their reasons."""
         import openai
 
-        self.ensure_ready()
-        kwargs = _chat_kwargs(params)
         try:
-            out = self._sdk.chat.completions.create(model=self.model, messages=list(messages), **kwargs)
+            yield
         except openai.RateLimitError as e:
             raise LLMError("rate_limited", _status(e), transient=True, retried=True) from e
         except openai.InternalServerError as e:
@@ -112,7 +140,24 @@ class OpenAIClient:
                            retried=True) from e
         except (json.JSONDecodeError, openai.APIResponseValidationError, ValueError) as e:
             raise LLMError("malformed_response", type(e).__name__, transient=True) from e
-        return _openai_response(out)
+
+
+def _echo_logprobs(out: Any, from_offset: int) -> PromptLogprobs:
+    """A completions answer with echo as `PromptLogprobs` (`LLMError('no_prompt_logprobs')` when it holds
+    none: a server that ignores echo or logprobs)."""
+    choices = getattr(out, "choices", None)
+    lp = getattr(choices[0], "logprobs", None) if choices else None
+    tokens = list(getattr(lp, "tokens", None) or [])
+    tops = list(getattr(lp, "top_logprobs", None) or [])
+    offsets = list(getattr(lp, "text_offset", None) or [])
+    chosen = list(getattr(lp, "token_logprobs", None) or [])
+    if len(tokens) < 2 or len(tops) != len(tokens) or len(offsets) != len(tokens) or not any(tops[1:]):
+        raise LLMError("no_prompt_logprobs", "the answer holds no logprobs for the prompt's tokens (echo ignored?)")
+    keep = [o >= from_offset for o in offsets]
+    return PromptLogprobs(tokens=[str(t) for t in tokens], text_offset=[int(o) for o in offsets],
+                          token_logprobs=[None if x is None else float(x) for x in chosen] + [None] * (len(tokens) - len(chosen)),
+                          top_logprobs=[{str(k): float(v) for k, v in t.items()} if t is not None and k_ else None
+                                        for t, k_ in zip(tops, keep)])
 
 
 def _status(e: Any, secret: str | None = None) -> str:

@@ -99,3 +99,30 @@ def next_token_logits(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[in
     keep = torch.unique(last)  # sorted positions: only there the unembedding is applied
     logits = hf(input_ids=batch, past_key_values=cache if p > 0 else None, use_cache=p > 0, logits_to_keep=keep).logits
     return logits[torch.arange(len(rows)), torch.searchsorted(keep, last)].float()
+
+
+def prompt_hidden_states(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[int]], keep_from: int,
+                         pad_id: int) -> tuple[Any, int]:
+    """(states, p): the last hidden states (after the final norm, before the unembedding) of every row of
+    token ids from position p on, `[len(rows), longest - p, d_model]`, right-padded; p is the prefix all rows
+    share, capped at `keep_from` (the first position whose state the caller needs), computed once at batch 1
+    (its whole blocks through the `PrefixCache`). One row with `keep_from` 0 is one plain forward. Call
+    under `torch.inference_mode()`."""
+    import torch
+    from transformers import DynamicCache
+
+    p = max(0, min(keep_from, *(len(r) - 1 for r in rows), *(_common(rows[0], r) for r in rows[1:])))
+    first = [int(i) for i in rows[0][:p]]
+    cache, n = prefixes.prefill(hf, first + [pad_id]) if p else (None, 0)
+    if p and cache is None:
+        cache = DynamicCache(config=hf.config)
+    if p > n:
+        hf(input_ids=torch.tensor([first[n:]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if len(rows) > 1 and p > 0:
+        cache.batch_repeat_interleave(len(rows))
+    longest = max(len(r) - p for r in rows)
+    batch = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    for k, r in enumerate(rows):
+        batch[k, :len(r) - p] = torch.tensor([int(i) for i in r[p:]])
+    states = hf.model(input_ids=batch, past_key_values=cache if p > 0 else None, use_cache=p > 0).last_hidden_state
+    return states, p

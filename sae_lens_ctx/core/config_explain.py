@@ -205,6 +205,27 @@ class ScoreConfig:
     """Score unit explanations too: the judge on the unit's held-out top (positive) and low (negative)
     prompts, simulate-and-score correlation, and unit + head explanations for the head-versus-neuron table."""
 
+    simulate: Literal["auto", "prompt-logprobs", "token-by-token", "logprob-free", "off"] = "auto"
+    """Per-token simulation of unit explanations (OpenAI's simulate-and-score, docs/simulation.md): 'auto'
+    probes the backend once before any heavy work and takes the best tier it serves (prompt logprobs,
+    then token by token, then logprob-free); a tier named here is used as is; 'off' simulates only the
+    look-up explanations (the deterministic tier, no LLM)."""
+
+    simulation_n_top: int = 5
+    """Held-out top-activating sequences simulated per unit (OpenAI's demo: 5; at most mine.n_test_prompts)."""
+
+    simulation_n_random: int = 5
+    """Held-out random sequences simulated per unit (OpenAI's demo: 5)."""
+
+    simulation_window: int = 32
+    """Tokens of each simulated sequence: a window of the mined context centred on the top sequence's peak
+    token (a random sequence: its first tokens); 0 takes the whole context (corpus.context_size). 32 keeps
+    the embedded run short; OpenAI's sequences were 64 tokens."""
+
+    simulation_max_calls_per_sequence: int = 64
+    """The token-by-token tier makes one call per token: a longer sequence is not simulated (counted as
+    failed with its reason)."""
+
     bootstrap_resamples: int = 1000
     """Bootstrap resamples for every confidence interval."""
 
@@ -212,8 +233,11 @@ class ScoreConfig:
     """Confidence level of every interval."""
 
     def validate(self) -> None:
-        for name in ("n_prompts", "max_tokens", "bootstrap_resamples"):
+        for name in ("n_prompts", "max_tokens", "bootstrap_resamples", "simulation_max_calls_per_sequence"):
             check_positive(f"score.{name}", getattr(self, name))
+        for name in ("simulation_n_top", "simulation_n_random", "simulation_window"):
+            if getattr(self, name) < 0:
+                raise UserError(f"score.{name} must be 0 or more, got {getattr(self, name)}")
         if self.top_logprobs < 0 or self.top_logprobs > 20:
             raise UserError(f"score.top_logprobs must lie in [0, 20] (OpenAI's limit), got {self.top_logprobs}")
         if not 0.5 <= self.confidence < 1.0:

@@ -18,7 +18,7 @@ from .unit_lookups import OcclusionRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
 
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3
 """Version of the run-directory layout, part of every stage's fingerprint. A directory written under an
 older version is upgraded and its stages re-run (`pipeline.engine`); one written under a newer one is refused."""
 
@@ -97,6 +97,7 @@ FILES: tuple[RunFile, ...] = (
     RunFile("contexts.jsonl", "mine", ContextRecord, "contexts",
             ("unit_id", "split", "rank", "doc_id", "text", "activation", "trimmed_activation")),
     RunFile("context_acts.safetensors", "mine"),
+    RunFile("windows.jsonl", "mine"),
     RunFile("mine.json", "mine", summary=True),
     RunFile("heads.jsonl", "attribute", HeadRecord, "heads",
             ("unit_id", "head", "active_fraction", "mean_attribution", "relevant", "ablation_effect",

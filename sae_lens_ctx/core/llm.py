@@ -13,6 +13,14 @@ Optionally, a backend that answers many requests in one pass has ``batchable(par
 failure in its request's place); the call layer then hands it whole lists of such requests (the embedded
 model: one-token greedy judge calls, `clients.token_batches`).
 
+Optionally, a backend that scores a text prompt has ``prompt_logprobs(prompts, top_logprobs, from_offsets)
+-> list[PromptLogprobs | LLMError]``: for each text prompt (no chat template), its tokens as strings, their
+character offsets and, at every position from ``from_offset`` on, the ``top_logprobs`` most likely tokens
+there (the fields of an OpenAI completions ``logprobs`` object, which neuron-explainer's all-at-once
+simulator reads). In-process models compute it in one forward; OpenAI-compatible servers through
+``/v1/completions`` with ``echo``, ``max_tokens: 0`` and ``logprobs`` (as vLLM serves it). A backend without
+it, or a server that refuses it, leaves the simulator a fallback tier (`stages/score/simulation.py`).
+
 The registry (SAE-Lens style: explicit, duplicates refused) names the built-in backends here, so that a
 config can be checked without importing any client; their factories are attached by `sae_lens_ctx.clients`
 when it is imported (the run engine and the apps import it). `register_backend` adds a user's backend.
@@ -64,6 +72,33 @@ class Response:
             lps = [TokenLogprob(t["token"], t["logprob"], [tuple(a) for a in t.get("top", [])]) for t in lps]
         return cls(text=data["text"], logprobs=lps, prompt_tokens=data.get("prompt_tokens", 0),
                    completion_tokens=data.get("completion_tokens", 0), finish_reason=data.get("finish_reason"))
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """A text prompt scored token by token: the fields of an OpenAI completions `logprobs` object.
+
+    Position i holds the prompt's i-th token; its `token_logprobs[i]` and `top_logprobs[i]` are the
+    model's log-probabilities at that position given the tokens before it (natural log). Position 0, and
+    every position before the first one asked for (`from_offset`), holds None: nothing predicts them here.
+    """
+
+    tokens: list[str]
+    """The prompt's tokens as text (the tokenizer's pieces, decoded one by one)."""
+    text_offset: list[int]
+    """Character offset in the prompt of each token's first character."""
+    token_logprobs: list[float | None]
+    """Log-probability of each prompt token at its position."""
+    top_logprobs: list[dict[str, float] | None]
+    """The most likely tokens at each position and their log-probabilities."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> PromptLogprobs:
+        return cls(list(data["tokens"]), [int(x) for x in data["text_offset"]], list(data["token_logprobs"]),
+                   [None if t is None else dict(t) for t in data["top_logprobs"]])
 
 
 class LLMError(Exception):

@@ -293,7 +293,9 @@ class ScoreRecord:
     'auroc' (from the judge's P(Yes)) per pair; 'shuffled_E' / 'shuffled_auroc' (the same prompts
     judged with another pair's explanation); 'unit_E', 'unit_auroc' (the unit's own explanation on
     its held-out top vs low prompts) and 'unit_sim_correlation' (simulate-and-score) per unit;
-    'unit_plus_head_E' / 'unit_plus_head_auroc' (the unit's explanation joined with one head's).
+    'unit_plus_head_E' / 'unit_plus_head_auroc' (the unit's explanation joined with one head's);
+    'sim_ev_correlation', 'sim_rsquared', 'sim_absolute_dev_explained' per unit: OpenAI's per-token
+    simulate-and-score (its `target`, `metric` and `tier` fields say what was simulated and how).
     """
 
     unit_id: str
@@ -323,6 +325,19 @@ class ScoreRecord:
     for a confound control that scores no explanation, the control's name ('length', 'token')."""
     control_kind: str | None = None
     """None for a real score; for a control: 'random_unit', 'shuffled', 'length' or 'token'."""
+    target: str | None = None
+    """What a per-token simulation score predicts: 'unit' (the unit's activation at every token of held-out
+    sequences); None for the judge's scores (docs/simulation.md)."""
+    metric: str | None = None
+    """A simulation score's metric, neuron-explainer's: 'ev_correlation', 'rsquared' or 'absolute_dev_explained'."""
+    tier: str | None = None
+    """How a simulation score's predictions were made: 'prompt-logprobs' (OpenAI's all-at-once simulator,
+    exact), 'token-by-token', 'logprob-free' or 'deterministic' (a look-up pattern or a confound control,
+    no LLM). Scores of different tiers are never pooled."""
+    n_tokens: int = 0
+    """Tokens a simulation score rests on (`n` counts its sequences)."""
+    failures: dict[str, int] | None = None
+    """A simulation score's failed sequences (and tokens neuron-explainer could not predict) by reason."""
 
 
 CONFOUND_CONTROLS = ("length", "token")

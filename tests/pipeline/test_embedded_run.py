@@ -67,6 +67,16 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     scored = {(s["unit_id"], s["head"]) for s in rows("scores.jsonl") if s["explainer"] == "lookup" and s["scorer"] == "E"}
     assert scored == {k for k, e in lookup.items() if e["status"] == "ok"}
     assert "lookup" in summary["explainers"]
+    # per-token simulation (docs/simulation.md): every explained unit's LLM explanation on the exact tier (the
+    # embedded model serves prompt logprobs) and its look-up pattern on the deterministic one, each with its tier
+    sims = [s for s in rows("scores.jsonl")
+            if s["metric"] == "ev_correlation" and s["control_kind"] in (None, "random_unit")]
+    explained = {e["unit_id"] for e in rows("explanations.jsonl") if e["head"] is None and e["explainer"] != "lookup"
+                 and e["status"] == "ok"}
+    assert explained and {s["unit_id"] for s in sims if s["tier"] == "prompt-logprobs"} == explained
+    assert {s["unit_id"] for s in sims if s["explainer"] == "lookup"} == unit_scored
+    assert all(s["tier"] == "deterministic" and s["n"] >= 1 for s in sims if s["explainer"] == "lookup")
+    assert summary["simulation"]["tier"] == "prompt-logprobs" and "simulation: prompt-logprobs tier" in proc.stdout
     # the offline W&B run, read back from disk
     assert proc.stderr.count("no login found") == 1  # announced once
     tracking = json.loads((out / "tracking.json").read_text())

@@ -31,7 +31,7 @@ from sae_lens_ctx.core import prompts
 from sae_lens_ctx.stages.explain import run_stage
 from sae_lens_ctx.stages.explain import heads as head_mod
 from sae_lens_ctx.clients.llm import make_client
-from sae_lens_ctx.core.llm import BACKENDS, Response, register_backend
+from sae_lens_ctx.core.llm import BACKENDS, LLMError, Response, register_backend
 from sae_lens_ctx.clients.llm import LLM, OpenAIClient, ResponseCache
 from sae_lens_ctx.clients.neuron_explainer import NeuronExplainerClient
 from sae_lens_ctx.inputs.context import RunContext
@@ -227,11 +227,12 @@ def test_registry_refuses_duplicates_and_takes_new_backends():
         llm = LLM(make_client(cfg), prices={"echo": (1e6, 0.0)})
         r = llm.call([{"role": "user", "content": "abc"}], max_tokens=5)
         assert r.ok and r.text == "cba" and r.cost_usd == 3.0  # 3 prompt tokens at $1 each
-        # neuron-explainer's duck-typed client: chat requests in OpenAI's shape; /completions refused.
+        # neuron-explainer's duck-typed client: chat requests in OpenAI's shape; an echo request (prompt
+        # logprobs) to a backend without that capability fails with its reason.
         ne_client = NeuronExplainerClient(llm)
         out = asyncio.run(ne_client.make_request(messages=[{"role": "user", "content": "xyz"}], n=1, max_tokens=5))
         assert out["choices"][0]["message"]["content"] == "zyx" and ne_client.results[0].ok
-        with pytest.raises(NotImplementedError, match="chat-only"):
+        with pytest.raises(LLMError, match="no_prompt_logprobs"):
             asyncio.run(ne_client.make_request(prompt="xyz", echo=True, max_tokens=0, logprobs=15))
     finally:
         del BACKENDS["echo-test"]

@@ -263,3 +263,102 @@ class FaultInjectionServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=10)
+
+
+class EchoCompletionsServer:
+    """An OpenAI-shaped server on a free loopback port that speaks vLLM's documented prompt-logprobs answer:
+    `/v1/completions` with ``echo: true, max_tokens: 0, logprobs: k`` returns the prompt as ``text`` and
+    ``logprobs`` with ``tokens``, ``token_logprobs``, ``top_logprobs`` (a dict per position, None at the
+    first) and ``text_offset``, computed by `score(prompt, k) -> PromptLogprobs` (the embedded model, in the
+    tests). The requested model picks the behaviour:
+
+    ==================  ===========================================================================
+    model               answer
+    ==================  ===========================================================================
+    ``echo``            the answer above
+    ``echo-misaligned`` the answer with one sequence token dropped from every list (a server whose echo
+                        tokens do not line up with the prompt)
+    ``echo-stops``      the answer for the first `stop_after` completions, then ``logprobs: null`` (a
+                        server that stops giving logprobs mid-run)
+    ``chat-only``       404 at /completions (as llama.cpp's server, Ollama, OpenAI answer echo requests);
+                        chat answers of one digit token with digit alternatives (its digit: the length of
+                        the last "Last token in the text" line, mod 10)
+    ==================  ===========================================================================
+    """
+
+    MODELS = ("echo", "echo-misaligned", "echo-stops", "chat-only")
+
+    def __init__(self, score, stop_after: int = 2):
+        self.counts: Counter[str] = Counter()
+        self.requests: list[dict] = []
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status: int, payload: dict) -> None:
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.MODELS]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                model = str(body.get("model"))
+                with server._lock:
+                    server.counts[(model, self.path)] += 1
+                    server.requests.append(body)
+                    n = server.counts[(model, self.path)]
+                if self.path.endswith("/chat/completions"):
+                    return self._send(200, _digit_chat(body))
+                if model == "chat-only":
+                    return self._send(404, {"error": {"message": "Not Found", "type": "not_found"}})
+                prompt, k = body["prompt"], int(body.get("logprobs") or 0)
+                lp = score(prompt, k)
+                logprobs = {"tokens": lp.tokens, "token_logprobs": lp.token_logprobs, "top_logprobs": lp.top_logprobs,
+                            "text_offset": lp.text_offset}
+                if model == "echo-misaligned":
+                    cut = prompt.rfind("<start>")
+                    drop = next(i for i, o in enumerate(lp.text_offset) if o > cut and lp.tokens[i] == "\t") - 1
+                    logprobs = {key: v[:drop] + v[drop + 1:] for key, v in logprobs.items()}
+                if model == "echo-stops" and n > stop_after:
+                    logprobs = None
+                self._send(200, {"id": "cmpl-echo", "object": "text_completion", "created": 0, "model": model,
+                                 "choices": [{"index": 0, "text": prompt, "logprobs": logprobs,
+                                              "finish_reason": "length", "stop_reason": None}],
+                                 "usage": {"prompt_tokens": len(lp.tokens), "completion_tokens": 0,
+                                           "total_tokens": len(lp.tokens)}})
+
+        self.httpd = ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://{LOOPBACK}:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(timeout=10)
+
+
+def _digit_chat(body: dict) -> dict:
+    """`chat-only`'s chat answer: one digit with digit alternatives (see `EchoCompletionsServer`)."""
+    text = body["messages"][-1]["content"]
+    last = text.rsplit("Last token in the text:\n", 1)[-1].split("\n", 1)[0]
+    digit = str(len(last) % 10)
+    top = [{"token": digit, "logprob": math.log(0.8), "bytes": None},
+           {"token": "0", "logprob": math.log(0.1 if digit != "0" else 0.8), "bytes": None}]
+    out = _completion(digit)
+    out["model"] = body.get("model")
+    out["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = top
+    out["choices"][0]["logprobs"]["content"][0]["logprob"] = math.log(0.8)
+    return out

@@ -1,7 +1,7 @@
 """The mine stage: top-activating contexts per unit in one streaming scan (`scan.py`), trimmed (`trim.py`), with
 held-out positives and length-matched negatives (`negatives.py`); shards across jobs or ranks (`shards.py`).
 
-Writes `contexts.jsonl`, `context_acts.safetensors` and `mine.json` (what was kept, the scans' sizes, the
+Writes `contexts.jsonl`, `context_acts.safetensors`, `windows.jsonl` (`windows.py`) and `mine.json` (what was kept, the scans' sizes, the
 trimming's work and each held-out class's lengths).
 """
 
@@ -26,6 +26,7 @@ from .scan import (EMPTY, NEGATIVE_POOLS, POOL_FACTOR, RANDOM_TRACKS, SORT_WINDO
                    UnitReader, batches, build_records, collect_prompts, merge_results, random_keys, run_until_hooks,
                    scan, scan_identity, with_matched_negatives)
 from .trim import trim_prompts
+from .windows import window_records
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def finish_stage(ctx: RunContext, units: list[UnitRecord], reader: UnitReader,
                                            cfg.max_prompt_tokens)
     write_jsonl(ctx.path("contexts.jsonl"), records)
     save_tensors(ctx.path("context_acts.safetensors"), {f"row{i}": a for i, a in enumerate(acts)})
+    write_jsonl(ctx.path("windows.jsonl"), window_records(prompts, units, records, ctx.model.tokenizer, bos))
     report = mine_report(units, records, results, {**trim, "n_dropped_long": dropped})
     atomic_write(ctx.path("mine.json"), json.dumps(report, indent=2) + "\n")
     ctx.this_run.update(scan_log(results), trim_seconds=trim_seconds)

@@ -49,6 +49,8 @@ from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_an
 from .metrics import (aggregate, auroc, auroc_along, balanced_accuracy, balanced_accuracy_along,  # noqa: F401
                       bootstrap_ci, compare, paper_statistics, pearson, pearson_along, score_group,
                       simulate_and_score_correlation, simulation_score)
+from .simulation import (TIERS, probe_tier, read_sequences, simulation_scores, simulation_summary,  # noqa: F401
+                         simulation_text)
 from .verdicts import ONE_SIDED, SIMILAR_JACCARD, flags, one_sided_judge, well_explained  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -291,6 +293,22 @@ def run_cost(ctx: RunContext, judgements: Sequence[Judgement]) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------
 
 
+def simulation_tier(llm: LLM, cfg: ScoreConfig, sequences: dict) -> tuple[str | None, str]:
+    """The LLM simulation tier of this run (`simulation.probe_tier`, asked once before any heavy work),
+    announced in one line; None (only the deterministic tier) when off, without sequences, or unserved."""
+    if cfg.simulate == "off" or not cfg.unit_scores:
+        tier, why = None, "score.simulate is off" if cfg.simulate == "off" else "score.unit_scores is off"
+    elif not sequences:
+        tier, why = None, "no held-out sequences (windows.jsonl): re-run the mine stage"
+    else:
+        tier, why = probe_tier(llm, cfg.simulate)
+    if tier is None:
+        print(f"simulation: no LLM tier ({why}); look-up explanations and controls are simulated (deterministic)")
+    else:
+        print(f"simulation: {tier} tier ({why})")
+    return tier, why
+
+
 def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx score`: write `scores.jsonl`, `judgements.jsonl` and `summary.json`; print a summary."""
     cfg = ctx.config.score
@@ -298,14 +316,20 @@ def run_stage(ctx: RunContext) -> None:
     jobs = build_jobs(inp, cfg, ctx.config.seed)
     start = time.perf_counter()
     llm = LLM.from_config(ctx.config.explain, ctx.out)
+    sequences = read_sequences(ctx.path("windows.jsonl"), cfg) if cfg.unit_scores else {}
+    tier, why = simulation_tier(llm, cfg, sequences)
     try:
         judgements = run_judgements(llm, jobs, cfg)
         judgements += run_judgements(llm, build_joined_jobs(inp, judgements, cfg), cfg)
+        sim_start = time.perf_counter()
+        simulated = simulation_scores(llm, tier, inp, sequences, cfg, ctx.config.seed, partner=lambda units: {
+            k[0]: v[0] for k, v in shuffled_partner([(u, None) for u in units], ctx.config.seed).items()})
+        sim_seconds = round(time.perf_counter() - sim_start, 1)
     finally:
         llm.close()
     looked_up = lookup_judgements(inp, cfg, ctx.config.seed) + unit_lookup_judgements(inp, cfg, ctx.config.seed)
     write_jsonl(ctx.path("judgements.jsonl"), [asdict(j) for j in judgements + looked_up])
-    scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed, inp)
+    scores = compute_scores(judgements + looked_up, inp.units, cfg, ctx.config.seed, inp) + simulated.scores
     write_jsonl(ctx.path("scores.jsonl"), scores)
     llm_scores = [s for s in scores if s.explainer != LOOKUP]
     well = ctx.config.logging.well_explained
@@ -322,7 +346,11 @@ def run_stage(ctx: RunContext) -> None:
         for scorer in ("unit_E", "unit_auroc"):  # the unit's own look-up pattern
             v = by_unit[row["unit_id"]][scorer]
             row[f"lookup_{scorer}"] = float(v[0]) if v else None
+    summary["simulation"] = {**{k: v for k, v in simulated.info.items() if k != "prefix_cache"}, "probe": why,
+                             "tiers": simulation_summary(simulated.scores, cfg, ctx.config.seed)}
     summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
-    ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1))
+    ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1),
+                        simulation_seconds=sim_seconds, simulation_prefix_cache=simulated.info.get("prefix_cache"))
     print(summary_text(summary))
+    print(simulation_text(summary["simulation"]))

@@ -1,0 +1,488 @@
+"""OpenAI's simulate-and-score (Bills et al. 2023, neuron-explainer) on the run's held-out sequences.
+
+An explanation is scored by how well a simulator that reads it predicts the unit's activation at **every
+token** of held-out sequences: `score.simulation_n_top` top-activating and `score.simulation_n_random`
+random sequences of the test split, each a window of its mined context (`mine/windows.py`, cut by
+`cut_window`) with the unit's true activation at every token. neuron-explainer's own code does the rest:
+its simulators (prompt builder, few-shot set, response parser), its `simulate_and_score` and its
+`ev_correlation_score`, `rsquared_score` and `absolute_dev_explained_score` (pooled over all tokens of all
+sequences, as it aggregates them).
+
+Tiers (`ScoreRecord.tier`; never pooled):
+
+* ``prompt-logprobs``: `ExplanationNeuronSimulator` (all at once, OpenAI's exact method): one prompt per
+  sequence whose tokens are each followed by "unknown"; the expected value over "0".."10" of the
+  next-token log-probabilities at every "unknown" position. Needs the backend's prompt logprobs
+  (`core.llm.PromptLogprobs`: in-process exact; servers through `/v1/completions` with echo).
+* ``token-by-token``: `ExplanationTokenByTokenSimulator` (one one-token chat completion with logprobs per
+  token; at most `score.simulation_max_calls_per_sequence` a sequence).
+* ``logprob-free``: `LogprobFreeExplanationTokenSimulator` (the activations written out as text, parsed by
+  its own parser; 0.0.1's constructor bug fixed in `clients.neuron_explainer.simulator_module`).
+* ``deterministic``: no LLM: a unit's look-up pattern at every token (`core.unit_lookups.judge` on the
+  tokens up to t), and the confound controls (`length`: the position in the sequence; `token`: whether the
+  unit's own token occurs at or before t).
+
+`probe_tier` asks the backend once, before any simulation, with tiny requests, which tier it serves. A
+sequence whose simulation fails (a failed call, a server that stopped giving logprobs, echo tokens that do
+not align with the sequence) is left out and counted under its reason on the score (`failures`); a score
+with no usable sequence, or an undefined correlation (the unit never fires on them), has value None and
+its reason (`skipped`): never NaN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...clients.llm import LLM, LOCAL_BACKENDS
+from ...clients.neuron_explainer import (NeuronExplainerClient, UnreproducedSequence, neuron_explainer_imports,
+                                         simulator_module)
+from ...core.config import ScoreConfig
+from ...core.llm import LLMError, PromptLogprobs
+from ...core.records import ScoreRecord
+from ...core.unit_lookups import judge as unit_judge
+
+log = logging.getLogger(__name__)
+
+TIERS = ("prompt-logprobs", "token-by-token", "logprob-free", "deterministic")
+"""Simulation tiers, best first (see the module)."""
+
+METRICS = ("ev_correlation", "rsquared", "absolute_dev_explained")
+"""neuron-explainer's scores of a simulation, as `ScoreRecord.metric` (scorer `sim_{metric}`)."""
+
+UNPREDICTED = "token without a prediction (neuron-explainer sets its EV to 0: a newline folded into it, or no digit among the top logprobs)"
+
+
+@dataclass(frozen=True)
+class SimSequence:
+    """One held-out sequence to simulate: the unit's true activation at every token."""
+
+    kind: str
+    """'top' or 'random'."""
+    rank: int
+    tokens: list[str]
+    token_ids: list[int]
+    activations: list[float]
+
+
+@dataclass
+class Simulated:
+    """What simulating one explanation on a unit's sequences gave."""
+
+    tier: str
+    values: dict[str, float | None] = field(default_factory=dict)
+    """Metric → value (None: undefined)."""
+    true: list[list[float]] = field(default_factory=list)
+    predicted: list[list[float]] = field(default_factory=list)
+    """Per usable sequence: true and predicted activations (for the bootstrap)."""
+    failures: Counter = field(default_factory=Counter)
+    skipped: str | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Sequences
+# --------------------------------------------------------------------------------------------
+
+
+def cut_window(tokens: Sequence[Any], peak: int, kind: str, width: int) -> slice:
+    """The window simulated of a mined context: `width` tokens centred on the peak of a top sequence (the
+    peak at index width // 2 where the context allows), the first `width` of a random one; 0 = all."""
+    n = len(tokens)
+    if width <= 0 or n <= width:
+        return slice(0, n)
+    start = 0 if kind != "top" else min(max(0, peak - width // 2), n - width)
+    return slice(start, start + width)
+
+
+def read_sequences(path: Path, cfg: ScoreConfig) -> dict[str, list[SimSequence]]:
+    """unit_id → its first `simulation_n_top` top and `simulation_n_random` random windows of
+    `windows.jsonl` (empty when the run has none: written before results format 3)."""
+    if not path.is_file():
+        return {}
+    out: dict[str, list[SimSequence]] = {}
+    counts: Counter = Counter()
+    wanted = {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        w = json.loads(line)
+        if counts[(w["unit_id"], w["kind"])] >= wanted.get(w["kind"], 0):
+            continue
+        counts[(w["unit_id"], w["kind"])] += 1
+        cut = cut_window(w["tokens"], w["peak"], w["kind"], cfg.simulation_window)
+        out.setdefault(w["unit_id"], []).append(SimSequence(w["kind"], w["rank"], w["tokens"][cut],
+                                                          w["token_ids"][cut], w["activations"][cut]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tiers
+# --------------------------------------------------------------------------------------------
+
+
+def probe_tier(llm: LLM, wanted: str = "auto") -> tuple[str | None, str]:
+    """(tier, why): the best LLM tier the backend serves, asked once with tiny requests (a 2-token prompt's
+    logprobs, a one-token chat answer with logprobs, a short chat answer); a tier named in `wanted` is
+    taken as is. None when no tier works (the reason says why)."""
+    if wanted != "auto":
+        return wanted, "set by score.simulate"
+    why = []
+    ask = [{"role": "user", "content": "Say 0."}]
+    try:
+        answer = llm.prompt_logprobs(["Activations: 0"], 2)[0]
+        if isinstance(answer, PromptLogprobs) and any(answer.top_logprobs[1:]):
+            return "prompt-logprobs", "the backend returns prompt logprobs"
+        why.append(f"no prompt logprobs ({answer.reason if isinstance(answer, LLMError) else 'empty'})")
+        chat = llm.call(ask, max_tokens=1, temperature=0.0, top_logprobs=2)
+        if chat.ok and chat.response.logprobs and chat.response.logprobs[0].top:
+            return "token-by-token", "; ".join(why) + ": chat answers carry token logprobs"
+        why.append("no chat logprobs" if chat.ok else f"chat failed ({chat.reason})")
+        plain = llm.call(ask, max_tokens=4, temperature=0.0)
+        if plain.ok:
+            return "logprob-free", "; ".join(why) + ": chat answers only"
+        why.append(f"chat failed ({plain.reason})")
+    except Exception as e:  # noqa: BLE001  (a backend that cannot take the probe: no LLM tier, not a crash)
+        why.append(f"the probe failed ({type(e).__name__}: {str(e)[:120]})")
+    return None, "; ".join(why)
+
+
+def llm_simulator(tier: str, explanation: str, client: NeuronExplainerClient) -> Any:
+    """neuron-explainer's simulator of `tier` for `explanation`, calling our `client`."""
+    sim = simulator_module()
+    with neuron_explainer_imports():
+        from neuron_explainer.explanations.prompt_builder import PromptFormat
+    if tier == "prompt-logprobs":
+        s = sim.ExplanationNeuronSimulator("sae-lens-ctx", explanation)
+    elif tier == "token-by-token":
+        s = sim.ExplanationTokenByTokenSimulator("sae-lens-ctx", explanation, prompt_format=PromptFormat.HARMONY_V4)
+    elif tier == "logprob-free":
+        s = sim.LogprobFreeExplanationTokenSimulator("sae-lens-ctx", explanation,
+                                                     prompt_format=PromptFormat.HARMONY_V4)
+    else:
+        raise ValueError(f"unknown simulation tier {tier!r}")
+    s.api_client = client
+    return s
+
+
+class FixedSimulator:
+    """A deterministic per-token simulator: `predict(sequence) -> activations`, looked up by its tokens."""
+
+    def __init__(self, sequences: Sequence[SimSequence], predict: Callable[[SimSequence], list[float]]):
+        self._by_tokens = {tuple(s.tokens): predict(s) for s in sequences}
+
+    async def simulate(self, tokens: Sequence[str]) -> Any:
+        with neuron_explainer_imports():
+            from neuron_explainer.explanations.explanations import ActivationScale, SequenceSimulation
+        return SequenceSimulation(tokens=list(tokens), expected_activations=list(self._by_tokens[tuple(tokens)]),
+                                  activation_scale=ActivationScale.SIMULATED_NORMALIZED_ACTIVATIONS,
+                                  distribution_values=[], distribution_probabilities=[])
+
+
+def lookup_predictions(pattern: dict | None) -> Callable[[SimSequence], list[float]]:
+    """A unit look-up pattern at every token: the graded judge on the tokens up to t (the rule matched at t)."""
+    return lambda s: [unit_judge(pattern, s.token_ids[:t + 1])[1] for t in range(len(s.token_ids))]
+
+
+def position_predictions(s: SimSequence) -> list[float]:
+    """The length control: the position in the sequence (what a simulator that only counts tokens knows)."""
+    return [float(t) for t in range(len(s.tokens))]
+
+
+def token_predictions(token_id: int | None) -> Callable[[SimSequence], list[float]]:
+    """The token control: 1 from the first occurrence of the unit's own token (the one it predicts) on."""
+    def predict(s: SimSequence) -> list[float]:
+        seen, out = False, []
+        for t in s.token_ids:
+            seen = seen or (token_id is not None and int(t) == int(token_id))
+            out.append(float(seen))
+        return out
+    return predict
+
+
+# --------------------------------------------------------------------------------------------
+# Simulate and score
+# --------------------------------------------------------------------------------------------
+
+
+def simulate(simulator: Any, sequences: Sequence[SimSequence], tier: str, max_calls: int | None = None) -> Simulated:
+    """Simulate every sequence (together: an in-process model computes their shared prompt opening once),
+    then neuron-explainer's `simulate_and_score` over the usable ones, replayed (see the module)."""
+    with neuron_explainer_imports():
+        from neuron_explainer.activations.activations import ActivationRecord
+        from neuron_explainer.explanations.scoring import simulate_and_score
+    out = Simulated(tier)
+    todo = [s for s in sequences if max_calls is None or len(s.tokens) <= max_calls]
+    if len(todo) < len(sequences):
+        out.failures["longer than score.simulation_max_calls_per_sequence"] += len(sequences) - len(todo)
+
+    async def all_of() -> list[Any]:
+        return await asyncio.gather(*[simulator.simulate(s.tokens) for s in todo], return_exceptions=True)
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        results = asyncio.run(all_of())
+    usable, replay = [], {}
+    for s, r in zip(todo, results):
+        reason = _failure(r, s)
+        if reason:
+            out.failures[reason] += 1
+            continue
+        unpredicted = sum(1 for d in (r.distribution_values or []) if not d) if tier != "logprob-free" and \
+            tier != "deterministic" else 0
+        if unpredicted:
+            out.failures[UNPREDICTED] += unpredicted
+        usable.append(s)
+        replay[tuple(s.tokens)] = r
+    if not usable:
+        out.skipped = "no sequence simulated: " + (", ".join(sorted(out.failures)) or "no held-out sequences")
+        out.values = dict.fromkeys(METRICS)
+        return out
+
+    class Replay:
+        async def simulate(self, tokens: Sequence[str]) -> Any:
+            return replay[tuple(tokens)]
+
+    records = [ActivationRecord(tokens=list(s.tokens), activations=[float(a) for a in s.activations]) for s in usable]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        scored = asyncio.run(simulate_and_score(Replay(), records))
+    out.true = [list(s.activations) for s in usable]
+    out.predicted = [[float(x) for x in replay[tuple(s.tokens)].expected_activations] for s in usable]
+    out.values = {"ev_correlation": _finite(scored.ev_correlation_score), "rsquared": _finite(scored.rsquared_score),
+                  "absolute_dev_explained": _finite(scored.absolute_dev_explained_score)}
+    if out.values["ev_correlation"] is None:
+        true = np.concatenate([np.asarray(t, float) for t in out.true])
+        pred = np.concatenate([np.asarray(p, float) for p in out.predicted])
+        out.skipped = ("the unit's activation is constant on the simulated sequences (it never fires there)"
+                       if np.ptp(true) == 0 else "the simulation is constant over every token"
+                       if np.ptp(pred) == 0 else "undefined correlation")
+    return out
+
+
+def _failure(result: Any, s: SimSequence) -> str | None:
+    """Why a sequence's simulation is unusable, or None."""
+    if isinstance(result, LLMError):
+        return f"call failed: {result.reason}"
+    if isinstance(result, UnreproducedSequence):
+        return "the logprob-free answer did not repeat the sequence's tokens"
+    if isinstance(result, AssertionError):
+        return "echo tokens misaligned with the sequence (neuron-explainer's parser)"
+    if isinstance(result, BaseException):
+        return f"simulator error: {type(result).__name__}"
+    ev = list(result.expected_activations)
+    if len(ev) != len(s.tokens):
+        return "echo tokens misaligned with the sequence (fewer predictions than tokens)"
+    if not all(np.isfinite(float(x)) for x in ev):
+        return "non-finite prediction"
+    return None
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _pooled(metric: str) -> Callable[[np.ndarray, np.ndarray], float]:
+    def ev(t, p):
+        return float(np.corrcoef(t, p)[0, 1])
+
+    def rsq(t, p):
+        return float(1 - np.mean((t - p) ** 2) / np.mean(t ** 2))
+
+    def absdev(t, p):
+        return float(1 - np.mean(np.abs(t - p)) / np.mean(np.abs(t)))
+    return {"ev_correlation": ev, "rsquared": rsq, "absolute_dev_explained": absdev}[metric]
+
+
+def sequence_bootstrap(true: Sequence[Sequence[float]], predicted: Sequence[Sequence[float]], metric: str,
+                       n_resamples: int, confidence: float, seed: int) -> tuple[float | None, float | None]:
+    """Percentile bootstrap of a pooled metric over sequences (resampled whole, as they were drawn);
+    undefined resamples dropped; (None, None) for fewer than two sequences or half undefined."""
+    if len(true) < 2:
+        return None, None
+    rng = np.random.default_rng(seed)
+    fn = _pooled(metric)
+    t_arr = [np.asarray(t, float) for t in true]
+    p_arr = [np.asarray(p, float) for p in predicted]
+    values = []
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        for _ in range(n_resamples):
+            pick = rng.integers(0, len(true), len(true))
+            values.append(fn(np.concatenate([t_arr[i] for i in pick]), np.concatenate([p_arr[i] for i in pick])))
+    v = np.asarray(values)
+    v = v[np.isfinite(v)]
+    if len(v) < n_resamples / 2:
+        return None, None
+    alpha = (1 - confidence) / 2
+    return float(np.percentile(v, 100 * alpha)), float(np.percentile(v, 100 * (1 - alpha)))
+
+
+def score_records(sim: Simulated, unit_id: str, control: bool, explainer: str, control_kind: str | None,
+                  cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
+    """One `ScoreRecord` per metric of a simulation (scorer `sim_{metric}`, target 'unit')."""
+    n_tokens = sum(len(t) for t in sim.true)
+    out = []
+    for metric in METRICS:
+        value = sim.values.get(metric)
+        lo, hi = (sequence_bootstrap(sim.true, sim.predicted, metric, cfg.bootstrap_resamples, cfg.confidence, seed)
+                  if value is not None else (None, None))
+        out.append(ScoreRecord(unit_id=unit_id, head=None, scorer=f"sim_{metric}", value=value, ci_low=lo,
+                               ci_high=hi, n=len(sim.true), control=control,
+                               n_failed=sum(v for k, v in sim.failures.items() if k != UNPREDICTED),
+                               skipped=None if value is not None else (sim.skipped or "undefined"),
+                               explainer=explainer, control_kind=control_kind, target="unit", metric=metric,
+                               tier=sim.tier, n_tokens=n_tokens, failures=dict(sim.failures) or None))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The stage's part
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulationRun:
+    """Every simulation score of a run and what it took."""
+
+    scores: list[ScoreRecord]
+    info: dict[str, Any]
+    """For summary.json: the tier, the probe's answer, sequences, prompt tokens, prefix-cache share."""
+
+
+def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: dict[str, list[SimSequence]],
+                      cfg: ScoreConfig, seed: int, partner: Callable[[list], dict]) -> SimulationRun:
+    """Per unit with held-out sequences: its LLM explanation simulated on the `tier` (when there is one)
+    and its look-up pattern (deterministic), each with its shuffled control (another unit's explanation on
+    this unit's sequences, `score.shuffled_control`); the length and token controls once per unit.
+    `partner(keys)` is the stage's shuffled-control derangement."""
+    from ...core.lookups import EXPLAINER as LOOKUP
+
+    scores: list[ScoreRecord] = []
+    before = _prefix_counts(llm)
+    units = [u for u in sequences if u in inp.units]
+    llm_text = {u: inp.unit_explanations[u] for u in units
+                if u in inp.unit_explanations and inp.unit_explanations[u].status == "ok"} if llm and tier else {}
+    lookup = {u: inp.lookup_explanations[(u, None)] for u in units
+              if (u, None) in inp.lookup_explanations and inp.lookup_explanations[(u, None)].status == "ok"}
+    llm_partner = partner(sorted(llm_text)) if cfg.shuffled_control else {}
+    lookup_partner = partner(sorted(lookup)) if cfg.shuffled_control else {}
+    max_calls = cfg.simulation_max_calls_per_sequence if tier == "token-by-token" else None
+
+    def kind_of(unit_id: str, kind: str | None) -> str | None:
+        return kind or ("random_unit" if inp.units[unit_id].control else None)
+
+    jobs = [(u, llm_text[u].explainer, kind, text) for u in units if u in llm_text
+            for text, kind in [(llm_text[u].text, None)]
+            + ([(llm_text[llm_partner[u]].text, "shuffled")] if u in llm_partner else [])]
+    prompt_tokens: list[int] = []
+
+    def run(job: tuple) -> Simulated:
+        unit_id, _, _, text = job
+        if not text.strip():
+            return Simulated(tier, dict.fromkeys(METRICS), failures=Counter({"empty explanation": len(sequences[unit_id])}),
+                             skipped="empty explanation")
+        client = NeuronExplainerClient(llm)  # one per explanation: its requests are computed together
+        sim = simulate(llm_simulator(tier, text, client), sequences[unit_id], tier, max_calls)
+        prompt_tokens.extend(client.prompt_tokens)
+        return sim
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = llm.max_concurrency if llm is not None else 1
+    if llm is not None and llm.backend in LOCAL_BACKENDS:
+        workers = min(workers, os.cpu_count() or 1)  # in-process: one explanation a core
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for (unit_id, explainer, kind, _), sim in zip(jobs, pool.map(run, jobs)):
+            scores.extend(score_records(sim, unit_id, bool(inp.units[unit_id].control), explainer,
+                                        kind_of(unit_id, kind), cfg, seed))
+    for unit_id in units:
+        seqs, unit = sequences[unit_id], inp.units[unit_id]
+        shown = [(lookup[unit_id].pattern, None)] + ([(lookup[lookup_partner[unit_id]].pattern, "shuffled")]
+                                                     if unit_id in lookup_partner else []) if unit_id in lookup else []
+        fixed = [(LOOKUP, kind, lookup_predictions(pattern)) for pattern, kind in shown]
+        fixed += [("length", "length", position_predictions), ("token", "token", token_predictions(unit.token_id))]
+        for explainer, kind, predict in fixed:
+            sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
+            scores.extend(score_records(sim, unit_id, bool(unit.control), explainer, kind_of(unit_id, kind), cfg, seed))
+    after = _prefix_counts(llm)
+    info: dict[str, Any] = {"tier": tier, "n_units": len(units),
+                            "sequences_per_unit": {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random},
+                            "window": cfg.simulation_window}
+    if prompt_tokens:
+        total = sum(prompt_tokens)
+        info["prompt_tokens_per_sequence"] = round(total / len(prompt_tokens), 1)
+        if before is not None and after is not None:
+            served, shared = (after[0] - before[0]) * after[2], after[3] - before[3]
+            info["prefix_cache"] = {"prompt_tokens": total, "served_from_cache": served,
+                                    "share": round(served / total, 3) if total else None,
+                                    "shared_within_call": shared, "shared_share": round(shared / total, 3),
+                                    "computed": total - served - shared}
+    return SimulationRun(scores, info)
+
+
+def _prefix_counts(llm: LLM | None) -> tuple[int, int, int, int] | None:
+    counts = getattr(getattr(llm, "client", None), "prefix_cache_counts", None)
+    return counts() if callable(counts) else None
+
+
+def simulation_summary(scores: Sequence[ScoreRecord], cfg: ScoreConfig, seed: int) -> dict[str, Any]:
+    """summary.json's `simulation` block: per tier (never pooled), per explainer, per metric: the real
+    units' scores, the random control units', the shuffled explanations' and the length/token controls',
+    with real − control comparisons (paired by unit)."""
+    from .metrics import aggregate, compare
+
+    boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
+    sims = [s for s in scores if s.metric is not None]
+    controls_by = {(s.unit_id, s.metric, s.control_kind): s.value for s in sims if s.control_kind in ("length", "token")}
+    out: dict[str, Any] = {}
+    for tier in TIERS:
+        for explainer in sorted({s.explainer for s in sims if s.tier == tier and s.control_kind in (None, "random_unit")}):
+            block = out.setdefault(tier, {}).setdefault(explainer, {})
+            for metric in METRICS:
+                mine = [s for s in sims if s.tier == tier and s.explainer == explainer and s.metric == metric]
+                real = {s.unit_id: s.value for s in mine if s.control_kind is None}
+                ctrl = [s.value for s in mine if s.control_kind == "random_unit"]
+                shuffled = {s.unit_id: s.value for s in mine if s.control_kind == "shuffled" and not s.control}
+                m: dict[str, Any] = {"real": aggregate(list(real.values()), **boot),
+                                     "random_units": aggregate(ctrl, **boot),
+                                     "real_minus_random_units": compare(list(real.values()), ctrl, **boot),
+                                     "shuffled_explanations": aggregate(list(shuffled.values()), **boot)}
+                keys = [k for k in real if real[k] is not None and shuffled.get(k) is not None]
+                m["real_minus_shuffled"] = compare([real[k] for k in keys], [shuffled[k] for k in keys], paired=True,
+                                                   **boot)
+                for kind in ("length", "token"):
+                    keys = [k for k in real if real[k] is not None and controls_by.get((k, metric, kind)) is not None]
+                    m[f"{kind}_control"] = aggregate([controls_by[(k, metric, kind)] for k in keys], **boot)
+                    m[f"real_minus_{kind}"] = compare([real[k] for k in keys],
+                                                      [controls_by[(k, metric, kind)] for k in keys], paired=True, **boot)
+                block[metric] = m
+    return out
+
+
+def simulation_text(block: dict[str, Any]) -> str:
+    """The console lines of summary.json's `simulation` block: per tier and explainer, ev_correlation real
+    beside its controls."""
+    def fmt(a: dict) -> str:
+        if a["mean"] is None:
+            return "n/a (n=0)"
+        ci = f" [{a['ci_low']:.3f}, {a['ci_high']:.3f}]" if a["ci_low"] is not None else ""
+        return f"{a['mean']:.3f}{ci} (n={a['n']})"
+
+    lines = [f"simulation ({block.get('tier') or 'deterministic only'}; {block.get('probe', '')})"]
+    for tier, by_explainer in block.get("tiers", {}).items():
+        for explainer, metrics in by_explainer.items():
+            m = metrics["ev_correlation"]
+            lines.append(f"  {tier} {explainer} ev_correlation real {fmt(m['real'])}; shuffled "
+                         f"{fmt(m['shuffled_explanations'])}; random units {fmt(m['random_units'])}; "
+                         f"length {fmt(m['length_control'])}; token {fmt(m['token_control'])}")
+    return "\n".join(lines)
