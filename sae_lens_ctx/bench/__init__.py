@@ -240,7 +240,19 @@ def bench_cli(argv: list[str]) -> int:
     p.add_argument("--attribute-run", type=Path, metavar="RUN_DIR",
                    help="instead: time the attribute stage's parts (without and with look-ups, occlusion) on this run "
                         "directory's units and prompts (after mine), with its model")
+    p.add_argument("--contention", action="store_true",
+                   help="instead: the scan and attribution parts alone, then beside a second copy of themselves "
+                        "(subprocesses; the first --shape, default smollm2): each copy's time as a multiple of its "
+                        "time alone (goal <= 2.5x; a fair share of the cores is 2x)")
     a = p.parse_args(argv)
+    if a.contention:
+        from .contention import bench_contention
+
+        result = bench_contention(shape=(a.shape or ["smollm2"])[0], batch_size=a.batch_size)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if a.attribute_run is not None:
         return _attribute_parts_cli(a.attribute_run, a.repeats, a.out)
     device = torch.device(a.device)

@@ -51,3 +51,14 @@ def test_named_shapes_build_with_their_dimensions():
     for name in ("gpt2-small", "gpt2-large", "pythia-160m", "smollm2"):
         assert SHAPES[name]["d_model"] % SHAPES[name].get("n_heads", 1) == 0
     assert SHAPES["smollm2"]["gated_mlp"] and SHAPES["smollm2"]["normalization_type"] == "RMS"
+
+
+def test_bench_contention_times_each_part_alone_and_beside_a_copy(tmp_path):
+    """`bench --contention` on the tiny shape: the fields and their arithmetic (no timing assertion)."""
+    from sae_lens_ctx.bench.contention import CONTENTION_GOAL, bench_contention
+
+    r = bench_contention(["scan"], "tiny", n_contexts=8, batch_size=4, log=lambda _: None)
+    part = r["parts"]["scan"]
+    assert part["alone_s"] > 0 and len(part["beside_s"]) == 2 and all(s > 0 for s in part["beside_s"])
+    assert abs(part["ratio"] - sum(part["beside_s"]) / 2 / part["alone_s"]) <= 0.05 * part["ratio"]  # seconds rounded to ms
+    assert r["goal"] == CONTENTION_GOAL and r["shape"] == "tiny"
