@@ -261,6 +261,12 @@ class ScanResult:
     """Contexts already done in the checkpoint it resumed from (0: a fresh scan)."""
     identity: str = ""
     """What the result depends on (`scan_identity`); shards of one scan share it (`shard.py`)."""
+    precision: str = "float32"
+    """'bfloat16' where candidates were scanned in bf16 and the survivors recomputed in fp32 (`precision.py`)."""
+    n_units_rescanned: int = 0
+    """bf16 scans: units whose candidates came within the bf16 margin of the k-th, rescanned in fp32."""
+    n_recomputed: int = 0
+    """bf16 scans: candidate contexts run again in fp32."""
 
     @property
     def tokens_per_s(self) -> float:
