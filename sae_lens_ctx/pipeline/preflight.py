@@ -95,8 +95,9 @@ def model_sizes(config: RunConfig) -> dict[str, int] | None:
 def check_sizes(config: RunConfig, model_given: bool = False) -> None:
     """Sizes the inputs cannot hold, before any model loads (one-line `UserError` naming what is available):
     more corpus tokens than the embedded corpus has (`corpus.max_tokens`, for the embedded model's tokenizer),
-    more layers than the model has, or more neurons per layer (`discover.top_k`, twice that with controls)
-    than a layer holds."""
+    a layer the model does not have (`discover.layers`; `n_last_layers` beyond the model takes every layer, as
+    discover always did), or more neurons per layer (`discover.top_k`, twice that with controls) than a layer
+    holds."""
     c, d = config.corpus, config.discover
     if c.dataset_path.strip() == EMBEDDED and config.model.model_name == EMBEDDED:
         have = embedded_corpus_tokens(c.context_size, c.prepend_bos)
@@ -107,11 +108,7 @@ def check_sizes(config: RunConfig, model_given: bool = False) -> None:
     sizes = None if model_given else model_sizes(config)
     if sizes is None:
         return
-    layers = d.layers or []
-    if not layers and d.n_last_layers > sizes["n_layers"]:
-        raise UserError(f"discover.n_last_layers={d.n_last_layers} but the model has {sizes['n_layers']} layers: "
-                        f"set it to {sizes['n_layers']} or less")
-    bad = [layer for layer in layers if not -sizes["n_layers"] <= layer < sizes["n_layers"]]
+    bad = [layer for layer in d.layers if not -sizes["n_layers"] <= layer < sizes["n_layers"]]
     if bad:
         raise UserError(f"discover.layers {bad} do not exist: the model has layers 0..{sizes['n_layers'] - 1}")
     if d.neurons and d.threshold is None and not d.unit_ids:

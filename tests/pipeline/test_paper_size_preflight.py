@@ -1,5 +1,5 @@
-"""The paper-size preset's bad input: more tokens than the corpus has, more units than a layer holds, more layers
-than the model has: one line before any model loads, saying what is available (pipeline/preflight.py)."""
+"""The paper-size preset's bad input: more tokens than the corpus has, more units than a layer holds, a layer the
+model does not have: one line before any model loads, saying what is available (pipeline/preflight.py)."""
 
 import json
 from pathlib import Path
@@ -42,8 +42,8 @@ def test_more_units_than_a_layer_holds_and_more_layers_than_the_model_has():
     with pytest.raises(UserError, match="a layer holds 1,536: set discover.top_k to 768 or less"):
         check_sizes(cfg)
     cfg = RunConfig.from_yaml(PRESET)
-    cfg.discover.n_last_layers = 31
-    with pytest.raises(UserError, match="the model has 30 layers"):
+    cfg.discover.layers = [29, 30]
+    with pytest.raises(UserError, match=r"discover.layers \[30\] do not exist: the model has layers 0..29"):
         check_sizes(cfg)
 
 
