@@ -18,13 +18,14 @@ def test_bench_tiny_shape_writes_every_field(tmp_path, capsys):
         assert key in printed
     r = json.loads(out.read_text())
     assert set(r["ratios"]) == {"scan_over_forward", "scan_over_tl_cache", "scan_over_paper",
-                                "attribution_over_paper", "trim_over_serial"}
+                                "attribution_over_paper", "trim_over_serial", "scan_bf16_over_forward",
+                                "scan_bf16_over_scan"}
     for key, value in r["ratios"].items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, key
     (run,) = r["runs"]
     assert run["model"] == "random:tiny" and run["shape"] == "tiny" and run["n_layers"] == SHAPES["tiny"]["n_layers"]
     assert run["ratios"] == r["ratios"]  # one model: the worst case is that model's
-    for method in ("scan", "forward", "forward_until_hooks", "run_with_cache_topk", "paper_scan"):
+    for method in ("scan", "scan_bf16", "forward", "forward_until_hooks", "run_with_cache_topk", "paper_scan"):
         assert run["tokens_per_s"][method] > 0
     assert run["scan"]["n_contexts"] == 8 and run["scan"]["n_tokens"] > 0
     # attribution: ours and the paper-style full cache agree on the values, not only on timing

@@ -109,7 +109,7 @@ def test_the_stage_in_both_precisions_writes_the_same_prompts(planted_gpt2, tmp_
 def test_embedded_bf16_scan_writes_the_fp32_prompts(embedded_view, tmp_path):
     runs = {}
     for p in ("float32", "bfloat16"):
-        cfg = RunConfig(corpus=CorpusConfig(max_tokens=6000), discover=DiscoverConfig(n_last_layers=2, top_k=2),
+        cfg = RunConfig(corpus=CorpusConfig(max_tokens=4000), discover=DiscoverConfig(n_last_layers=1, top_k=2),
                         mine=MineConfig(top_k=5, n_test_prompts=3, n_random=3, scan_precision=p))
         runs[p] = mine_run(cfg, tmp_path / p, model=embedded_view.model)
     assert_same_prompts(runs["bfloat16"], runs["float32"])
