@@ -476,5 +476,7 @@ def merge_results(parts: list[dict[str, ScanResult]]) -> dict[str, ScanResult]:
             tracks[key] = merged
         out[name] = ScanResult(tracks, rs[0].n_contexts, rs[0].n_tokens, sum(r.n_skipped for r in rs),
                                max(r.seconds for r in rs), sum(r.tokens_scanned for r in rs),
-                               sum(r.resumed_at for r in rs), rs[0].identity)
+                               sum(r.resumed_at for r in rs), rs[0].identity,
+                               "+".join(sorted({r.precision for r in rs})), sum(r.n_units_rescanned for r in rs),
+                               sum(r.n_recomputed for r in rs))
     return out

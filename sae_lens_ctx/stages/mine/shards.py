@@ -73,7 +73,9 @@ def save_shard(path: Path, results: dict[str, ScanResult], shard: tuple[int, int
             tensors.update(t.tensors(f"{name}.{key}"))
         splits[name] = {"tracks": {k: t.largest for k, t in r.tracks.items()}, "n_contexts": r.n_contexts,
                         "n_tokens": r.n_tokens, "n_skipped": r.n_skipped, "seconds": r.seconds,
-                        "tokens_scanned": r.tokens_scanned, "resumed_at": r.resumed_at, "identity": r.identity}
+                        "tokens_scanned": r.tokens_scanned, "resumed_at": r.resumed_at, "identity": r.identity,
+                        "precision": r.precision, "n_units_rescanned": r.n_units_rescanned,
+                        "n_recomputed": r.n_recomputed}
     meta = {"shard": list(shard), "fingerprint": fingerprint, "splits": splits}
     save_tensors(path, tensors, {"sae_lens_ctx_shard": json.dumps(meta)})
 
@@ -87,7 +89,8 @@ def load_shard(path: Path) -> tuple[dict[str, ScanResult], tuple[int, int], str]
     for name, s in m["splits"].items():
         tracks = {k: TopK.from_tensors(tensors, f"{name}.{k}", largest) for k, largest in s["tracks"].items()}
         results[name] = ScanResult(tracks, s["n_contexts"], s["n_tokens"], s["n_skipped"], s["seconds"],
-                                   s["tokens_scanned"], s["resumed_at"], s["identity"])
+                                   s["tokens_scanned"], s["resumed_at"], s["identity"], s.get("precision", "float32"),
+                                   s.get("n_units_rescanned", 0), s.get("n_recomputed", 0))
     return results, tuple(m["shard"]), m["fingerprint"]
 
 
