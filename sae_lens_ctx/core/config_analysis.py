@@ -219,8 +219,9 @@ class MineConfig:
     2k + 8 candidates per unit, and the candidates are run again in fp32: the same kept contexts as the fp32
     scan, values within fp32 round-off, and a unit whose candidates come within the bf16 error margin of the
     k-th is rescanned in fp32; `stages/mine/precision.py`, docs/scale.md), or 'auto' (bfloat16 where the
-    hardware has native bf16 matmuls: AVX-512 BF16 / AMX CPUs, recent GPUs; else float32). Only for a model
-    loaded in fp32 (`model.dtype`); another dtype scans in that dtype."""
+    hardware has native bf16 matmuls: AVX-512 BF16 / AMX CPUs, recent GPUs, and the candidates of all units
+    are at most a quarter of the split's contexts, so the fp32 pass over them stays small; else float32).
+    Only for a model loaded in fp32 (`model.dtype`); another dtype scans in that dtype."""
 
     def validate(self) -> None:
         for name in ("top_k", "n_test_prompts", "n_random", "batch_size", "checkpoint_every"):

@@ -113,3 +113,16 @@ def test_embedded_bf16_scan_writes_the_fp32_prompts(embedded_view, tmp_path):
                         mine=MineConfig(top_k=5, n_test_prompts=3, n_random=3, scan_precision=p))
         runs[p] = mine_run(cfg, tmp_path / p, model=embedded_view.model)
     assert_same_prompts(runs["bfloat16"], runs["float32"])
+
+
+def test_auto_scans_in_bf16_only_where_the_candidates_are_a_small_share_of_the_split(planted_gpt2):
+    view = load_model(ModelConfig(model_name=str(planted_gpt2.directory)))
+    # 200 units × (2·20+8 top + 10 random) candidates against the paper-size preset's ~8,000 train contexts
+    share = precision.candidate_share(200, {"top": 20, "random": 10}, 8_000)
+    assert share == 200 * 58 / 8_000 > precision.AUTO_MAX_CANDIDATE_SHARE
+    assert precision.resolve_precision("auto", view, share) == "float32"
+    small = precision.candidate_share(4, {"top": 20, "random": 10}, 8_000)
+    expected = "bfloat16" if precision.bf16_available(view.device) else "float32"
+    assert precision.resolve_precision("auto", view, small) == expected
+    assert precision.resolve_precision("bfloat16", view, share) == "bfloat16"  # an explicit choice stands
+    assert precision.resolve_precision("float32", view, small) == "float32"

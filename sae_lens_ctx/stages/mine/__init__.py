@@ -25,7 +25,7 @@ from .negatives import length_summary
 from .scan import (EMPTY, NEGATIVE_POOLS, POOL_FACTOR, RANDOM_TRACKS, SORT_WINDOW, ScanResult, TopK,  # noqa: F401
                    UnitReader, batches, build_records, collect_prompts, merge_results, random_keys, run_until_hooks,
                    scan, scan_identity, with_matched_negatives)
-from .precision import Bf16Reader, resolve_precision, scan_checked
+from .precision import Bf16Reader, candidate_share, resolve_precision, scan_checked
 from .trim import trim_prompts
 
 log = logging.getLogger(__name__)
@@ -98,22 +98,18 @@ def scan_splits(ctx: RunContext, reader: UnitReader, splits: dict[str, list[Toke
     cfg = ctx.config.mine
     bos, sizes, identity = _scan_args(ctx)
     tag = "" if tuple(shard) == (0, 1) else f".shard{shard[0]}of{shard[1]}"
-    reader16 = _bf16_reader(ctx, reader)
     results = {}
     for name in SPLITS:
+        share = candidate_share(reader.n_units, sizes[name], len(splits[name]))
+        bf16 = resolve_precision(cfg.scan_precision, ctx.model, share) == "bfloat16"
         seam = _fault_injection_after_batch
         args = dict(bos=bos, seed=ctx.config.seed, batch_size=cfg.batch_size,
                     checkpoint=ctx.path(f"mine.ckpt.{name}{tag}.safetensors"), checkpoint_every=cfg.checkpoint_every,
                     identity=identity, desc=f"mine {name}{tag}",
                     on_batch=(lambda n, s=name, f=seam: f(s, n)) if seam else None, shard=shard)
-        results[name] = (scan(reader, splits[name], sizes[name], **args) if reader16 is None
-                         else scan_checked(reader, reader16, splits[name], sizes[name], **args))
+        results[name] = (scan_checked(reader, Bf16Reader(reader), splits[name], sizes[name], **args) if bf16
+                         else scan(reader, splits[name], sizes[name], **args))
     return results
-
-
-def _bf16_reader(ctx: RunContext, reader: UnitReader) -> Bf16Reader | None:
-    """The units' reader under bf16 autocast when `mine.scan_precision` resolves to bfloat16."""
-    return Bf16Reader(reader) if resolve_precision(ctx.config.mine.scan_precision, ctx.model) == "bfloat16" else None
 
 
 def remove_checkpoints(ctx: RunContext, shard: tuple[int, int] = (0, 1)) -> None:

@@ -70,13 +70,25 @@ def bf16_available(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(setting: str, view: ModelView) -> str:
-    """'bfloat16' or 'float32' for `mine.scan_precision` on this model: 'auto' is bf16 where `bf16_available`;
-    a model not loaded in fp32 scans in its own dtype ('float32' here means: no second pass)."""
+AUTO_MAX_CANDIDATE_SHARE = 0.25
+"""'auto' scans in bf16 only where every unit's candidates together are at most this share of the split's
+contexts: the fp32 pass over the candidates costs that share of a whole fp32 scan, on top of the bf16 scan."""
+
+
+def candidate_share(n_units: int, tracks: dict[str, int], n_contexts: int) -> float:
+    """At most what share of a split's contexts the bf16 pass keeps as candidates (all units, all tracks)."""
+    wide = sum(candidates(k) if name in VALUE_TRACKS else k for name, k in tracks.items())
+    return n_units * wide / max(n_contexts, 1)
+
+
+def resolve_precision(setting: str, view: ModelView, share: float = 0.0) -> str:
+    """'bfloat16' or 'float32' for `mine.scan_precision` on this model: 'auto' is bf16 where `bf16_available`
+    and the candidates' `share` of the split (`candidate_share`) is at most `AUTO_MAX_CANDIDATE_SHARE`; a model
+    not loaded in fp32 scans in its own dtype ('float32' here means: no second pass)."""
     if view.dtype != torch.float32:
         return "float32"
     if setting == "auto":
-        return "bfloat16" if bf16_available(view.device) else "float32"
+        return "bfloat16" if bf16_available(view.device) and share <= AUTO_MAX_CANDIDATE_SHARE else "float32"
     return setting
 
 
