@@ -11,7 +11,10 @@ import torch.
 
 from importlib import import_module
 
+from .core.threads import apply_wait_policy
 from .core.version import __version__
+
+apply_wait_policy()  # before torch loads its OpenMP runtime (core/threads.py: why, and how to opt out)
 
 _EXPORTS = {
     "core.config": ("AttributeConfig", "CorpusConfig", "DiscoverConfig", "ExplainConfig", "LoggingConfig",

@@ -29,6 +29,7 @@ from simple_parsing.wrappers.field_wrapper import ArgumentGenerationMode, Nested
 
 from .core import layout
 from .core.config import EMBEDDED, RunConfig, field_paths, list_field_paths
+from .core.threads import apply_thread_policy
 from .core.errors import EXIT_USER_ERROR, UserError, did_you_mean, environment_error
 from .core.layout import CONFIG_FILE, STAGE_NAMES, read_run_config
 from .core.version import __version__
@@ -257,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             _top_parser().parse_args(argv or ["--help"])
             return 0
         command, rest = argv[0], argv[1:]
+        apply_thread_policy()  # before torch loads (core/threads.py)
         if command == "run":
             return cmd_run(rest)
         if command in STAGE_NAMES:

@@ -13,7 +13,10 @@ The package: `shapes` (models of named shapes with random weights, synthetic con
   needs), with no-op hooks (so `scan / forward_until_hooks` is the cost of the reductions alone);
 * `run_with_cache_topk`: TransformerLens `run_with_cache` on the needed hooks (full forward, the
   activations cached), then each unit's per-context max, kept for every context, and one top-k at
-  the end (the straightforward way).
+  the end (the straightforward way);
+* `scan_bf16` (fp32 models): `mine.scan_precision=bfloat16`, the bf16-autocast scan of candidates and
+  their fp32 recomputation (`stages/mine/precision.py`); `bf16_native` says whether the hardware has
+  bf16 matmuls (elsewhere autocast emulates them, slowly).
 
 Throughput counts real tokens (padding excluded), the same number for every method.
 
@@ -62,7 +65,7 @@ from .timings import (PeakRss, attribution_units, bench_attribute_parts, bench_a
 # -- `sae-lens-ctx bench` -----------------------------------------------------------------------
 
 RATIO_KEYS = ("scan_over_forward", "scan_over_tl_cache", "scan_over_paper", "attribution_over_paper",
-              "trim_over_serial")
+              "trim_over_serial", "scan_bf16_over_forward", "scan_bf16_over_scan")
 """The keys of `ratios` in the JSON `bench --out` writes (ours over the baseline, > 1: ours is faster)."""
 
 
@@ -123,6 +126,8 @@ def bench_model(view: ModelView, *, n_contexts: int = 12, context_len: int = 64,
             "scan_over_paper": round(rates["scan"] / rates["paper_scan"], 3),
             "attribution_over_paper": attribution["ratio"],
             "trim_over_serial": trim["ratio"] if trim else None,
+            "scan_bf16_over_forward": scan_figs.get("scan_bf16_vs_forward"),
+            "scan_bf16_over_scan": scan_figs.get("scan_bf16_vs_scan"),
         },
         "seconds": round(time.perf_counter() - t0, 1),
     })
@@ -240,7 +245,19 @@ def bench_cli(argv: list[str]) -> int:
     p.add_argument("--attribute-run", type=Path, metavar="RUN_DIR",
                    help="instead: time the attribute stage's parts (without and with look-ups, occlusion) on this run "
                         "directory's units and prompts (after mine), with its model")
+    p.add_argument("--contention", action="store_true",
+                   help="instead: the scan and attribution parts alone, then beside a second copy of themselves "
+                        "(subprocesses; the first --shape, default smollm2): each copy's time as a multiple of its "
+                        "time alone (goal <= 2.5x; a fair share of the cores is 2x)")
     a = p.parse_args(argv)
+    if a.contention:
+        from .contention import bench_contention
+
+        result = bench_contention(shape=(a.shape or ["smollm2"])[0], batch_size=a.batch_size)
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if a.attribute_run is not None:
         return _attribute_parts_cli(a.attribute_run, a.repeats, a.out)
     device = torch.device(a.device)

@@ -66,6 +66,11 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
 
     methods = {"scan": mining_scan, "forward": forward, "forward_until_hooks": forward_until_hooks,
                "run_with_cache_topk": run_with_cache_topk}
+    if view.dtype == torch.float32:  # mine.scan_precision=bfloat16: bf16 candidates, survivors again in fp32
+        from ..stages.mine.precision import Bf16Reader, scan_checked
+
+        methods["scan_bf16"] = lambda: scan_checked(reader, Bf16Reader(reader), contexts, {"top": k}, bos=bos,
+                                                    batch_size=batch_size)
     compile_seconds = None
     if compile:
         compiled = UnitReader(view, units, saes, compile=True)
@@ -84,6 +89,7 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     rates = {name: n_tokens / statistics.median(ts) for name, ts in times.items()}
+    from ..stages.mine.precision import bf16_available
     return {
         "model": view.name, "device": str(view.device), "n_units": len(units), "k": k,
         "n_contexts": len(contexts), "n_tokens": n_tokens, "batch_size": batch_size, "repeats": repeats,
@@ -92,6 +98,9 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
         "scan_vs_forward": round(rates["scan"] / rates["forward"], 3),
         "scan_vs_forward_until_hooks": round(rates["scan"] / rates["forward_until_hooks"], 3),
         "scan_vs_run_with_cache_topk": round(rates["scan"] / rates["run_with_cache_topk"], 3),
+        **({"scan_bf16_vs_forward": round(rates["scan_bf16"] / rates["forward"], 3),
+            "scan_bf16_vs_scan": round(rates["scan_bf16"] / rates["scan"], 3),
+            "bf16_native": bf16_available(view.device)} if "scan_bf16" in rates else {}),
         **({"compiled_vs_scan": round(rates["scan_compiled"] / rates["scan"], 3), "compile_seconds": compile_seconds,
             "compile_error": compiled.compile_error} if compile else {}),
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},

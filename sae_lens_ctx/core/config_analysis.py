@@ -214,6 +214,15 @@ class MineConfig:
     Results agree with eager to float round-off. Where torch.compile fails on a model (HookedTransformer's
     numpy `attn_scale` trips Dynamo in torch 2.13), the scan warns once and runs eagerly."""
 
+    scan_precision: Literal["float32", "bfloat16", "auto"] = "float32"
+    """The scan's forward: 'float32' (one fp32 pass), 'bfloat16' (a bf16 copy of the model scans, keeping
+    2k + 8 candidates per unit, and the candidates are run again in fp32: the same kept contexts as the fp32
+    scan, values within fp32 round-off, and a unit whose candidates come within the bf16 error margin of the
+    k-th is rescanned in fp32; `stages/mine/precision.py`, docs/scale.md), or 'auto' (bfloat16 where the
+    hardware has native bf16 matmuls: AVX-512 BF16 / AMX CPUs, recent GPUs, and the candidates of all units
+    are at most a quarter of the split's contexts, so the fp32 pass over them stays small; else float32).
+    Only for a model loaded in fp32 (`model.dtype`); another dtype scans in that dtype."""
+
     def validate(self) -> None:
         for name in ("top_k", "n_test_prompts", "n_random", "batch_size", "checkpoint_every"):
             check_positive(f"mine.{name}", getattr(self, name))

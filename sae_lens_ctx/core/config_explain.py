@@ -99,6 +99,12 @@ class ExplainConfig:
     finds about 7 relevant heads per unit on SmolLM2; the default keeps the embedded run short on a CPU.
     Heads left out stay in heads.jsonl and are counted in summary.json."""
 
+    llm_units: int = 0
+    """LLM explanations (the head prompts and neuron-explainer's unit explanations, and so their scores) for a
+    seeded sample of at most this many units, half of them controls where there are controls; 0 explains
+    every unit. The look-up explainers (no LLM) always cover every relevant pair and every unit. For
+    paper-size runs, where an LLM call per pair would dominate the time (`stages/explain/sample.py`)."""
+
     shuffle_examples: bool = False
     """Show each list in a random (seeded) order instead of the paper's max-activation order."""
 
@@ -158,7 +164,7 @@ class ExplainConfig:
         check_fraction("explain.unit_lookup_min_drop", self.unit_lookup_min_drop)
         check_positive("explain.lookup_max_tokens", self.lookup_max_tokens)
         check_positive("explain.lookup_min_support", self.lookup_min_support)
-        for name in ("max_retries", "n_inactive", "unit_n_random", "backoff_s", "max_heads_per_unit"):
+        for name in ("max_retries", "n_inactive", "unit_n_random", "backoff_s", "max_heads_per_unit", "llm_units"):
             if getattr(self, name) < 0:
                 raise UserError(f"explain.{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.temperature <= 2.0:

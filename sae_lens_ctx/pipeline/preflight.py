@@ -25,7 +25,7 @@ from ..clients.llm import make_client
 from ..core.config import EMBEDDED, RunConfig
 from ..core.digest import digest
 from ..core.errors import UserError
-from ..inputs.corpus import EMBEDDED_PACKAGE, check_corpus_source, local_files
+from ..inputs.corpus import EMBEDDED_PACKAGE, check_corpus_source, embedded_corpus_tokens, local_files
 from ..inputs.model import cached_snapshot, check_model_files, hub_id, model_max_context, resolve_source
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ def check_inputs(config: RunConfig, stages: Iterable[str], model_given: bool = F
             raise UserError(f"corpus.context_size is {config.corpus.context_size} but the model takes at most "
                             f"{n_ctx} tokens: set corpus.context_size to {n_ctx} or less")
     check_corpus_source(config.corpus)
+    check_sizes(config, model_given)
     for spec in config.discover.saes:
         path = Path(spec).expanduser()
         if (path.exists() or spec.startswith((".", "/", "~"))) and not (path / "cfg.json").is_file():
@@ -61,6 +62,62 @@ def check_inputs(config: RunConfig, stages: Iterable[str], model_given: bool = F
         close = getattr(client, "close", None)
         if callable(close):
             close()
+
+
+EMBEDDED_SIZES = {"n_layers": 30, "d_mlp": 1536}
+"""The embedded SmolLM2-135M's layers and MLP neurons per layer (its GGUF is not read to know them)."""
+
+
+def model_sizes(config: RunConfig) -> dict[str, int] | None:
+    """`n_layers` and `d_mlp` (neurons per layer) from the model's `config.json`, read without loading the model;
+    None where no config file is at hand (a hub model not cached, a GGUF other than the embedded one)."""
+    if config.model.model_name == EMBEDDED:
+        return dict(EMBEDDED_SIZES)
+    source, where = resolve_source(config.model.model_name)
+    directory = Path(where) if source == "hf-directory" else None
+    if source == "hub" and config.model.model_class == "bridge":
+        directory = cached_snapshot(hub_id(config.model.model_name))
+    if directory is None:
+        return None
+    import json
+
+    try:
+        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    layers = next((data[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if isinstance(data.get(k), int)), None)
+    width = next((data[k] for k in ("intermediate_size", "n_inner", "d_mlp") if isinstance(data.get(k), int)), None)
+    if width is None and isinstance(data.get("n_embd"), int):
+        width = 4 * data["n_embd"]  # GPT-2's config leaves n_inner null: 4 × n_embd
+    return {"n_layers": layers, "d_mlp": width} if layers and width else None
+
+
+def check_sizes(config: RunConfig, model_given: bool = False) -> None:
+    """Sizes the inputs cannot hold, before any model loads (one-line `UserError` naming what is available):
+    more corpus tokens than the embedded corpus has (`corpus.max_tokens`, for the embedded model's tokenizer),
+    a layer the model does not have (`discover.layers`; `n_last_layers` beyond the model takes every layer, as
+    discover always did), or more neurons per layer (`discover.top_k`, twice that with controls) than a layer
+    holds."""
+    c, d = config.corpus, config.discover
+    if c.dataset_path.strip() == EMBEDDED and config.model.model_name == EMBEDDED:
+        have = embedded_corpus_tokens(c.context_size, c.prepend_bos)
+        if c.max_tokens > have:
+            raise UserError(f"corpus.max_tokens={c.max_tokens:,} but the embedded corpus holds about {have:,} tokens "
+                            f"in contexts of {c.context_size} (about {int(0.8 * have):,} on the train side): set "
+                            f"corpus.max_tokens to {have:,} or less, or give a larger corpus")
+    sizes = None if model_given else model_sizes(config)
+    if sizes is None:
+        return
+    bad = [layer for layer in d.layers if not -sizes["n_layers"] <= layer < sizes["n_layers"]]
+    if bad:
+        raise UserError(f"discover.layers {bad} do not exist: the model has layers 0..{sizes['n_layers'] - 1}")
+    if d.neurons and d.threshold is None and not d.unit_ids:
+        per_layer = d.top_k * (2 if d.controls else 1)
+        if per_layer > sizes["d_mlp"]:
+            most = sizes["d_mlp"] // 2 if d.controls else sizes["d_mlp"]
+            raise UserError(f"discover.top_k={d.top_k}{' with as many controls' if d.controls else ''} asks for "
+                            f"{per_layer:,} neurons per layer but a layer holds {sizes['d_mlp']:,}: set "
+                            f"discover.top_k to {most:,} or less")
 
 
 def input_digests(config: RunConfig, model_given: bool = False) -> dict[str, str]:

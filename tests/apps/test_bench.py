@@ -18,13 +18,14 @@ def test_bench_tiny_shape_writes_every_field(tmp_path, capsys):
         assert key in printed
     r = json.loads(out.read_text())
     assert set(r["ratios"]) == {"scan_over_forward", "scan_over_tl_cache", "scan_over_paper",
-                                "attribution_over_paper", "trim_over_serial"}
+                                "attribution_over_paper", "trim_over_serial", "scan_bf16_over_forward",
+                                "scan_bf16_over_scan"}
     for key, value in r["ratios"].items():
         assert isinstance(value, float) and math.isfinite(value) and value > 0, key
     (run,) = r["runs"]
     assert run["model"] == "random:tiny" and run["shape"] == "tiny" and run["n_layers"] == SHAPES["tiny"]["n_layers"]
     assert run["ratios"] == r["ratios"]  # one model: the worst case is that model's
-    for method in ("scan", "forward", "forward_until_hooks", "run_with_cache_topk", "paper_scan"):
+    for method in ("scan", "scan_bf16", "forward", "forward_until_hooks", "run_with_cache_topk", "paper_scan"):
         assert run["tokens_per_s"][method] > 0
     assert run["scan"]["n_contexts"] == 8 and run["scan"]["n_tokens"] > 0
     # attribution: ours and the paper-style full cache agree on the values, not only on timing
@@ -51,3 +52,14 @@ def test_named_shapes_build_with_their_dimensions():
     for name in ("gpt2-small", "gpt2-large", "pythia-160m", "smollm2"):
         assert SHAPES[name]["d_model"] % SHAPES[name].get("n_heads", 1) == 0
     assert SHAPES["smollm2"]["gated_mlp"] and SHAPES["smollm2"]["normalization_type"] == "RMS"
+
+
+def test_bench_contention_times_each_part_alone_and_beside_a_copy(tmp_path):
+    """`bench --contention` on the tiny shape: the fields and their arithmetic (no timing assertion)."""
+    from sae_lens_ctx.bench.contention import CONTENTION_GOAL, bench_contention
+
+    r = bench_contention(["scan"], "tiny", n_contexts=8, batch_size=4, log=lambda _: None)
+    part = r["parts"]["scan"]
+    assert part["alone_s"] > 0 and len(part["beside_s"]) == 2 and all(s > 0 for s in part["beside_s"])
+    assert abs(part["ratio"] - sum(part["beside_s"]) / 2 / part["alone_s"]) <= 0.05 * part["ratio"]  # seconds rounded to ms
+    assert r["goal"] == CONTENTION_GOAL and r["shape"] == "tiny"

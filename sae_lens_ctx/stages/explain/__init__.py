@@ -29,6 +29,7 @@ from ...inputs.tokens import token_strings
 from . import heads as head_mod
 from . import units as unit_mod
 from .lookups import unit_lookup_explanations
+from .sample import llm_sample
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ def run_stage(ctx: RunContext) -> None:
         if cfg.explain_units:
             unit_jobs = unit_mod.build_jobs(units, contexts, ctx.path("context_acts.safetensors"),
                                             ctx.model.tokenizer, cfg)
+        sampled = llm_sample(units, cfg.llm_units, ctx.config.seed)  # explain.llm_units (0: every unit)
+        head_jobs = [j for j in head_jobs if j.unit_id in sampled]
+        unit_jobs = [j for j in unit_jobs if j.unit_id in sampled]
         # Heads first, then units: in-process backends reuse a shared prompt prefix between consecutive calls.
         head_records = head_mod.explain_heads(llm, head_jobs, cfg)
         unit_records = unit_mod.explain_units(llm, unit_jobs, cfg, count) if unit_jobs else []

@@ -25,6 +25,7 @@ from .negatives import length_summary
 from .scan import (EMPTY, NEGATIVE_POOLS, POOL_FACTOR, RANDOM_TRACKS, SORT_WINDOW, ScanResult, TopK,  # noqa: F401
                    UnitReader, batches, build_records, collect_prompts, merge_results, random_keys, run_until_hooks,
                    scan, scan_identity, with_matched_negatives)
+from .precision import Bf16Reader, candidate_share, resolve_precision, scan_checked
 from .trim import trim_prompts
 from .windows import window_records
 
@@ -100,11 +101,15 @@ def scan_splits(ctx: RunContext, reader: UnitReader, splits: dict[str, list[Toke
     tag = "" if tuple(shard) == (0, 1) else f".shard{shard[0]}of{shard[1]}"
     results = {}
     for name in SPLITS:
+        share = candidate_share(reader.n_units, sizes[name], len(splits[name]))
+        bf16 = resolve_precision(cfg.scan_precision, ctx.model, share) == "bfloat16"
         seam = _fault_injection_after_batch
-        results[name] = scan(reader, splits[name], sizes[name], bos=bos, seed=ctx.config.seed,
-                             batch_size=cfg.batch_size, checkpoint=ctx.path(f"mine.ckpt.{name}{tag}.safetensors"),
-                             checkpoint_every=cfg.checkpoint_every, identity=identity, desc=f"mine {name}{tag}",
-                             on_batch=(lambda n, s=name, f=seam: f(s, n)) if seam else None, shard=shard)
+        args = dict(bos=bos, seed=ctx.config.seed, batch_size=cfg.batch_size,
+                    checkpoint=ctx.path(f"mine.ckpt.{name}{tag}.safetensors"), checkpoint_every=cfg.checkpoint_every,
+                    identity=identity, desc=f"mine {name}{tag}",
+                    on_batch=(lambda n, s=name, f=seam: f(s, n)) if seam else None, shard=shard)
+        results[name] = (scan_checked(reader, Bf16Reader(reader), splits[name], sizes[name], **args) if bf16
+                         else scan(reader, splits[name], sizes[name], **args))
     return results
 
 
@@ -179,7 +184,9 @@ def scan_log(results: dict[str, ScanResult]) -> dict:
     seconds = sum(r.seconds for r in results.values())
     return {"tokens_scanned": scanned, "tokens_per_s": round(scanned / seconds, 1) if seconds else None,
             "splits": {name: {"seconds": round(r.seconds, 3), "tokens_scanned": r.tokens_scanned,
-                              "tokens_per_s": round(r.tokens_per_s, 1), "resumed_at_context": r.resumed_at}
+                              "tokens_per_s": round(r.tokens_per_s, 1), "resumed_at_context": r.resumed_at,
+                              "precision": r.precision, "n_recomputed": r.n_recomputed,
+                              "n_units_rescanned": r.n_units_rescanned}
                        for name, r in results.items()}}
 
 

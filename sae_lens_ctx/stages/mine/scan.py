@@ -261,6 +261,12 @@ class ScanResult:
     """Contexts already done in the checkpoint it resumed from (0: a fresh scan)."""
     identity: str = ""
     """What the result depends on (`scan_identity`); shards of one scan share it (`shard.py`)."""
+    precision: str = "float32"
+    """'bfloat16' where candidates were scanned in bf16 and the survivors recomputed in fp32 (`precision.py`)."""
+    n_units_rescanned: int = 0
+    """bf16 scans: units whose candidates came within the bf16 margin of the k-th, rescanned in fp32."""
+    n_recomputed: int = 0
+    """bf16 scans: candidate contexts run again in fp32."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -470,5 +476,7 @@ def merge_results(parts: list[dict[str, ScanResult]]) -> dict[str, ScanResult]:
             tracks[key] = merged
         out[name] = ScanResult(tracks, rs[0].n_contexts, rs[0].n_tokens, sum(r.n_skipped for r in rs),
                                max(r.seconds for r in rs), sum(r.tokens_scanned for r in rs),
-                               sum(r.resumed_at for r in rs), rs[0].identity)
+                               sum(r.resumed_at for r in rs), rs[0].identity,
+                               "+".join(sorted({r.precision for r in rs})), sum(r.n_units_rescanned for r in rs),
+                               sum(r.n_recomputed for r in rs))
     return out

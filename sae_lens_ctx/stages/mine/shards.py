@@ -2,10 +2,21 @@
 
 A shard `i/n` scans the windows of `batch_size × 8` contexts (the scan's sort windows, `mine.batches`)
 whose number is i modulo n, in each split. Every batch a shard runs is the batch the single-process
-scan runs (same contexts, same order, same padding), so every context's activations are bit-identical
-to it, and merging the shards' running top-k tracks by the scan's own order (value, then corpus index;
-`TopK.merge`) gives exactly the single-process tracks. Trimming and records then run once, on the
+scan runs (same contexts, same order, same padding: the batch a context is computed in does not depend
+on the layout), and merging the shards' running top-k tracks by the scan's own order (value, then
+corpus index; `TopK.merge`) gives the single-process tracks. Trimming and records then run once, on the
 merged tracks, as in a single process.
+
+What "the same result" means, exactly:
+
+* with the same intra-op thread count in every process (`torch.get_num_threads()`, `OMP_NUM_THREADS`)
+  the files are byte-identical to the single process's;
+* across thread counts (torchrun starts its ranks at `OMP_NUM_THREADS=1` while one process uses every
+  core) the CPU kernels split their sums differently, so activations move in their last bits: the
+  prompts, their ranks, texts and tokens are the same, and every activation is equal within
+  `ROUND_OFF` (fp32 round-off). Only a comparison that falls within round-off of its threshold (a
+  near-tie at the k-th place, a trimming ratio or negative bound met to the last bit) could change a
+  kept prompt; `tests/stages/test_shard.py` checks both claims.
 
 Two ways to run shards:
 
@@ -36,6 +47,10 @@ from ...core.records import load_tensors, save_tensors
 
 log = logging.getLogger(__name__)
 
+ROUND_OFF = {"rtol": 1e-5, "atol": 1e-6}
+"""How far one activation may move between two layouts or thread counts of one scan (fp32; relative to the
+value, plus an absolute floor for values near 0): about 80 float32 ulps, far below any real difference."""
+
 SHARD_FILE = "mine.shard{i}of{n}.safetensors"
 _SHARD_RE = re.compile(r"^mine\.shard(\d+)of(\d+)\.safetensors$")
 
@@ -58,7 +73,9 @@ def save_shard(path: Path, results: dict[str, ScanResult], shard: tuple[int, int
             tensors.update(t.tensors(f"{name}.{key}"))
         splits[name] = {"tracks": {k: t.largest for k, t in r.tracks.items()}, "n_contexts": r.n_contexts,
                         "n_tokens": r.n_tokens, "n_skipped": r.n_skipped, "seconds": r.seconds,
-                        "tokens_scanned": r.tokens_scanned, "resumed_at": r.resumed_at, "identity": r.identity}
+                        "tokens_scanned": r.tokens_scanned, "resumed_at": r.resumed_at, "identity": r.identity,
+                        "precision": r.precision, "n_units_rescanned": r.n_units_rescanned,
+                        "n_recomputed": r.n_recomputed}
     meta = {"shard": list(shard), "fingerprint": fingerprint, "splits": splits}
     save_tensors(path, tensors, {"sae_lens_ctx_shard": json.dumps(meta)})
 
@@ -72,7 +89,8 @@ def load_shard(path: Path) -> tuple[dict[str, ScanResult], tuple[int, int], str]
     for name, s in m["splits"].items():
         tracks = {k: TopK.from_tensors(tensors, f"{name}.{k}", largest) for k, largest in s["tracks"].items()}
         results[name] = ScanResult(tracks, s["n_contexts"], s["n_tokens"], s["n_skipped"], s["seconds"],
-                                   s["tokens_scanned"], s["resumed_at"], s["identity"])
+                                   s["tokens_scanned"], s["resumed_at"], s["identity"], s.get("precision", "float32"),
+                                   s.get("n_units_rescanned", 0), s.get("n_recomputed", 0))
     return results, tuple(m["shard"]), m["fingerprint"]
 
 
