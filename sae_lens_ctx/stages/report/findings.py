@@ -37,6 +37,9 @@ MAX_PAIRS = 3
 MAX_UNITS = 2
 """Unit findings shown at most."""
 
+MAX_TOKENS = 4
+"""Looked-up tokens named in a finding's title at most (the rest as '…'; all of them in `looked_up`)."""
+
 FINDING_SCORERS = {"E": "pair", "unit_E": "unit"}
 """The scorers a finding is ranked on, and what they explain."""
 
@@ -81,7 +84,8 @@ class Finding:
         token = f" {quoted(self.token)}" if self.token is not None else ""
         if self.kind == "unit":
             return f"{self.unit_id}{token}"
-        looks = f" looks up {' / '.join(quoted(t) for t in self.looked_up)}" if self.looked_up else ""
+        shown = [quoted(t) for t in self.looked_up[:MAX_TOKENS]] + (["…"] if len(self.looked_up) > MAX_TOKENS else [])
+        looks = f" looks up {' / '.join(shown)}" if self.looked_up else ""
         return f"{self.head} → {self.unit_id}{token}{looks}"
 
     def score(self) -> str:
@@ -239,7 +243,7 @@ def clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def console_lines(f: Findings, width: int = 118) -> list[str]:
+def console_lines(f: Findings, width: int = 130) -> list[str]:
     """The end-of-run summary: findings (two lines each), the verdict table, the warnings in one line."""
     lines = ["Findings (ranked by the lower end of E's 95% interval; 0.5 is chance):"]
     if not f.shown:
