@@ -137,7 +137,7 @@ def test_the_first_screen_shows_a_finding_with_its_explanation_and_interval_and_
     dom = chromium(["--window-size=1400,900", "--dump-dom", probe.as_uri()], tmp_path / "profile")
     seen = json.loads(re.findall(r'<pre id="probe">(.*?)</pre>', dom, re.S)[-1].replace("&quot;", '"'))
     assert seen["width"] == 1400
-    triggers = set(planted_gpt2.answer.trigger_words.values())
+    triggers = set(planted_gpt2.answer.heads.values())  # the token each planted head looks up
     found = [row for row in seen["findings"] if "looks up" in row[1] and any(f'"{t}"' in row[2] for t in triggers)]
     assert found, seen["findings"]
     assert re.fullmatch(r"E \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", found[0][3]) and found[0][5] in (
