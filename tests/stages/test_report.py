@@ -143,3 +143,21 @@ def test_the_first_screen_shows_a_finding_with_its_explanation_and_interval_and_
     assert re.fullmatch(r"E \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", found[0][3]) and found[0][5] in (
         "supported", "above-chance", "uncertain")
     assert seen["verdicts"] >= 3 and seen["verdicts_seen"]  # the header and every row, unscrolled
+
+
+def test_every_template_of_the_report_ships_as_package_data():
+    """pyproject.toml's package-data globs cover every file of `stages/report/templates` (a wheel built from this
+    checkout held all nine on 2026-12-07), and the environment escapes with autoescaping on."""
+    import fnmatch
+    import tomllib
+
+    from sae_lens_ctx.stages.report import html as dashboard
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "sae_lens_ctx.stages.report"]
+    folder = root / "sae_lens_ctx" / "stages" / "report" / dashboard.TEMPLATES
+    files = [p.relative_to(folder.parent).as_posix() for p in folder.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+    assert dashboard.environment().autoescape is True
+    assert dashboard.render("link.html", href="#x", text="<b>") == '<a href="#x">&lt;b&gt;</a>'
