@@ -22,7 +22,8 @@ what the method is about), at most `MAX_PAIRS` and `MAX_UNITS` of each. Each fin
 `summary.json` (random control units, shuffled explanations, the length-only and token-present judges):
 `beats controls` when the interval of real − control lies above 0 for every control, `below a control`
 when it lies below 0 for one, `not told apart` otherwise, `not scored` without real scores. The row
-shows the strongest control: the one with the smallest real − control difference.
+shows the strongest control: the one whose real − control interval reaches lowest (no interval counts as
+lowest; ties by the smaller difference), so the control shown is the one that decides the verdict.
 """
 
 from __future__ import annotations
@@ -224,13 +225,18 @@ def verdict(explainer: str, scorer: str, block: dict[str, Any]) -> Verdict:
         return Verdict(explainer, scorer, None, 0, None, None, None, None, None, "not scored")
     if not compared:
         return Verdict(explainer, scorer, real["mean"], n, None, None, None, None, None, "no control")
-    name, c = min(compared.items(), key=lambda kv: (kv[1]["difference"], number(kv[1].get("ci_low")) or float("-inf")))
+    name, c = min(compared.items(), key=lambda kv: (_low(kv[1]), kv[1]["difference"]))
     below = any(number(v.get("ci_high")) is not None and v["ci_high"] < 0 for v in compared.values())
     word = ("below a control" if below else "beats controls" if all(v.get("distinguishable") for v in compared.values())
             else "not told apart")
     label, mean_key = CONTROLS[name]
     return Verdict(explainer, scorer, real["mean"], n, label, number((block.get(mean_key) or {}).get("mean")),
                    c["difference"], number(c.get("ci_low")), number(c.get("ci_high")), word)
+
+
+def _low(c: dict) -> float:
+    low = number(c.get("ci_low"))
+    return float("-inf") if low is None else low
 
 
 # -- the console ------------------------------------------------------------------------------------
