@@ -271,7 +271,8 @@ def run(model: Any = None, corpus: Any = None, config: RunConfig | str | Path | 
         out: the run directory; None: a temporary one, removed when the interpreter exits.
         saes: SAE-Lens `SAE` objects (used in memory), SAE directories or `release:sae_id` strings.
         overrides: dotted config keys, as on the command line: `{"discover.top_k": 2}`.
-        overwrite, force: as the CLI's `--overwrite` and `--force`.
+        overwrite: as the CLI's `--overwrite`.
+        force: as the CLI's `--force`.
 
     >>> r = run(config=RunConfig(), overrides={"discover.topk": 2})
     Traceback (most recent call last):

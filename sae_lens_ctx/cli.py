@@ -180,11 +180,17 @@ def cmd_merge(args: list[str]) -> int:
 
 
 def _print_results(out: Path, results: list) -> None:
-    """One line per `pipeline.engine.StageResult`, then where the results are."""
-    for r in results:
-        took = f" in {r.seconds:.1f}s" if r.status == "ran" else ""
-        print(f"  {r.name:<10} {r.status}{took}")
-    print(f"results in {out}")
+    """The end-of-run summary: what the run found (`stages.report.findings`, where the run has scores and
+    this invocation ran or reached the score or report stage), the stages on one line, where the results are."""
+    if any(r.name in ("score", "report") for r in results) and (Path(out) / "summary.json").is_file():
+        from .stages.report.findings import console_lines, findings
+        from .stages.report.tables import RunTables
+
+        print("\n".join(console_lines(findings(RunTables.load(out)))))
+    stages = [f"{r.name} {r.status}" + (f" {r.seconds:.0f}s" if r.status == "ran" else "") for r in results]
+    print("stages: " + ", ".join(stages))
+    report = Path(out) / "report" / "index.html"
+    print(f"results in {out}" + (f" (open {report})" if report.is_file() else ""))
 
 
 _RUN_HELP = (f"Run every stage over one run directory. With no arguments: the embedded default (model "

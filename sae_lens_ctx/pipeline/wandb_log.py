@@ -14,6 +14,11 @@ What a W&B run gets (SAE-Lens conventions, ecosystem-notes §2.7 and §4):
   few keys per scorer (`heads/E`, `heads/E_control`, `heads/E_vs_shuffled`, `heads/E_verdict` in words,
   `heads/E_well_explained`, `units/auroc`, ...: `RunTables.metrics`), and all of `summary.json` in the
   `scores/summary` table (one row per leaf);
+- what the run found first, as on the console and the report's first screen (`stages.report.findings`):
+  `findings/n_pairs`, `findings/n_units`, `findings/best` (the best-ranked finding in words) with
+  `findings/best_E`, `findings/best_ci_low`, `findings/best_ci_high`, `findings/n_warnings`, one
+  `verdicts/<explainer>_<scorer>` word per verdict row, and the tables `findings/table` (every finding,
+  ranked) and `verdicts/table`;
 - the plots of `plots.py` as images (per-unit heatmaps in the `plots/head_heatmaps` table);
 - the whole run directory as a versioned artifact of type `sae-lens-ctx-results`.
 
@@ -43,6 +48,7 @@ from typing import Any
 
 from ..core.version import __version__
 from ..core.config import RunConfig
+from ..stages.report.findings import findings
 from ..stages.report.html import ContextRenderer, renderer_for, standalone, unit_peaks
 from ..core.layout import MANIFEST, TABLES, table
 from ..inputs.context import RunContext
@@ -247,6 +253,7 @@ def log_run(ctx: RunContext, results: list[StageResult] | tuple = (), job_type: 
                     metrics[f"cost/seconds_{r.name}"] = round(r.seconds, 3)
             metrics["cost/seconds_total"] = round(sum(r.seconds for r in results if r.status == "ran"), 3)
             payload.update(metrics)
+            payload.update(findings_payload(res))
             payload.update(plot_images(ctx, res, results, config, Path(scratch)))
             run.log(payload)
             if config.logging.log_results_artifact:
@@ -316,6 +323,36 @@ def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunC
         payload[f"{name}_rows" if "/" in name else f"{name}/rows"] = len(data)
         payload.update(_table_or_artifact(run, key, cols, data, config))
     return payload
+
+
+def findings_payload(res: RunTables) -> dict[str, Any]:
+    """The findings and verdicts (`stages.report.findings`) as headline keys and two tables; {} without scores."""
+    import wandb
+
+    if "scores" not in res.tables:
+        return {}
+    f = findings(res)
+    ranked = f.all_pairs + f.all_units
+    out: dict[str, Any] = {"findings/n_pairs": len(f.all_pairs), "findings/n_units": len(f.all_units),
+                           "findings/n_warnings": f.n_warnings,
+                           "findings/best": f"{ranked[0].title()}: {ranked[0].score()}, {ranked[0].verdict}"
+                           if ranked else f.none_line()}
+    if ranked:
+        out.update({k: v for k, v in (("findings/best_E", ranked[0].value), ("findings/best_ci_low", ranked[0].ci_low),
+                                      ("findings/best_ci_high", ranked[0].ci_high)) if v is not None})
+    cols = ["rank", "kind", "unit_id", "head", "token", "looked_up", "explainer", "text", "scorer", "value", "ci_low",
+            "ci_high", "n", "verdict"]
+    out["findings/table"] = wandb.Table(columns=cols, data=[
+        [i, x.kind, x.unit_id, x.head, x.token, " / ".join(x.looked_up), x.explainer, x.text, x.scorer, x.value,
+         x.ci_low, x.ci_high, x.n, x.verdict] for i, x in enumerate(ranked, 1)])
+    vcols = ["explainer", "scorer", "real", "n", "strongest_control", "control_mean", "difference", "ci_low", "ci_high",
+             "verdict"]
+    out["verdicts/table"] = wandb.Table(columns=vcols, data=[
+        [v.explainer, v.scorer, v.real, v.n, v.control, v.control_mean, v.difference, v.ci_low, v.ci_high, v.verdict]
+        for v in f.verdicts])
+    for v in f.verdicts:
+        out[f"verdicts/{safe_name(v.explainer.replace(' / ', '+'))}_{v.scorer}"] = v.verdict
+    return out
 
 
 def _table_or_artifact(run: Any, key: str, cols: list[str], data: list[list], config: RunConfig) -> dict[str, Any]:

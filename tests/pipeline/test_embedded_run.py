@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -42,6 +43,15 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
         assert set(summary["headline"]["E"][side]) >= {"mean", "ci_low", "ci_high", "n"}
     assert summary["headline"]["E"]["real_minus_random_units"]["verdict"]
     assert "not built yet" not in proc.stdout and "scored" in proc.stdout
+    # the end-of-run summary leads with what was found (issue 29): its first findings line names a head, a unit
+    # and the tokens the head looks up, with E and its interval; the whole summary fits in 30 lines
+    lines = proc.stdout.splitlines()
+    end = lines[next(i for i, line in enumerate(lines) if line.startswith("Findings (")):]
+    assert len(end) <= 30, "\n".join(end)
+    assert re.fullmatch(r'  1\. L\d+H\d+ → L\d+N\d+ ".+" looks up ".+": E \d\.\d\d \[\d\.\d\d, \d\.\d\d\], n=\d+, .+',
+                        end[1]), "\n".join(end)
+    assert any(line.startswith("Verdicts (") for line in end) and end[-1].startswith("results in")
+    print("\n".join(end))
     # matched negatives (scores issue): every unit's held-out positives and negatives differ in mean length by
     # at most 10 %, and the length-only judge cannot tell the units' classes apart
     mine = json.loads((out / "mine.json").read_text())

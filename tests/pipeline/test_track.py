@@ -445,3 +445,15 @@ def test_the_wandb_summary_holds_a_few_headline_keys_two_levels_deep_and_the_res
     rows = dict(table["data"])
     assert table["columns"] == ["path", "value"] and run.summary["scores/summary_rows"] == len(rows) > 100
     assert json.loads(rows["headline/E/real_minus_length/verdict"]) == e["real_minus_length"]["verdict"]
+    # what the run found, as on the console and the report's first screen: headline keys and two tables
+    from sae_lens_ctx.stages.report.findings import findings
+    from sae_lens_ctx.stages.report.tables import RunTables
+
+    found = findings(RunTables.load(out))
+    best = (found.all_pairs + found.all_units)[0]
+    assert run.summary["findings/best"] == f"{best.title()}: {best.score()}, {best.verdict}"
+    assert run.summary["findings/n_pairs"] == len(found.all_pairs) and run.summary["findings/best_E"] == best.value
+    verdicts = run.table("verdicts/table")
+    assert [r[:2] for r in verdicts["data"]] == [[v.explainer, v.scorer] for v in found.verdicts]
+    assert [r[-1] for r in verdicts["data"]] == [v.verdict for v in found.verdicts]
+    assert run.table("findings/table")["data"][0][7] == best.text

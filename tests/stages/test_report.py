@@ -107,3 +107,57 @@ def test_score_histograms_fit_the_report_and_mark_well_explained_only_on_e():
     for i, a in enumerate(boxes):
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)
+
+
+PROBE = """<script>
+const h = 900, seen = e => { const r = e.getBoundingClientRect(); return r.height > 0 && r.bottom <= h; };
+const rows = [...document.querySelectorAll('#headline table.findings tbody tr')].filter(seen);
+const verdicts = [...document.querySelectorAll('#headline table.verdicts tr')];
+document.body.insertAdjacentHTML('beforeend', '<pre id="probe">' + JSON.stringify({height: h, width: innerWidth,
+  findings: rows.map(r => [...r.cells].map(c => c.textContent)),
+  verdicts: verdicts.length, verdicts_seen: verdicts.every(seen)}) + '</pre>');
+</script>"""
+"""Measures, in the browser's own layout at the window's width, which findings rows and whether the whole
+verdict table lie inside the first 900 pixels (a 1400 × 900 screen, unscrolled: the page has no height-dependent
+layout), and writes it into the DOM for `--dump-dom`."""
+
+
+def test_the_first_screen_shows_a_finding_with_its_explanation_and_interval_and_the_verdict_table(planted_gpt2,
+                                                                                                  tmp_path):
+    """The whole pipeline on the planted model (offline test LLM): in a real browser at 1400 × 900 the
+    report's first screen holds the planted look-up as a finding (its explanation text naming the trigger, its
+    E with interval) and every row of the verdict table."""
+    import json
+    import re
+
+    out = tracked_run.full_run(planted_gpt2, tmp_path / "full")
+    index = out / "report" / "index.html"
+    probe = index.with_name("probe.html")
+    probe.write_text(index.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium(["--window-size=1400,900", "--dump-dom", probe.as_uri()], tmp_path / "profile")
+    seen = json.loads(re.findall(r'<pre id="probe">(.*?)</pre>', dom, re.S)[-1].replace("&quot;", '"'))
+    assert seen["width"] == 1400
+    triggers = set(planted_gpt2.answer.heads.values())  # the token each planted head looks up
+    found = [row for row in seen["findings"] if "looks up" in row[1] and any(f'"{t}"' in row[2] for t in triggers)]
+    assert found, seen["findings"]
+    assert re.fullmatch(r"E \d\.\d\d \[\d\.\d\d, \d\.\d\d\]", found[0][3]) and found[0][5] in (
+        "supported", "above-chance", "uncertain")
+    assert seen["verdicts"] >= 3 and seen["verdicts_seen"]  # the header and every row, unscrolled
+
+
+def test_every_template_of_the_report_ships_as_package_data():
+    """pyproject.toml's package-data globs cover every file of `stages/report/templates` (a wheel built from this
+    checkout held all nine on 2026-12-07), and the environment escapes with autoescaping on."""
+    import fnmatch
+    import tomllib
+
+    from sae_lens_ctx.stages.report import html as dashboard
+
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "sae_lens_ctx.stages.report"]
+    folder = root / "sae_lens_ctx" / "stages" / "report" / dashboard.TEMPLATES
+    files = [p.relative_to(folder.parent).as_posix() for p in folder.iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+    assert dashboard.environment().autoescape is True
+    assert dashboard.render("link.html", href="#x", text="<b>") == '<a href="#x">&lt;b&gt;</a>'

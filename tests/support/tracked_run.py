@@ -115,3 +115,22 @@ def scores(control: str) -> list[ScoreRecord]:
                                     value=value, ci_low=low, ci_high=high, n=10, control=unit_id == control,
                                     n_positive=5, n_negative=5, n_parsed=10))
     return rows
+
+
+def full_run(plant, root: Path) -> Path:
+    """Every stage, the real ones, on the planted model with the offline test LLM (`offline_llm`): a run whose
+    look-up explanations name the planted triggers and score E = 1 on held-out prompts (its findings)."""
+    from offline_llm import NAME as OFFLINE_LLM
+    from planted import planted_corpus
+    from sae_lens_ctx.core.config import ExplainConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(plant, n_docs=120)))
+    cfg = RunConfig(model=ModelConfig(model_name=str(plant.directory)),
+                    corpus=CorpusConfig(dataset_path=str(docs), context_size=16, max_tokens=4000, min_documents=10),
+                    explain=ExplainConfig(backend=OFFLINE_LLM))
+    cfg.logging.log_to_wandb = False
+    out = root / "run"
+    run_pipeline(cfg, out)
+    return out

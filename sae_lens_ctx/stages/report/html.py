@@ -1,14 +1,18 @@
 """The HTML report of one run (`sae-lens-ctx report`): one static, self-contained file, no JavaScript.
 
 `report/index.html` holds every page; CSS `:target` shows one at a time, so it works from `file://`
-with no server: the unit list (`#units`), a page per unit (`#unit-<id>`: token, congruence, top
-contexts with tokens shaded by activation, heads with attribution and ablation, explanations, scores
-with CIs, head vs neuron) and the run summary (`#summary`: headline numbers with controls beside, cost,
-plots). Plots are embedded as PNG data URIs.
+with no server. It opens with what the run found (`#headline`, `findings.py`: the best-supported
+explanations with their scores and intervals, one verdict per (explainer, scorer), the warnings and flags
+collapsed), then the unit list (`#units`), a page per unit (`#unit-<id>`: token, congruence, top
+contexts with tokens shaded by activation, heads with attribution and ablation, look-ups, explanations,
+scores with CIs, head vs neuron) and the run summary (`#summary`: headline numbers with controls beside,
+cost, plots). Plots are embedded as PNG data URIs.
 
-Everything that comes from the corpus, the tokenizer, the model or an LLM goes through `html.escape`;
-the only unescaped values are numbers this module formats itself. The same `context_html` renders the
-prompts of the W&B contexts table.
+The markup is in Jinja2 templates (`templates/`, package data: `report.html` and the pages it holds);
+this module only prepares their data. Autoescaping is on and every printed value that is not `Markup`
+made by these templates goes through `html.escape` (`_finalize`): everything from the corpus, the
+tokenizer, the model or an LLM is inert text. The same `context_html` renders the prompts of the W&B
+contexts table.
 """
 
 from __future__ import annotations
@@ -19,7 +23,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from collections.abc import Callable
+from functools import lru_cache
+from importlib import resources
 from typing import Any
+
+from markupsafe import Markup
 
 from ...core.errors import UserError
 from ...inputs.context import RunContext
@@ -27,6 +36,7 @@ from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
 from ...core.records import CONFOUND_CONTROLS, atomic_write
 from ...core.layout import TABLES
+from .findings import findings
 from .tables import RunTables, number, safe_name
 from ...inputs.tokens import token_pieces  # per-token pieces that spell the prompt (also used by W&B's HTML cells)
 
@@ -36,25 +46,48 @@ REPORT_FILE = "report/index.html"
 SHADE = "255,140,0"
 """RGB of the activation shading (alpha = activation / the unit's peak activation)."""
 
-CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#222;background:#fafafa}
-header{background:#263238;color:#fff;padding:10px 24px}header a{color:#cfe8ff;margin-right:16px}
-h1{font-size:20px;margin:4px 0}main{padding:8px 24px}
-.page{display:none}.page:target{display:block}body:not(:has(.page:target)) #units{display:block}
-table{border-collapse:collapse;margin:6px 0 14px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}th{background:#eceff1}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;background:#fff;border:1px solid #e0e0e0;
-padding:4px 6px;display:block;margin:2px 0}
-.tok{border-radius:2px}.tok.last{outline:1px solid #d62728}.next{color:#2e7d32;font-weight:600}
-.badge{display:inline-block;background:#e3f2fd;border:1px solid #90caf9;border-radius:8px;padding:0 6px;margin:0 2px;
-font-size:12px}.badge.on{background:#ffe0b2;border-color:#fb8c00}
-code{white-space:pre;background:#eceff1;padding:0 3px}.control{color:#777}.muted{color:#777}
-img{max-width:100%;background:#fff;border:1px solid #ddd;margin:4px 0}
-dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{font-weight:600}dd{margin:0}
-"""
+TEMPLATES = "templates"
+"""The Jinja2 templates of the report, package data of this package (`report.html` and the pages it holds)."""
 
 
+def _finalize(value: Any) -> Any:
+    """Every value a template prints: `Markup` (made by this package's templates) as it is, anything else as
+    inert text through `html.escape` (quotes as `&quot;` / `&#x27;`, as the report always wrote them); None as ''."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(html.escape("" if value is None else str(value), quote=True))
+
+
+class Num:
+    """A number cell of a table (right-aligned, formatted by `fmt`)."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+@lru_cache(maxsize=1)
+def environment() -> Any:
+    """The report's Jinja2 environment: templates from the package, autoescaping on."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader(__package__, TEMPLATES), autoescape=True, finalize=_finalize,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    env.tests["num"] = lambda value: isinstance(value, Num)
+    return env
+
+
+def render(name: str, **values: Any) -> Markup:
+    """One template of the report rendered (its HTML, safe to insert into another template)."""
+    return Markup(environment().get_template(name).render(**values))
+
+
+def _macro(template: str, name: str) -> Any:
+    return getattr(environment().get_template(template).module, name)
+
+
+CSS = resources.files(__package__).joinpath(TEMPLATES, "report.css").read_text(encoding="utf-8")
+"""The report's style sheet (`templates/report.css`; also W&B's HTML cells)."""
 
 
 def esc(value: Any) -> str:
@@ -65,7 +98,7 @@ def esc(value: Any) -> str:
 def fmt(value: Any, digits: int = 3) -> str:
     x = number(value)
     if x is None:
-        return "–" if value is None else esc(value)
+        return "–" if value is None else str(value)
     if isinstance(value, int):
         return str(value)
     return f"{x:.{digits}g}"
@@ -74,12 +107,11 @@ def fmt(value: Any, digits: int = 3) -> str:
 # -- prompts with shaded tokens --------------------------------------------------------------------
 
 
-def _span(text: str, activation: float | None, peak: float, last: bool = False) -> str:
+def _span(text: str, activation: float | None, peak: float, last: bool = False) -> dict[str, Any]:
     act = number(activation)
     alpha = 0.0 if act is None or peak <= 0 else max(0.0, min(1.0, act / peak))
-    title = "" if act is None else f' title="activation {act:.4g}"'
-    cls = "tok last" if last else "tok"
-    return f'<span class="{cls}" style="background:rgba({SHADE},{alpha:.2f})"{title}>{esc(text)}</span>'
+    return {"text": text, "rgb": SHADE, "alpha": alpha, "title": None if act is None else f"activation {act:.4g}",
+            "last": last, "under": False}
 
 
 def context_html(pieces: list[str] | None, acts: list[float] | None, text: str, activation: float | None,
@@ -90,9 +122,9 @@ def context_html(pieces: list[str] | None, acts: list[float] | None, text: str, 
     or tokens that do not spell `text`), the whole text is one span shaded by its final activation.
     """
     if pieces is None or acts is None or len(pieces) != len(acts) or not pieces:
-        return f'<span class="ctx">{_span(text, activation, peak, last=True)}</span>'
-    spans = [_span(p, a, peak, last=i == len(pieces) - 1) for i, (p, a) in enumerate(zip(pieces, acts))]
-    return f'<span class="ctx">{"".join(spans)}</span>'
+        return _macro("tokens.html", "prompt")([_span(text, activation, peak, last=True)])
+    return _macro("tokens.html", "prompt")([_span(p, a, peak, last=i == len(pieces) - 1)
+                                            for i, (p, a) in enumerate(zip(pieces, acts))])
 
 
 LOOKUP_SHADE = "30,136,229"
@@ -111,12 +143,11 @@ def lookup_html(pieces: list[str] | None, record: dict) -> str:
     spans = []
     for i, piece in enumerate(pieces):
         s = by_pos.get(i)
-        alpha = 0.0 if s is None or peak <= 0 else min(1.0, abs(s["contribution"]) / peak)
-        title = "" if s is None else f' title="attention {s["attention"]:.3g}, contribution {s["contribution"]:.4g}"'
-        under = ";text-decoration:underline" if s is not None and s["contribution"] < 0 else ""
-        spans.append(f'<span class="tok" style="background:rgba({LOOKUP_SHADE},{alpha:.2f}){under}"{title}>'
-                     f"{esc(piece)}</span>")
-    return f'<span class="ctx">{"".join(spans)}</span>'
+        spans.append({"text": piece, "rgb": LOOKUP_SHADE, "last": False,
+                      "alpha": 0.0 if s is None or peak <= 0 else min(1.0, abs(s["contribution"]) / peak),
+                      "title": None if s is None else f"attention {s['attention']:.3g}, contribution {s['contribution']:.4g}",
+                      "under": s is not None and s["contribution"] < 0})
+    return _macro("tokens.html", "prompt")(spans)
 
 
 def standalone(fragment: str) -> str:
@@ -215,26 +246,24 @@ def unit_anchor(unit_id: str) -> str:
     return f"unit-{safe_name(unit_id)}"
 
 
-def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
-    """`rows` hold HTML already escaped by the caller."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(rows_i) + "</tr>" for rows_i in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def _td(value: Any, number: bool = False) -> str:
-    return f'<td class="num">{fmt(value)}</td>' if number else f"<td>{esc(value)}</td>"
-
-
-def _img(folder: Path, rel: str | None, alt: str) -> str:
+def _img(folder: Path, rel: str | None) -> str | None:
+    """A plot as a PNG data URI (None when it was not drawn)."""
     if not rel or not (folder / rel).is_file():
-        return ""
-    data = base64.b64encode((folder / rel).read_bytes()).decode("ascii")
-    return f'<img alt="{esc(alt)}" src="data:image/png;base64,{data}">'
+        return None
+    return "data:image/png;base64," + base64.b64encode((folder / rel).read_bytes()).decode("ascii")
+
+
+def _interval(low: Any, high: Any) -> Num:
+    return Num(f"[{fmt(low)}, {fmt(high)}]")
+
+
+EXTRA_SECTIONS: list[Callable[[Report, str], str | None]] = []
+"""Further sections of a unit page, after its look-ups: functions (report, unit_id) → an HTML block made by
+a template of this package (`render`), or None. Each (unit, head) pair section added later goes here."""
 
 
 class Report:
-    """Builds the pages of one run's report."""
+    """Builds the pages of one run's report: the data each template shows (the markup is in `templates/`)."""
 
     def __init__(self, res: RunTables, renderer: ContextRenderer, plots_dir: Path, plots: dict[str, str],
                  n_contexts: int):
@@ -265,74 +294,52 @@ class Report:
             relevant = [h["head"] for h in self.heads.get(uid, []) if h.get("relevant")]
             head_scores = [s["value"] for s in self.scores.get(uid, []) if s.get("head") is not None
                            and number(s.get("value")) is not None]
-            rows.append([
-                f'<td><a href="#{esc(unit_anchor(uid))}">{esc(uid)}</a></td>', _td(u.get("token")),
-                _td(u.get("layer"), True), _td(u.get("congruence"), True),
-                _td("control" if u.get("control") else "selected"),
-                _td(", ".join(relevant) if relevant else "–"), _td(len(self.contexts.get(uid, [])), True),
-                _td(max(head_scores) if head_scores else None, True)])
-        table = _table(["unit", "token", "layer", "congruence", "kind", "relevant heads", "contexts",
-                        "best head score"], rows)
-        return f'<section id="units" class="page"><h2>Units ({len(rows)})</h2>{table}</section>'
+            link = render("link.html", href="#" + unit_anchor(uid), text=uid)
+            rows.append([link, u.get("token"), Num(u.get("layer")), Num(u.get("congruence")),
+                         "control" if u.get("control") else "selected", ", ".join(relevant) if relevant else "–",
+                         Num(len(self.contexts.get(uid, []))), Num(max(head_scores) if head_scores else None)])
+        return render("unit_list.html", rows=rows)
 
     def unit_page(self, u: dict) -> str:
         uid = u["unit_id"]
         text_keys = ("token", "hook_name", "kind")
-        facts = "".join(f"<dt>{esc(k)}</dt><dd>{esc(u.get(k)) if k in text_keys else fmt(u.get(k))}</dd>"
-                        for k in ("kind", "hook_name", "layer", "index", "token", "congruence", "rank_in_layer",
-                                  "kurtosis", "skew") if k in u)
-        control = ' <span class="control">(control unit)</span>' if u.get("control") else ""
-        parts = [f'<section id="{esc(unit_anchor(uid))}" class="page unit">',
-                 '<p><a href="#units">← all units</a> · <a href="#summary">run summary</a></p>',
-                 f"<h2>{esc(uid)} → <code>{esc(u.get('token'))}</code>{control}</h2><dl>{facts}</dl>",
-                 self._heads(uid), self._contexts(uid), self._lookups(uid), self._explanations(uid), self._scores(uid),
-                 self._versus(uid), "</section>"]
-        return "".join(parts)
+        facts = [(k, u.get(k) if k in text_keys else fmt(u.get(k))) for k in (
+            "kind", "hook_name", "layer", "index", "token", "congruence", "rank_in_layer", "kurtosis", "skew") if k in u]
+        extra = [block for block in (f(self, uid) for f in EXTRA_SECTIONS) if block]
+        return render("unit_page.html", u=u, anchor=unit_anchor(uid), facts=facts, heads=self._heads(uid),
+                      contexts=self._contexts(uid), lookups=self._lookups(uid), extra=extra,
+                      explanations=self._explanations(uid), scores=self._scores(uid), versus=self._versus(uid))
 
-    def _heads(self, uid: str) -> str:
+    def _heads(self, uid: str) -> dict | None:
         heads = self.heads.get(uid, [])
         if not heads:
-            return "<h3>Heads</h3><p class=muted>No head attribution for this unit.</p>"
+            return None
         relevant = [h for h in heads if h.get("relevant")]
         others = sorted((h for h in heads if not h.get("relevant")),
                         key=lambda h: -abs(number(h.get("mean_attribution")) or 0.0))[:5]
-        rows = [[_td(h["head"]), _td("relevant" if h.get("relevant") else "–"), _td(h.get("active_fraction"), True),
-                 _td(h.get("mean_attribution"), True), _td(h.get("ablation_effect"), True),
-                 _td(h.get("ablation_pvalue"), True), _td(h.get("prob_drop_active"), True),
-                 _td(h.get("prob_drop_inactive"), True)] for h in relevant + others]
-        table = _table(["head", "relevant", "active fraction", "mean attribution", "ablation effect", "p (KS)",
-                        "prob. drop, active", "prob. drop, inactive"], rows, "heads")
-        note = (f"<p class=muted>{len(relevant)} relevant of {len(heads)} upstream heads; "
-                "the 5 strongest others shown.</p>")
-        return "<h3>Heads</h3>" + note + table + _img(self.plots_dir, self.plots.get(f"heatmap:{uid}"),
-                                                      f"attribution heatmap of {uid}")
+        rows = [[h["head"], "relevant" if h.get("relevant") else "–", Num(h.get("active_fraction")),
+                 Num(h.get("mean_attribution")), Num(h.get("ablation_effect")), Num(h.get("ablation_pvalue")),
+                 Num(h.get("prob_drop_active")), Num(h.get("prob_drop_inactive"))] for h in relevant + others]
+        return {"n_relevant": len(relevant), "n": len(heads), "rows": rows,
+                "heatmap": _img(self.plots_dir, self.plots.get(f"heatmap:{uid}"))}
 
-    def _contexts(self, uid: str) -> str:
+    def _contexts(self, uid: str) -> list[dict]:
         rows = [(line, c) for line, c in self.contexts.get(uid, [])
                 if c.get("kind", "top") == "top" and c.get("split") == "train"]
         rows = sorted(rows, key=lambda lc: lc[1].get("rank", 0))[: self.n_contexts]
-        if not rows:
-            return "<h3>Top contexts</h3><p class=muted>No contexts mined for this unit.</p>"
         active: dict[int, list[str]] = {}
         for h in self.heads.get(uid, []):
             if h.get("relevant"):
                 for rank in h.get("active_train_ranks") or []:
                     active.setdefault(rank, []).append(h["head"])
-        items = []
         peak = self.peaks.get(uid, 0.0)
-        for line, c in rows:
-            badges = "".join(f'<span class="badge on">{esc(h)}</span>' for h in active.get(c.get("rank"), []))
-            nxt = f' <span class="next">→ {esc(c.get("next_token"))}</span>' if c.get("next_token") is not None else ""
-            items.append(f'<li>{self.renderer.html(c, line, peak)}<span class="muted">activation '
-                         f'{fmt(c.get("activation"))}{nxt}</span> {badges}</li>')
-        return f"<h3>Top contexts (train)</h3><ol class=contexts>{''.join(items)}</ol>"
+        return [{"prompt": self.renderer.html(c, line, peak), "activation": c.get("activation"),
+                 "next_token": c.get("next_token"), "heads": active.get(c.get("rank"), [])} for line, c in rows]
 
-    def _lookups(self, uid: str, per_head: int = 3) -> str:
+    def _lookups(self, uid: str, per_head: int = 3) -> list[list]:
         """Per relevant head, its first active train prompts twice: shaded by the unit's activation and by
         the head's look-up contribution, with the first position's share (the attention sink)."""
         records = [r for r in self.lookups.get(uid, []) if r.get("split") == "train" and r.get("active")]
-        if not records:
-            return ""
         rows_of = {c.get("rank"): (line, c) for line, c in self.contexts.get(uid, [])
                    if c.get("split") == "train" and c.get("kind", "top") == "top"}
         peak = self.peaks.get(uid, 0.0)
@@ -343,34 +350,20 @@ class Report:
                 continue
             shown[r["head"]] = shown.get(r["head"], 0) + 1
             line, c = rows_of[r["rank"]]
-            rows.append([_td(r["head"]), _td(r["rank"], True), f"<td>{self.renderer.html(c, line, peak)}</td>",
-                         f"<td>{lookup_html(self.renderer.pieces(c), r)}</td>", _td(r.get("attribution"), True),
-                         _td(r.get("first_attention"), True), _td(r.get("first_contribution"), True)])
-        return ("<h3>Look-ups</h3><p class=muted>What each relevant head drew from the context on its active train "
-                "prompts: orange, the unit's activation; blue, the head's contribution from each token (exact: "
-                "they sum to the head's attribution; the top recorded positions shaded).</p>"
-                + _table(["head", "prompt", "unit activation", "look-up contribution", "head attribution",
-                          "first position: attention", "first position: contribution"], rows, "lookups"))
+            rows.append([r["head"], Num(r["rank"]), self.renderer.html(c, line, peak),
+                         lookup_html(self.renderer.pieces(c), r), Num(r.get("attribution")),
+                         Num(r.get("first_attention")), Num(r.get("first_contribution"))])
+        return rows
 
-    def _explanations(self, uid: str) -> str:
-        ex = self.explanations.get(uid, [])
-        if not ex:
-            return ""
-        rows = [[_td(e.get("head") or "(unit)"), _td(e.get("explainer")), _td(e.get("text")),
-                 _td(e.get("status", "ok")), _td(" / ".join(str(e.get(k)) for k in ("backend", "model") if e.get(k))),
-                 _td(e.get("cost_usd"), True)] for e in ex]
-        return "<h3>Explanations</h3>" + _table(["head", "explainer", "explanation", "status", "backend / model",
-                                                 "cost (USD)"], rows)
+    def _explanations(self, uid: str) -> list[list]:
+        return [[e.get("head") or "(unit)", e.get("explainer"), e.get("text"), e.get("status", "ok"),
+                 " / ".join(str(e.get(k)) for k in ("backend", "model") if e.get(k)), Num(e.get("cost_usd"))]
+                for e in self.explanations.get(uid, [])]
 
-    def _scores(self, uid: str) -> str:
-        sc = self.scores.get(uid, [])
-        if not sc:
-            return ""
-        rows = [[_td(s.get("head") or "(unit)"), _td(s.get("scorer")), _td(s.get("value"), True),
-                 f'<td class="num">[{fmt(s.get("ci_low"))}, {fmt(s.get("ci_high"))}]</td>', _td(s.get("n"), True),
-                 _td("well explained" if self.well_explained_badge(uid, s) else "")]
-                for s in sc]
-        return "<h3>Scores</h3>" + _table(["head", "scorer", "value", "95% CI", "n", ""], rows)
+    def _scores(self, uid: str) -> list[list]:
+        return [[s.get("head") or "(unit)", s.get("scorer"), Num(s.get("value")), _interval(s.get("ci_low"),
+                 s.get("ci_high")), Num(s.get("n")), "well explained" if self.well_explained_badge(uid, s) else ""]
+                for s in self.scores.get(uid, [])]
 
     def well_explained_badge(self, uid: str, s: dict) -> bool:
         """The "well explained" badge as the score stage decided it (`RunTables.badges`, summary.json):
@@ -379,12 +372,13 @@ class Report:
         return self.badges.get((uid, s.get("head"), s.get("scorer"), s.get("explainer")), False)
 
     def headline(self) -> str:
-        """The box the report opens with: per scorer, real versus each control, the difference with its
-        CI and the verdict in words (summary.json's `headline`), then its confound warnings, its flags
+        """The report's first screen (`first_screen.html`): what the run found and one verdict per
+        (explainer, scorer) (`findings.py`); collapsed below them, every real − control comparison of
+        summary.json's `headline` with the verdict in words, its confound warnings, its flags
         (near-identical explanations, a one-sided judge) and how many E scores are well explained."""
         summary = self.res.side.get("summary") or {}
         h = summary.get("headline") or {}
-        rows = []
+        comparisons = []
         for scorer in ("E", "auroc", "unit_E", "unit_auroc", "unit_sim_correlation"):
             block = h.get(scorer) or {}
             real = (block.get("real") or {}).get("mean")
@@ -393,69 +387,42 @@ class Report:
                 c = block.get(f"real_minus_{name}")
                 if c is None:
                     continue
-                rows.append([_td(scorer), _td(real, True), _td(label), _td(c.get("difference"), True),
-                             f'<td class="num">[{fmt(c.get("ci_low"))}, {fmt(c.get("ci_high"))}]</td>',
-                             f'<td class="verdict">{esc(c.get("verdict"))}</td>'])
+                comparisons.append([scorer, Num(real), label, Num(c.get("difference")),
+                                    _interval(c.get("ci_low"), c.get("ci_high")), c.get("verdict")])
         notes = list(summary.get("confound_warnings") or []) + list((summary.get("flags") or {}).get("messages") or [])
-        warn = "".join(f"<li>{esc(w)}</li>" for w in notes)
-        well = summary.get("well_explained")
-        if well:
-            warn += (f'<li class="badges">well explained: {int(well["n_badges"])} of {int(well["n_scores"])} E scores '
-                     f'(E ≥ {fmt(well["threshold"])} and the interval of the difference to every control above 0)</li>')
-        if not rows and not warn:
-            return ""
-        table = _table(["scorer", "real (mean)", "control", "real − control", "95% CI", "verdict"], rows) if rows else ""
-        return ('<section id="headline" class="headline"><h2>Headline: real scores against their controls</h2>'
-                + table + (f'<ul class="warnings">{warn}</ul>' if warn else "") + "</section>")
+        return render("first_screen.html", f=findings(self.res), anchor=unit_anchor, comparisons=comparisons,
+                      notes=notes, well=summary.get("well_explained"))
 
-    def _versus(self, uid: str) -> str:
-        rows = self.comparison.get(uid, [])
-        if not rows:
-            return ""
-        body = [[_td(r["scorer"]), _td(r["unit_score"], True), _td(r["head_score_mean"], True),
-                 _td(r["head_score_max"], True), _td(r["best_head"]), _td(r["n_heads"], True)] for r in rows]
-        return "<h3>Head vs neuron</h3>" + _table(["scorer", "unit's own", "heads (mean)", "heads (max)",
-                                                   "best head", "heads scored"], body)
+    def _versus(self, uid: str) -> list[list]:
+        return [[r["scorer"], Num(r["unit_score"]), Num(r["head_score_mean"]), Num(r["head_score_max"]), r["best_head"],
+                 Num(r["n_heads"])] for r in self.comparison.get(uid, [])]
 
     def summary(self, metrics: dict[str, Any]) -> str:
         order = ["units", "contexts", "heads", "explanations", "scores", "cost"]
-        groups: dict[str, list[list[str]]] = {}
+        groups: dict[str, list[list]] = {}
         for key, value in sorted(metrics.items(), key=lambda kv: (order.index(kv[0].split("/")[0])
                                                                   if kv[0].split("/")[0] in order else 99, kv[0])):
             if key.endswith("_control") and key.removesuffix("_control") in metrics:
                 continue  # shown beside its selected-units number
             group, _, name = key.partition("/")
-            groups.setdefault(group, []).append([_td(name), _td(value, True), _td(metrics.get(f"{key}_control"), True)])
-        tables = "".join(f"<h3>{esc(g)}</h3>" + _table(["metric", "selected units", "control units"], rows)
-                         for g, rows in groups.items())
+            groups.setdefault(group, []).append([name, Num(value), Num(metrics.get(f"{key}_control"))])
         attribute = self.res.side.get("attribute") or {}
-        skipped = attribute.get("skipped_units") or []
-        skipped_html = ""
-        if skipped:
-            skipped_html = "<h3>Skipped units</h3>" + _table(
-                ["unit", "reason"], [[_td(s.get("unit_id")), _td(s.get("reason"))] for s in skipped])
-        plots = "".join(_img(self.plots_dir, self.plots.get(name), title) for name, title in (
+        skipped = [[s.get("unit_id"), s.get("reason")] for s in attribute.get("skipped_units") or []]
+        plots = [(src, title) for src, title in ((_img(self.plots_dir, self.plots.get(name)), title) for name, title in (
             ("unit_layers", "units per layer"), ("score_histograms", "explanation scores"),
-            ("ablation_boxplot", "ablation"), ("head_vs_neuron", "head vs neuron")))
+            ("ablation_boxplot", "ablation"), ("head_vs_neuron", "head vs neuron"))) if src]
         model = self.res.side.get("model") or {}
-        facts = "".join(f"<dt>{esc(k)}</dt><dd>{esc(model.get(k))}</dd>" for k in (
-            "model_name", "model_class", "weights", "architecture", "n_layers", "n_heads", "d_mlp") if k in model)
-        notes = "".join(f"<li>{esc(k)}{': ' + str(n) if n else ''}</li>" for k, n in self.renderer.problems.items())
-        return (f'<section id="summary" class="page"><p><a href="#units">← all units</a></p><h2>Run summary</h2>'
-                f"<dl>{facts}</dl><p class=muted>Control units are random units of the same layers, carried "
-                f"through every stage like the selected ones (the paper's random baseline).</p>"
-                f"{tables}{skipped_html}{plots}"
-                + (f"<h3>Notes</h3><ul>{notes}</ul>" if notes else "") + "</section>")
+        facts = [(k, model.get(k)) for k in ("model_name", "model_class", "weights", "architecture", "n_layers",
+                                             "n_heads", "d_mlp") if k in model]
+        notes = [f"{k}: {n}" if n else k for k, n in self.renderer.problems.items()]
+        return render("summary.html", facts=facts, groups=list(groups.items()), skipped=skipped, plots=plots,
+                      notes=notes)
 
     def render(self, metrics: dict[str, Any]) -> str:
         model = (self.res.side.get("model") or {}).get("model_name", "")
-        pages = [self.headline(), self.unit_list()] + [self.unit_page(u) for u in self.ordered_units()] + [
-            self.summary(metrics)]
-        return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                f"<meta name=\"viewport\" content=\"width=device-width\"><title>sae-lens-ctx: {esc(model)}</title>"
-                f"<style>{CSS}</style></head><body><header><h1>sae-lens-ctx report: {esc(model)}</h1>"
-                "<nav><a href=\"#units\">Units</a><a href=\"#summary\">Run summary</a></nav></header><main>"
-                + "\n".join(pages) + "</main></body></html>\n")
+        return render("report.html", model=model, css=Markup(CSS), first_screen=self.headline(),
+                      unit_list=self.unit_list(), unit_pages=[self.unit_page(u) for u in self.ordered_units()],
+                      summary=self.summary(metrics))
 
 
 # -- the stage -----------------------------------------------------------------------------------

@@ -239,7 +239,16 @@ def _num(x: float | None) -> str:
     return "n/a" if x is None else f"{x:+.3f}"
 
 
+def summary_line(s: dict) -> str:
+    """The one line the stage prints: what was scored (the findings and verdicts follow at the end of the run,
+    `stages.report.findings`; every number is in summary.json)."""
+    c = s["counts"]
+    return (f"scored {c['pairs_scored']}/{c['pairs_relevant']} relevant pairs from {c['judgements']} judgements "
+            f"({c['unparsed']} unparsed, {c['failed']} failed)")
+
+
 def summary_text(s: dict) -> str:
+    """Every headline number, control and warning in words (the long form; `summary_line` is what is printed)."""
     h, c = s["headline"], s["counts"]
 
     def fmt(a: dict) -> str:
@@ -352,5 +361,4 @@ def run_stage(ctx: RunContext) -> None:
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1),
                         simulation_seconds=sim_seconds, simulation_prefix_cache=simulated.info.get("prefix_cache"))
-    print(summary_text(summary))
-    print(simulation_text(summary["simulation"]))
+    print(summary_line(summary))
