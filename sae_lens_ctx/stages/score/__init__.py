@@ -279,6 +279,8 @@ def summary_text(s: dict) -> str:
             b = block[scorer]
             lines.append(f"  {name + ' ' + scorer:<21} real {fmt(b['real'])}; shuffled {fmt(b['shuffled_explanations'])}; "
                          f"random units {fmt(b['random_units'])}")
+    if s.get("simulation"):
+        lines.append(simulation_text(s["simulation"]))
     return "\n".join(lines)
 
 
