@@ -13,12 +13,12 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError, did_you_mean
-from .lookups import LookupRecord
+from .lookups import LookupRecord, QkRecord
 from .unit_lookups import OcclusionRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
 
-RESULTS_FORMAT = 2
+RESULTS_FORMAT = 3
 """Version of the run-directory layout, part of every stage's fingerprint. A directory written under an
 older version is upgraded and its stages re-run (`pipeline.engine`); one written under a newer one is refused."""
 
@@ -105,6 +105,8 @@ FILES: tuple[RunFile, ...] = (
     RunFile("attribute.json", "attribute", summary=True),
     RunFile("lookups.jsonl", "attribute", LookupRecord, "lookups",
             ("unit_id", "head", "split", "rank", "active", "attribution", "sources")),
+    RunFile("qk.jsonl", "attribute", QkRecord, None,
+            ("unit_id", "head", "split", "rank", "position", "score", "logit", "gap", "key", "query", "pairs", "status")),
     RunFile("occlusions.jsonl", "attribute", OcclusionRecord, None,
             ("unit_id", "split", "rank", "last_token", "activation", "tokens", "status")),
     RunFile("explanations.jsonl", "explain", ExplanationRecord, "explanations", ("unit_id", "head", "explainer", "text")),

@@ -83,6 +83,64 @@ class LookupRecord:
     'first_position_only' (≥ 99 % of the attention on position 0)."""
 
 
+@dataclass(frozen=True)
+class QkRecord:
+    """Why the head attended to one looked-up position (a line of `qk.jsonl`): the exact split of its attention
+    score at the prompt's last position `T` over query-side × key-side residual-stream components
+    (`stages/attribute/qk.py`, `docs/qk.md`). One per look-up record and each of its first
+    `attribute.qk_sources` sources.
+
+    Components: `embed`, `pos_embed` (learned positions only), `L{l}H{h}` (each earlier head's output),
+    `L{l}MLP`, `const` (output biases, the query/key biases and the norm bias). Each marginal entry holds
+    `component`, `score` and `gap` (its signed contribution summed over the other side), `score_share` and
+    `gap_share` (that over the total, so the shares sum to 1; None where the total is 0); the `top`
+    components by |gap| come first, then `other` (with `n`, the components it sums), so a marginal sums to
+    its total exactly."""
+
+    unit_id: str
+    head: str
+    split: str
+    rank: int
+    active: bool
+    """The head is active on this prompt (as in the look-up record)."""
+    position: int
+    """The looked-up key position `s` (indexing the prompt as run, as `LookupRecord.sources`)."""
+    token_id: int
+    token: str
+    query_position: int
+    """`T`, the prompt's last position."""
+    attention: float
+    """The head's attention from `T` to `s`."""
+    contribution: float
+    """The look-up contribution of `s` to the unit (from the look-up record)."""
+    score: float | None
+    """The hooked attention score at (`T`, `s`): what the softmax sees (after any softcap)."""
+    softcap: float | None
+    """The attention logit soft-cap `c` (Gemma 2): `score = c · tanh(logit / c)`; None without one."""
+    n_components: int
+    """Components on each side."""
+    status: str
+    """'ok'; 'first_position' (s = 0, the attention sink: split, with the reason); 'one_position' (a
+    one-position prompt: the gap is 0); 'masked' (outside a sliding window: no score); 'not_splittable'
+    (QK-norm, a softcap that cannot be inverted at this score, or a split that misses the hooked score:
+    no numbers)."""
+    reason: str | None = None
+    """Why the status is not 'ok', in words."""
+    logit: float | None = None
+    """`scaling · q_T · k_s` before any softcap: exactly the sum of the table (equals `score` without a cap)."""
+    gap: float | None = None
+    """`logit(s)` minus the attention-weighted mean logit over every position `T` sees: what moves attention onto `s`."""
+    key: list[dict] = field(default_factory=list)
+    """Key-side marginals (each key component summed over all query components)."""
+    query: list[dict] = field(default_factory=list)
+    """Query-side marginals."""
+    pairs: list[dict] = field(default_factory=list)
+    """The largest (query component, key component) entries of the gap table: `query`, `key`, `score`, `gap`."""
+    grid: dict | None = None
+    """A small heatmap: the score and gap tables summed over the leading query and key components and 'other'
+    (`query`, `key` labels; `score`, `gap` rows of the query labels)."""
+
+
 # -- the look-up explainer -----------------------------------------------------------------------
 
 

@@ -1,0 +1,395 @@
+"""Why the head attended there: the exact query × key split of a look-up's attention score (`docs/qk.md`).
+
+For head `h` of layer `l`, query position `T` (the prompt's last) and key position `s`, the score the
+softmax sees is `softcap(scaling · rot_T(q_T) · rot_s(k_s))`. Attention reads `resid_pre[l]` through `ln1`
+(sequential, parallel and sandwich blocks alike), and `resid_pre[l]` is a sum of components: the token
+embedding (`embed`), the learned positional embedding (`pos_embed`, where the model has one), each earlier
+head's output (`L{l'}H{h'}`: `z · W_O`, in a sandwich block through the post-attention norm's gain and scale),
+each earlier MLP's output (`L{l'}MLP`) and the constant (attention output biases; `const` also takes the
+query/key biases and the norm bias through `W_Q`/`W_K`). With each position's norm scale frozen (as the OV
+side, `direct.py`, freezes the unit's), `q_T` and `k_s` are sums over components, the rotary rotation is
+linear at each position, and so the pre-softcap logit
+
+    logit(T, s) = scaling · Σ_i Σ_j rot_T(q_i(T)) · rot_s(k_j(s))
+
+is a query-component × key-component table that sums to it exactly. Under grouped-query attention `k` is
+the head's KV group's. The *gap* `logit(T, s) − Σ_t pattern[T, t] · logit(T, t)` (the score at `s` against
+the attention-weighted mean over every position the query sees: what moves the softmax weight onto `s`)
+splits the same way, with `k_j(s)` replaced by `k_j(s) − Σ_t pattern[T, t] k_j(t)`.
+
+Gemma 2's soft-capping `c · tanh(x / c)` comes after the bilinear logit; the split is of the logit, and the
+hooked score is inverted (`c · atanh(score / c)`) to check it. QK-norm (normalising q and k per head after
+the projection) leaves nothing bilinear: such models get `status` 'not_splittable' with the reason, never a
+number. Every split is checked against the hooked score; one that misses it is recorded as not splittable.
+
+Cost: one forward per batch of prompts (hooks only: `hook_z` and `hook_mlp_out` of the layers before the
+deepest head, the embeddings, and `ln1`'s scale, the attention row of `T` and the rotary tables at the heads'
+layers; no activation cache), then per (prompt, layer, KV group) one projection of every component onto the
+key space, with each earlier head's `W_O` folded into `W_K` once per run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...core.errors import UserError
+from ...core.lookups import LookupRecord, QkRecord
+from ...inputs.tokens import token_strings
+from ...inputs.view import AttnRead, ModelView, optional_bias, pad_batch, pad_id
+
+SINK_REASON = ("position 0: heads park the attention they do not use there (an attention sink); its split says "
+               "why the sink, not why a context token was looked up")
+ONE_POSITION_REASON = "the prompt as run has one position: the query can only attend to itself, so the gap is 0"
+MASKED_REASON = "the query does not see this position (a sliding-window layer): there is no score to split"
+
+
+def head_of(label: str) -> tuple[int, int]:
+    layer, head = label[1:].split("H")
+    return int(layer), int(head)
+
+
+@dataclass
+class QkSplit:
+    """One (prompt, head, key position): the tables and the hooked values they reproduce."""
+
+    query: list[str]
+    """Query-side component labels (rows)."""
+    key: list[str]
+    """Key-side component labels (columns; the same list)."""
+    score: torch.Tensor | None
+    """`[n_query, n_key]`: sums to `logit`."""
+    gap: torch.Tensor | None
+    """`[n_query, n_key]`: sums to `gap_value`."""
+    hooked_score: float | None
+    logit: float | None
+    gap_value: float | None
+    attention: float
+    status: str = "ok"
+    reason: str | None = None
+
+
+class QkSplitter:
+    """The QK split for one model. Building it refuses (a `UserError`, one line) a model whose attention the view
+    does not know; a known model that is not bilinear (QK-norm) gets every split recorded as not splittable."""
+
+    def __init__(self, view: ModelView):
+        problem = view.qk_problem()
+        if problem:
+            raise UserError(f"attribute.qk: the attention scores of {view.name} cannot be split ({problem}); "
+                            "set attribute.qk=false")
+        self.view = view
+        self.unsplittable = view.qk_unsplittable()
+        self.ln = view.normalization == "LN"
+        self.standard_pos = getattr(view.model.cfg, "positional_embedding_type", "standard") == "standard" \
+            and view.hook_exists("hook_pos_embed")
+        self._reads: dict[int, AttnRead] = {}
+        self._folds: dict[tuple[int, int], torch.Tensor] = {}
+        self._w_o: dict[int, torch.Tensor] = {}
+        self._b_o: dict[int, torch.Tensor] = {}
+
+    # -- weights, once per run -------------------------------------------------------------------
+
+    def read(self, layer: int) -> AttnRead:
+        """The layer's `AttnRead` in fp32, `W_Q`/`W_K` centred over d_model for LayerNorm (the norm's centring
+        of the input then needs no centring of the components)."""
+        if layer not in self._reads:
+            r = self.view.attn_read(layer)
+            w_q, w_k = r.w_q.float(), r.w_k.float()
+            if self.ln:
+                w_q, w_k = w_q - w_q.mean(1, keepdim=True), w_k - w_k.mean(1, keepdim=True)
+            self._reads[layer] = AttnRead(w_q, r.b_q.float(), w_k, r.b_k.float(), r.scaling, r.softcap, r.rotary)
+        return self._reads[layer]
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """`[n_heads, d_head, d_model]`: `W_O` with the post-attention gain of a sandwich block."""
+        if layer not in self._w_o:
+            self._w_o[layer] = self.view.post_gain(self.view.model.W_O[layer].detach(), layer, "ln1_post").float()
+        return self._w_o[layer]
+
+    def b_o(self, layer: int) -> torch.Tensor:
+        if layer not in self._b_o:
+            w = self.view.model.W_O
+            b = optional_bias(self.view.model, "b_O", layer, self.view.d_model, w)
+            self._b_o[layer] = self.view.post_gain(b, layer, "ln1_post").float()
+        return self._b_o[layer]
+
+    def fold(self, layer: int, group: int) -> torch.Tensor:
+        """`[layer, n_heads, d_head, d_head]`: each earlier head's `W_O` times the KV group's key read."""
+        key = (layer, group)
+        if key not in self._folds:
+            w_k = self.read(layer).w_k[group]
+            self._folds[key] = torch.stack([self.w_o(l) @ w_k for l in range(layer)]) if layer \
+                else torch.zeros(0, self.view.n_heads, self.view.d_head, w_k.shape[1], device=w_k.device)
+        return self._folds[key]
+
+    def labels(self, layer: int) -> list[str]:
+        """Component labels of `resid_pre[layer]` (both sides), `const` last."""
+        out = ["embed"] + (["pos_embed"] if self.standard_pos else [])
+        for l in range(layer):
+            out += [f"L{l}H{h}" for h in range(self.view.n_heads)] + [f"L{l}MLP"]
+        return out + ["const"]
+
+    # -- the split -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def split(self, prompts: Sequence[Sequence[int]], wanted: dict[int, dict[tuple[int, int], set[int]]],
+              batch_size: int = 32) -> dict[tuple[int, int, int, int], QkSplit]:
+        """`wanted`: prompt index → (layer, head) → key positions. Returns (prompt index, layer, head, position)
+        → its `QkSplit`, in batched forwards of `batch_size` prompts."""
+        out: dict[tuple[int, int, int, int], QkSplit] = {}
+        order = [p for p in range(len(prompts)) if wanted.get(p)]
+        for b0 in range(0, len(order), batch_size):
+            batch = order[b0:b0 + batch_size]
+            layers = sorted({l for p in batch for (l, _) in wanted[p]})
+            got = self._forward([list(prompts[p]) for p in batch], layers)
+            for j, p in enumerate(batch):
+                n = len(prompts[p])
+                by_layer: dict[int, dict[int, set[int]]] = defaultdict(dict)
+                for (l, h), positions in wanted[p].items():
+                    by_layer[l][h] = positions
+                for l, heads in by_layer.items():
+                    out.update({(p, l, h, s): v for (h, s), v in self._split_one(got, j, n, l, heads).items()})
+        return out
+
+    def _forward(self, rows: list[list[int]], layers: list[int]) -> dict[str, torch.Tensor]:
+        view = self.view
+        tokens = pad_batch(rows, pad_id(view.tokenizer))
+        last = torch.tensor([len(r) - 1 for r in rows])
+        idx = torch.arange(len(rows))
+        got: dict[str, torch.Tensor] = {}
+
+        def save(key):
+            return lambda x, hook: got.__setitem__(key, x.detach().float())
+
+        def save_row(key):  # [batch, head, key] at each row's last query position
+            return lambda x, hook: got.__setitem__(key, x[idx, :, last.to(x.device)].detach().float())
+
+        top = max(layers)
+        hooks = [(view.hook_name("resid_pre", 0), save("resid0"))]
+        if self.standard_pos:
+            hooks.append(("hook_pos_embed", save("pos")))
+        for l in range(top):
+            hooks += [(view.hook_name("z", l), save(f"z{l}")), (view.hook_name("mlp_out", l), save(f"mlp{l}"))]
+            if view.sandwich:
+                hooks.append((view.hook_name("ln1_post_scale", l), save(f"post{l}")))
+        for l in layers:
+            hooks += [(view.hook_name("ln1_scale", l), save(f"scale{l}")),
+                      (view.hook_name("attn_scores", l), save_row(f"scores{l}")),
+                      (view.hook_name("pattern", l), save_row(f"pattern{l}"))]
+            if self.read(l).rotary and view.hook_exists(view.hook_name("rot_cos", l)):
+                hooks += [(view.hook_name("rot_cos", l), save(f"cos{l}")), (view.hook_name("rot_sin", l), save(f"sin{l}"))]
+        view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
+        return got
+
+    def _rotate(self, got: dict, j: int, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`x` `[..., len(positions), d_head]` rotated at `positions` (identity without rotary)."""
+        if not self.read(layer).rotary:
+            return x
+        attn = self.view.model.blocks[layer].attn
+        if f"cos{layer}" in got:  # the Bridge: the Hugging Face module's tables, rotate-half convention
+            cos, sin = got[f"cos{layer}"], got[f"sin{layer}"]
+            cos, sin = cos[min(j, cos.shape[0] - 1)][positions], sin[min(j, sin.shape[0] - 1)][positions]
+            r = cos.shape[-1]
+            x_r = x[..., :r]
+            half = r // 2
+            flipped = torch.cat([-x_r[..., half:], x_r[..., :half]], dim=-1)
+        else:  # TransformerLens's own attention: its tables and its rotation (adjacent pairs or halves)
+            cos, sin = attn.rotary_cos[positions].float(), attn.rotary_sin[positions].float()
+            r = cos.shape[-1]
+            x_r = x[..., :r]
+            flipped = attn.rotate_every_two(x_r)
+        return torch.cat([x_r * cos + flipped * sin, x[..., r:]], dim=-1)
+
+    def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """Residual-stream components at every position `[pos, d_model]` except the heads (kept as `z`), for
+        the layer: (embed/pos/MLP/const stack `[c, n, d_model]`, per earlier layer its z `[n, H, d_head]` and
+        post scale `[n, 1]`, const)."""
+        resid0 = got["resid0"][j, :n]
+        parts = [resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0]
+        heads = []
+        const = torch.zeros_like(resid0)
+        for l in range(layer):
+            post = got[f"post{l}"][j, :n].reshape(n, 1) if self.view.sandwich else torch.ones(n, 1, device=resid0.device)
+            heads.append((got[f"z{l}"][j, :n], post))
+            parts.append(got[f"mlp{l}"][j, :n])
+            const = const + self.b_o(l).to(resid0) / post
+        return torch.stack(parts), heads, const
+
+    def _split_one(self, got: dict, j: int, n: int, layer: int, heads: dict[int, set[int]]) -> dict:
+        read = self.read(layer)
+        labels = self.labels(layer)
+        T = n - 1
+        scores = got[f"scores{layer}"][j, :, :n]  # [H, n]
+        pattern = got[f"pattern{layer}"][j, :, :n]
+        results: dict[tuple[int, int], QkSplit] = {}
+        if self.unsplittable:
+            for h, positions in heads.items():
+                for s in positions:
+                    results[(h, s)] = QkSplit(labels, labels, None, None, _finite(scores[h, s]), None, None,
+                                              float(pattern[h, s]), "not_splittable", self.unsplittable)
+            return results
+        scale = got[f"scale{layer}"][j, :n].reshape(n, 1)
+        stack, zs, const = self._components(got, j, n, layer)
+        n_plain = stack.shape[0]  # embed (and pos_embed), then one MLP per earlier layer, interleaved below
+        n_lead = 2 if self.standard_pos else 1
+        pos = torch.arange(n, device=stack.device)
+
+        def ordered(lead, per_layer_heads, per_layer_mlp, const_part):
+            rows = [lead]
+            for l in range(layer):
+                rows += [per_layer_heads[l], per_layer_mlp[l]]
+            return torch.cat(rows + [const_part])
+
+        # query side at T: every component in d_model, then each head's W_Q
+        q_res_heads = [torch.einsum("hd,hdm->hm", z[T], self.w_o(l)) / post[T] for l, (z, post) in enumerate(zs)]
+        q_res = ordered(stack[:n_lead, T], q_res_heads, [stack[n_lead + l, T][None] for l in range(layer)],
+                        const[T][None]) / scale[T]
+        by_group: dict[int, torch.Tensor] = {}
+        for h, positions in heads.items():
+            g = read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
+            if g not in by_group:  # key side at every position: [n_comp, n, d_head], rotated per position
+                w_k = read.w_k[g]
+                f = self.fold(layer, g)
+                k_heads = [torch.einsum("thd,hde->hte", z, f[l]) / post[None] for l, (z, post) in enumerate(zs)]
+                k_mlp = [(stack[n_lead + l] @ w_k)[None] for l in range(layer)]
+                k_const = (const @ w_k)[None]
+                k = ordered(stack[:n_lead] @ w_k, k_heads, k_mlp, k_const) / scale[None]
+                k[-1] = k[-1] + read.b_k[g]
+                by_group[g] = self._rotate(got, j, layer, k, pos)
+            k = by_group[g]
+            q = q_res @ read.w_q[h]
+            q[-1] = q[-1] + read.b_q[h]
+            q = self._rotate(got, j, layer, q[:, None, :], pos[T:T + 1])[:, 0]
+            row = scores[h]
+            seen = torch.isfinite(row) & (row > -1e30)
+            logits = _uncap(row, read.softcap)
+            mean_k = torch.einsum("t,ctd->cd", pattern[h] * seen, k)
+            for s in positions:
+                hooked = _finite(row[s])
+                if not bool(seen[s]):
+                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
+                                              "masked", MASKED_REASON)
+                    continue
+                score = read.scaling * q @ k[:, s].T
+                gap = read.scaling * q @ (k[:, s] - mean_k).T
+                logit = float(logits[s])
+                gap_value = logit - float((pattern[h] * torch.where(seen, logits, 0.0)).sum())
+                status, reason = ("one_position", ONE_POSITION_REASON) if n == 1 else \
+                    ("first_position", SINK_REASON) if s == 0 else ("ok", None)
+                if not math.isfinite(logit):
+                    status, reason = "not_splittable", f"the softcap {read.softcap} cannot be inverted at this score"
+                else:
+                    tol = 1e-3 * max(1.0, float(score.abs().sum()))
+                    miss = abs(float(score.sum()) - logit)
+                    if miss > tol:
+                        status, reason = "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this "
+                                                            "attention computes something the view does not know")
+                if status == "not_splittable":
+                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
+                                              status, reason)
+                    continue
+                results[(h, s)] = QkSplit(labels, labels, score.cpu(), gap.cpu(), hooked, logit, gap_value,
+                                          float(pattern[h, s]), status, reason)
+        del n_plain
+        return results
+
+
+def _finite(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) and v > -1e30 else None
+
+
+def _uncap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The logit before soft-capping: `c · atanh(score / c)` (inf where the cap saturates), the score without one."""
+    if cap is None:
+        return scores
+    return cap * torch.atanh((scores / cap).clamp(-1.0, 1.0))
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+def _share(value: float, total: float | None) -> float | None:
+    return value / total if total is not None and abs(total) > 1e-12 else None
+
+
+def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: float, gap_value: float,
+              top: int) -> list[dict]:
+    """Per component (summed over the other side): `component`, `score`, `score_share`, `gap`, `gap_share`; the
+    `top` largest by |gap| (by |score| where the gap is 0), then 'other' with the rest, so the list sums to the totals."""
+    key = gap if float(gap.abs().sum()) > 0 else score
+    order = sorted(range(len(labels)), key=lambda i: (-abs(float(key[i])), i))
+    rows = [{"component": labels[i], "score": float(score[i]), "score_share": _share(float(score[i]), logit),
+             "gap": float(gap[i]), "gap_share": _share(float(gap[i]), gap_value)} for i in order[:top]]
+    rest = order[top:]
+    if rest:
+        s, g = float(score[rest].sum()), float(gap[rest].sum())
+        rows.append({"component": "other", "n": len(rest), "score": s, "score_share": _share(s, logit),
+                     "gap": g, "gap_share": _share(g, gap_value)})
+    return rows
+
+
+def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
+    """The tables summed over the marginals' groups (their components, then 'other'): a small heatmap."""
+    def groups(rows):
+        named = [split.query.index(r["component"]) for r in rows if r["component"] != "other"]
+        rest = [i for i in range(len(split.query)) if i not in set(named)]
+        return [[i] for i in named] + ([rest] if rest else [])
+
+    gq, gk = groups(query), groups(key)
+    out = {"query": [r["component"] for r in query], "key": [r["component"] for r in key]}
+    for name, table in (("score", split.score), ("gap", split.gap)):
+        out[name] = [[float(table[a][:, b].sum()) for b in gk] for a in gq]
+    return out
+
+
+def _top_pairs(split: QkSplit, top: int) -> list[dict]:
+    flat = split.gap.flatten() if float(split.gap.abs().sum()) > 0 else split.score.flatten()
+    k = min(top, flat.numel())
+    idx = torch.topk(flat.abs(), k).indices.tolist()
+    n = split.gap.shape[1]
+    return [{"query": split.query[i // n], "key": split.key[i % n], "score": float(split.score.flatten()[i]),
+             "gap": float(split.gap.flatten()[i])} for i in idx]
+
+
+def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, int], list[int]],
+               tokenizer, n_sources: int, n_components: int, batch_size: int = 32) -> list[QkRecord]:
+    """A `QkRecord` per look-up record and each of its first `n_sources` sources (the top looked-up positions).
+    `prompts`: (split, rank) → the prompt as run (BOS included), as the look-up records index it."""
+    keys = sorted({(r.split, r.rank) for r in lookups})
+    index = {k: i for i, k in enumerate(keys)}
+    wanted: dict[int, dict[tuple[int, int], set[int]]] = defaultdict(lambda: defaultdict(set))
+    for r in lookups:
+        for src in r.sources[:n_sources]:
+            wanted[index[(r.split, r.rank)]][head_of(r.head)].add(src["position"])
+    rows = [prompts[k] for k in keys]
+    splits = splitter.split(rows, wanted, batch_size)
+    records = []
+    for r in lookups:
+        tokens = prompts[(r.split, r.rank)]
+        text = token_strings(tokenizer, tokens)
+        layer, head = head_of(r.head)
+        for src in r.sources[:n_sources]:
+            s = src["position"]
+            sp = splits[(index[(r.split, r.rank)], layer, head, s)]
+            common = dict(unit_id=r.unit_id, head=r.head, split=r.split, rank=r.rank, active=r.active,
+                          position=s, token_id=int(tokens[s]), token=text[s], query_position=len(tokens) - 1,
+                          attention=sp.attention, contribution=float(src["contribution"]), score=sp.hooked_score,
+                          softcap=splitter.read(layer).softcap, n_components=len(sp.query), status=sp.status,
+                          reason=sp.reason)
+            if sp.score is None:
+                records.append(QkRecord(**common))
+                continue
+            key = _marginal(sp.key, sp.score.sum(0), sp.gap.sum(0), sp.logit, sp.gap_value, n_components)
+            query = _marginal(sp.query, sp.score.sum(1), sp.gap.sum(1), sp.logit, sp.gap_value, n_components)
+            small = max(2, n_components // 2)
+            records.append(QkRecord(**common, logit=sp.logit, gap=sp.gap_value, key=key, query=query,
+                                    pairs=_top_pairs(sp, n_components),
+                                    grid=_grid(sp, query[:small] + ([{"component": "other"}] if len(query) > small else []),
+                                               key[:small] + ([{"component": "other"}] if len(key) > small else []))))
+    return records

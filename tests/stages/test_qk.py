@@ -1,0 +1,161 @@
+"""The QK split (stages/attribute/qk.py): the query × key table of a head's attention score, and of its gap,
+sums to the hooked value on every model family, weight convention and unit kind; bad input is recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import FAMILIES, make_tiny
+
+from sae_lens_ctx.core.config import AttributeConfig, DiscoverConfig, ModelConfig
+from sae_lens_ctx.inputs.model import load_model
+from sae_lens_ctx.inputs.sae import SaeSource
+from sae_lens_ctx.stages.attribute import attribute_unit, unit_read
+from sae_lens_ctx.stages.attribute.qk import QkSplitter, qk_records
+from sae_lens_ctx.stages.discover import discover_units
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory):
+    built: dict[str, object] = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = make_tiny(arch, tmp_path_factory.mktemp(arch))
+        return built[arch]
+    return get
+
+
+TEXTS = ["The river carried the forgotten map as the sun went down over the old market.",
+         "A young painter visited the evening market without any help from the farmer.",
+         "the map"]
+
+
+def _prompts(view):
+    bos = view.tokenizer.bos_token_id
+    return [[bos] + view.tokenizer(t)["input_ids"] for t in TEXTS]
+
+
+def _hooked(view, prompt, layer):
+    """Independently of the split: the hooked attention scores and pattern row of the last position, `[H, n]`,
+    and the pre-softcap logits (the softcap inverted) of the same row."""
+    got = {}
+    view.run_with_hooks(torch.tensor([prompt]), [
+        (view.hook_name("attn_scores", layer), lambda x, hook: got.__setitem__("s", x[0, :, -1].float())),
+        (view.hook_name("pattern", layer), lambda x, hook: got.__setitem__("p", x[0, :, -1].float()))],
+        stop_at_layer=layer + 1)
+    cap = view.attn_read(layer).softcap
+    logits = got["s"] if cap is None else cap * torch.atanh(got["s"] / cap)
+    return got["s"], got["p"], logits
+
+
+@pytest.mark.parametrize("weights", ["folded", "raw"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_the_table_sums_to_the_hooked_score_and_gap(arch, weights, family_dir):
+    """Every head of layer 1 (GQA groups, rotary, sandwich, parallel blocks: the whole residual stream of layer 0
+    below it) and of layer 0, at every key position of three prompts: the table sums to the hooked logit, the gap
+    table to the hooked gap, in fp32."""
+    view = load_model(ModelConfig(model_name=str(family_dir(arch)), weights=weights))
+    splitter = QkSplitter(view)
+    prompts = _prompts(view)
+    wanted = {p: {(l, h): set(range(len(prompt))) for l in (0, 1) for h in range(view.n_heads)}
+              for p, prompt in enumerate(prompts)}
+    splits = splitter.split(prompts, wanted, batch_size=2)
+    n_checked = 0
+    for p, prompt in enumerate(prompts):
+        for l in (0, 1):
+            scores, pattern, logits = _hooked(view, prompt, l)
+            seen = scores > -1e30
+            for h in range(view.n_heads):
+                gap_want = logits - (pattern[h] * torch.where(seen[h], logits[h], 0.0)).sum()
+                for s in range(len(prompt)):
+                    sp = splits[(p, l, h, s)]
+                    if not seen[h, s]:  # Gemma 2's sliding-window layer: nothing to split
+                        assert sp.status == "masked" and sp.score is None
+                        continue
+                    assert sp.status in ("ok", "first_position"), sp.reason
+                    assert sp.query == sp.key and sp.query[-1] == "const" and len(sp.query) == sp.score.shape[0]
+                    torch.testing.assert_close(sp.score.sum(), logits[h, s], atol=1e-5, rtol=1e-4)
+                    torch.testing.assert_close(sp.gap.sum(), gap_want[h, s], atol=1e-5, rtol=1e-4)
+                    assert sp.hooked_score == pytest.approx(float(scores[h, s]), abs=1e-6)
+                    n_checked += 1
+            if l == 1:
+                labels = splits[(p, 1, 0, 0)].query
+                assert {f"L0H{h}" for h in range(view.n_heads)} | {"embed", "L0MLP", "const"} <= set(labels)
+                assert ("pos_embed" in labels) == (arch == "gpt2")
+    assert n_checked > 100
+
+
+def _sae(view, layer=1):
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(1)
+    sae = StandardSAE(StandardSAEConfig(d_in=view.d_model, d_sae=8,
+                                        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    return SaeSource.from_sae(sae, sae_id="rand")
+
+
+@pytest.mark.parametrize("weights", ["folded", "raw"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_records_of_neurons_and_latents_sum_to_their_totals(arch, weights, family_dir):
+    """Through the look-up records of a neuron and of an SAE latent: each record's key-side and query-side
+    marginals (leading components plus 'other') sum to its logit and its gap, the shares to 1, the grid too;
+    and the logit is the hooked score's."""
+    view = load_model(ModelConfig(model_name=str(family_dir(arch)), weights=weights))
+    splitter = QkSplitter(view)
+    source = _sae(view)
+    units, _ = discover_units(view, DiscoverConfig(unit_ids=["L1N5", "rand:3"], controls=False), saes=[source])
+    assert {u.kind for u in units} == {"neuron", "sae_latent"} or len(units) == 2
+    prompts = _prompts(view)
+    cfg = AttributeConfig(include_same_layer=True, band_low=0.0, band_high=1.0, ablation="none", lookup_top_k=3)
+    for unit in units:
+        read = unit_read(view, unit, cfg, {"rand": source})
+        lookups: list = []
+        attribute_unit(view, read, prompts, [], list(range(len(prompts))), [], cfg, lookups=lookups, offset=1)
+        assert lookups
+        records = qk_records(splitter, lookups, {("train", r): p for r, p in enumerate(prompts)}, view.tokenizer,
+                             n_sources=3, n_components=4, batch_size=2)
+        assert len(records) == sum(min(3, len(r.sources)) for r in lookups)
+        for rec in records:
+            if rec.status == "masked":
+                continue
+            assert rec.status in ("ok", "first_position") and rec.logit is not None
+            for side in (rec.key, rec.query):
+                assert len(side) == min(4, rec.n_components) + (rec.n_components > 4)
+                assert (side[-1]["component"] == "other") == (rec.n_components > 4)
+                assert sum(e["score"] for e in side) == pytest.approx(rec.logit, abs=1e-5, rel=1e-4)
+                assert sum(e["gap"] for e in side) == pytest.approx(rec.gap, abs=1e-5, rel=1e-4)
+                if abs(rec.gap) > 1e-3:
+                    assert sum(e["gap_share"] for e in side) == pytest.approx(1.0, abs=1e-3)
+            assert sum(map(sum, rec.grid["gap"])) == pytest.approx(rec.gap, abs=1e-5, rel=1e-4)
+            cap = rec.softcap
+            want = rec.score if cap is None else cap * float(torch.atanh(torch.tensor(rec.score / cap)))
+            assert rec.logit == pytest.approx(want, abs=1e-5, rel=1e-4)
+
+
+def test_bad_input_is_recorded_with_its_reason(family_dir):
+    """A one-position prompt (the BOS alone) and a looked-up position 0 are recorded as such, with the reason;
+    a QK-norm model gets 'not_splittable' and no numbers; an attention the view does not know is refused."""
+    from sae_lens_ctx.core.errors import UserError
+
+    view = load_model(ModelConfig(model_name=str(family_dir("llama-gqa"))))
+    splitter = QkSplitter(view)
+    bos = view.tokenizer.bos_token_id
+    prompts = [[bos], _prompts(view)[0]]
+    splits = splitter.split(prompts, {0: {(1, 0): {0}}, 1: {(1, 0): {0, 3}}})
+    one, sink, ok = splits[(0, 1, 0, 0)], splits[(1, 1, 0, 0)], splits[(1, 1, 0, 3)]
+    assert one.status == "one_position" and "one position" in one.reason and one.gap_value == 0.0
+    assert float(one.gap.abs().max()) == 0.0 and one.attention == pytest.approx(1.0)
+    assert sink.status == "first_position" and "attention sink" in sink.reason
+    torch.testing.assert_close(sink.score.sum(), torch.tensor(sink.logit), atol=1e-5, rtol=1e-4)
+    assert ok.status == "ok" and ok.reason is None
+    splitter.unsplittable = "QK-norm: test"
+    qkn = splitter.split(prompts, {1: {(1, 0): {3}}})[(1, 1, 0, 3)]
+    assert qkn.status == "not_splittable" and qkn.reason == "QK-norm: test" and qkn.score is None and qkn.logit is None
+    view.model.cfg.positional_embedding_type = "alibi"
+    with pytest.raises(UserError, match="cannot be split .*alibi.* attribute.qk=false"):
+        QkSplitter(view)
