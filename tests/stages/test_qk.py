@@ -159,3 +159,84 @@ def test_bad_input_is_recorded_with_its_reason(family_dir):
     view.model.cfg.positional_embedding_type = "alibi"
     with pytest.raises(UserError, match="cannot be split .*alibi.* attribute.qk=false"):
         QkSplitter(view)
+
+
+# -- the plants, end to end through the CLI -------------------------------------------------------------
+
+
+def _cli_run(plant, tmp_path, capsys, until="explain"):
+    import json
+
+    from cli import run_cli
+    from offline_llm import NAME as OFFLINE_LLM
+    from planted import planted_corpus
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in planted_corpus(plant, n_docs=120)))
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "run", "--out", str(out), "--model", str(plant.directory), "--corpus", str(docs),
+                        "--until", until, "corpus.context_size=16", "corpus.max_tokens=4000",
+                        "corpus.min_documents=10", f"explain.backend={OFFLINE_LLM}")
+    assert code == 0, err
+    return out
+
+
+def _planted_rows(out, unit="L2N37"):
+    from sae_lens_ctx.core.records import iter_jsonl
+
+    return [r for r in iter_jsonl(out / "qk.jsonl") if r["unit_id"] == unit]
+
+
+def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_path, capsys):
+    """The first plant (layer-0 and layer-1 trigger heads reading the trigger's embedding): on every active
+    train prompt the split of each planted head's score at its trigger puts ≥ 95 % of the gap on the key's
+    `embed`, and the query side on what builds the constant query (GPT-2: `const`, the `b_Q` bias; Llama:
+    `embed`, whose `u_const` every token carries)."""
+    out = _cli_run(planted, tmp_path, capsys, until="attribute")
+    trigger = {f"L{l}H{h}": word for (l, h), word in planted.answer.heads.items()}
+    rows = _planted_rows(out)
+    assert {r["head"] for r in rows} == set(trigger)
+    checked = 0
+    for r in rows:
+        if not (r["active"] and r["split"] == "train" and r["token"] == trigger[r["head"]]):
+            continue
+        assert r["status"] == "ok" and r["attention"] > 0.8
+        assert sum(e["gap"] for e in r["key"]) == pytest.approx(r["gap"], abs=1e-4)
+        top_key, top_query = r["key"][0], r["query"][0]
+        assert top_key["component"] == "embed" and top_key["gap_share"] > 0.95, r["key"]
+        assert top_query["component"] == ("const" if planted.arch == "gpt2" else "embed"), r["query"]
+        assert top_query["gap_share"] > 0.95
+        assert r["pairs"][0]["key"] == "embed" and r["grid"]["key"][0] == "embed"
+        assert r["logit"] == pytest.approx(r["score"], abs=1e-5)  # no softcap
+        checked += 1
+    assert checked >= 4
+
+
+def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
+    """The second plant: head B (L1H5) looks up the token right after " louvre", keyed on what the
+    previous-token head L0H1 wrote there; the split names L0H1 as the key-side reason (≥ 95 % of the gap and
+    of the score) on every active train prompt, and the look-up explanation says so."""
+    from planted_kcomp import make_planted_kcomp
+
+    from sae_lens_ctx.core.records import iter_jsonl
+
+    plant = make_planted_kcomp(tmp_path / "model")
+    out = _cli_run(plant, tmp_path, capsys)
+    rows = [r for r in _planted_rows(out) if r["head"] == "L1H5" and r["active"] and r["split"] == "train"]
+    looked_up = [r for r in rows if r["contribution"] > 0.5 * max(x["contribution"] for x in rows)]
+    assert len(looked_up) >= 4
+    contexts = {(c["split"], c["rank"]): c for c in iter_jsonl(out / "contexts.jsonl") if c["unit_id"] == "L2N37"
+                and c["kind"] == "top"}
+    louvre = plant.tokenizer.convert_tokens_to_ids("\u2581louvre")
+    for r in looked_up:
+        c = contexts[(r["split"], r["rank"])]
+        assert c["tokens"][r["position"] - 2] == louvre  # the token before s (BOS offset 1) is the trigger
+        assert r["status"] == "ok"
+        key = {e["component"]: e for e in r["key"]}
+        assert r["key"][0]["component"] == "L0H1", r["key"]
+        assert key["L0H1"]["score_share"] > 0.95 and key["L0H1"]["gap_share"] > 0.95
+        assert r["query"][0]["component"] == "embed"
+    [e] = [e for e in iter_jsonl(out / "explanations.jsonl")
+           if e["unit_id"] == "L2N37" and e["head"] == "L1H5" and e["explainer"] == "lookup"]
+    assert e["status"] == "ok"
+    assert "keyed on what L0H1 wrote there" in e["text"], e["text"]
