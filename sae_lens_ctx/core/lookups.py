@@ -211,7 +211,8 @@ def choose_tokens(candidates: dict[str, Candidate], n_p: int, n_n: int, max_toke
 
 
 def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]], *, min_share: float,
-                 max_tokens: int, min_support: int, merge: bool) -> tuple[str | None, dict, str | None]:
+                 max_tokens: int, min_support: int, merge: bool,
+                 qk: Sequence[QkRecord] = ()) -> tuple[str | None, dict, str | None]:
     """The look-up explanation of one pair from its train records: (text, pattern, error).
 
     `tokens_of`: rank → the prompt's context tokens (no BOS). `text` is None when there is nothing to say
@@ -251,8 +252,60 @@ def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]
             "key": c.key, "token_ids": sorted(c.ids), "tokens": sorted(c.tokens),
             "n_active_looked_up": len(c.positive), "n_inactive_present": len(c.negative),
             "mean_attention": sum(c.values) / len(c.values), "weight": c.weight(n_a, n_i)})
+        if qk:
+            reason = key_reason(qk, c.ids, c.positive)
+            if reason:
+                pattern["tokens"][-1]["key_reason"] = reason
     pattern["train_balanced_accuracy"] = best_value
     return explanation_text(pattern), pattern, None
+
+
+KEY_REASON_MIN_PROMPTS = 2
+"""A key-side reason is stated when one component leads the gap's key side on at least this many of the token's
+looked-up prompts, and on at least half of them."""
+
+
+def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict | None:
+    """The stable key-side reason of a looked-up token from the pair's QK records (`qk.jsonl`): on each active
+    train prompt of `ranks` where the token was looked up (its record with the largest contribution, status
+    'ok'), the key component with the largest |gap| contribution; the component leading on most of them when it
+    leads on at least half (and `KEY_REASON_MIN_PROMPTS`): `component`, `n_prompts` (where it leads), `n_looked_up`,
+    `mean_gap_share` over those, and `query` (the query component leading most often there). None otherwise."""
+    best: dict[int, QkRecord] = {}
+    for r in qk:
+        if r.split == "train" and r.active and r.status == "ok" and r.token_id in ids and r.rank in ranks and r.key:
+            if r.rank not in best or r.contribution > best[r.rank].contribution:
+                best[r.rank] = r
+    if not best:
+        return None
+    leads = defaultdict(list)
+    for r in best.values():
+        leads[r.key[0]["component"]].append(r)
+    component, rows = max(leads.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    if component == "other" or len(rows) < max(KEY_REASON_MIN_PROMPTS, len(best) / 2):
+        return None
+    shares = [r.key[0]["gap_share"] for r in rows if r.key[0]["gap_share"] is not None]
+    queries: dict[str, int] = defaultdict(int)
+    for r in rows:
+        if r.query and r.query[0]["component"] != "other":
+            queries[r.query[0]["component"]] += 1
+    query = max(queries.items(), key=lambda kv: (kv[1], kv[0]))[0] if queries else None
+    return {"component": component, "n_prompts": len(rows), "n_looked_up": len(best),
+            "mean_gap_share": sum(shares) / len(shares) if shares else None, "query": query}
+
+
+def key_reason_text(reason: dict) -> str:
+    """' — keyed on the token itself (embedding, 71 % of the gap on 9 of 11 prompts), asked for by L9H2 at the query'."""
+    c = reason["component"]
+    share = f"{reason['mean_gap_share']:.0%} of the gap on " if reason["mean_gap_share"] is not None else ""
+    counts = f"{share}{reason['n_prompts']} of {reason['n_looked_up']} prompts".replace("%", " %")
+    what = {"embed": f"the token itself (embedding, {counts})", "pos_embed": f"its position (positional embedding, "
+            f"{counts})", "const": f"the biases alone ({counts})"}.get(c, f"what {c} wrote there ({counts})")
+    q = reason.get("query")
+    asked = "" if q is None else {"embed": ", asked for by the query token's embedding",
+                                  "pos_embed": ", asked for by the query's position",
+                                  "const": ", asked for by a constant query (biases)"}.get(q, f", asked for by {q} at the query")
+    return f" — keyed on {what}{asked}"
 
 
 def explanation_text(pattern: dict) -> str:
@@ -263,7 +316,7 @@ def explanation_text(pattern: dict) -> str:
         shown = " / ".join(f'"{s}"' for s in t["tokens"])
         parts.append(f"{shown} (looked up on {t['n_active_looked_up']} of {n_a} prompts where the head is active, "
                      f"mean attention {t['mean_attention']:.2f}; present in {t['n_inactive_present']} of {n_i} "
-                     "where it is inactive)")
+                     "where it is inactive)" + (key_reason_text(t["key_reason"]) if t.get("key_reason") else ""))
     return "The head is active when it can look up " + " or ".join(parts) + " earlier in the document."
 
 
@@ -276,8 +329,12 @@ def judge(pattern: dict | None, tokens: Sequence[int]) -> tuple[bool, float]:
 
 
 def explain_lookups(units: Sequence[UnitRecord], contexts: Sequence[ContextRecord], heads: Sequence[HeadRecord],
-                    lookups: Sequence[LookupRecord], cfg) -> list[ExplanationRecord]:
-    """An `ExplanationRecord` (explainer 'lookup') per relevant pair of `heads.jsonl`, from `lookups.jsonl`."""
+                    lookups: Sequence[LookupRecord], cfg, qk: Sequence[QkRecord] = ()) -> list[ExplanationRecord]:
+    """An `ExplanationRecord` (explainer 'lookup') per relevant pair of `heads.jsonl`, from `lookups.jsonl`; with
+    the QK records of `qk.jsonl`, each pattern token with a stable key-side reason says it (`key_reason`)."""
+    qk_of: dict[tuple[str, str], list[QkRecord]] = defaultdict(list)
+    for q in qk:
+        qk_of[(q.unit_id, q.head)].append(q)
     known = {u.unit_id for u in units}
     tokens_of: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for c in contexts:
@@ -293,7 +350,8 @@ def explain_lookups(units: Sequence[UnitRecord], contexts: Sequence[ContextRecor
             continue
         text, pattern, error = explain_pair(by_pair.get((h.unit_id, h.head), []), tokens_of[h.unit_id],
                                             min_share=cfg.lookup_min_share, max_tokens=cfg.lookup_max_tokens,
-                                            min_support=cfg.lookup_min_support, merge=cfg.lookup_merge)
+                                            min_support=cfg.lookup_min_support, merge=cfg.lookup_merge,
+                                            qk=qk_of.get((h.unit_id, h.head), ()))
         records.append(ExplanationRecord(
             unit_id=h.unit_id, head=h.head, explainer=EXPLAINER, text=text,
             status="ok" if text else "skipped", error=error, backend="none", model="", prompt_hash="",

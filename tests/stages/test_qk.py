@@ -164,7 +164,7 @@ def test_bad_input_is_recorded_with_its_reason(family_dir):
 # -- the plants, end to end through the CLI -------------------------------------------------------------
 
 
-def _cli_run(plant, tmp_path, capsys, until="explain"):
+def _cli_run(plant, tmp_path, capsys, *extra, until="explain"):
     import json
 
     from cli import run_cli
@@ -176,7 +176,7 @@ def _cli_run(plant, tmp_path, capsys, until="explain"):
     out = tmp_path / "run"
     code, err = run_cli(capsys, "run", "--out", str(out), "--model", str(plant.directory), "--corpus", str(docs),
                         "--until", until, "corpus.context_size=16", "corpus.max_tokens=4000",
-                        "corpus.min_documents=10", f"explain.backend={OFFLINE_LLM}")
+                        "corpus.min_documents=10", f"explain.backend={OFFLINE_LLM}", *extra)
     assert code == 0, err
     return out
 
@@ -191,8 +191,10 @@ def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_p
     """The first plant (layer-0 and layer-1 trigger heads reading the trigger's embedding): on every active
     train prompt the split of each planted head's score at its trigger puts ≥ 95 % of the gap on the key's
     `embed`, and the query side on what builds the constant query (GPT-2: `const`, the `b_Q` bias; Llama:
-    `embed`, whose `u_const` every token carries)."""
-    out = _cli_run(planted, tmp_path, capsys, until="attribute")
+    `embed`, whose `u_const` every token carries); the look-up explanation says so in words, with counts."""
+    from sae_lens_ctx.core.records import iter_jsonl
+
+    out = _cli_run(planted, tmp_path, capsys)
     trigger = {f"L{l}H{h}": word for (l, h), word in planted.answer.heads.items()}
     rows = _planted_rows(out)
     assert {r["head"] for r in rows} == set(trigger)
@@ -210,6 +212,12 @@ def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_p
         assert r["logit"] == pytest.approx(r["score"], abs=1e-5)  # no softcap
         checked += 1
     assert checked >= 4
+    texts = {e["head"]: e["text"] for e in iter_jsonl(out / "explanations.jsonl")
+             if e["unit_id"] == "L2N37" and e["explainer"] == "lookup" and e["head"] in trigger}
+    assert set(texts) == set(trigger)
+    for head, text in texts.items():  # the stable key-side reason, in words, with counts
+        assert f'"{trigger[head]}" (looked up on' in text
+        assert "keyed on the token itself (embedding, 100 % of the gap on " in text, text
 
 
 def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
@@ -221,7 +229,8 @@ def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
     from sae_lens_ctx.core.records import iter_jsonl
 
     plant = make_planted_kcomp(tmp_path / "model")
-    out = _cli_run(plant, tmp_path, capsys)
+    # head B's peaks run above head A's here, so it is active on 80 % of the top prompts: widen the band
+    out = _cli_run(plant, tmp_path, capsys, "attribute.band_high=0.9")
     rows = [r for r in _planted_rows(out) if r["head"] == "L1H5" and r["active"] and r["split"] == "train"]
     looked_up = [r for r in rows if r["contribution"] > 0.5 * max(x["contribution"] for x in rows)]
     assert len(looked_up) >= 4
