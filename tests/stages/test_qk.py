@@ -218,6 +218,12 @@ def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_p
     for head, text in texts.items():  # the stable key-side reason, in words, with counts
         assert f'"{trigger[head]}" (looked up on' in text
         assert "keyed on the token itself (embedding, 100 % of the gap on " in text, text
+    from sae_lens_ctx.stages.report.qk import qk_section
+
+    block = qk_section(out, "L2N37")  # the report's block: per planted head, its trigger, keyed on embed
+    for head, word in trigger.items():
+        assert f"<h4>{head} looks up <code>{word}</code>" in block
+    assert block.count("Key side led by embed on") == 2
 
 
 def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
@@ -249,3 +255,12 @@ def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
            if e["unit_id"] == "L2N37" and e["head"] == "L1H5" and e["explainer"] == "lookup"]
     assert e["status"] == "ok"
     assert "keyed on what L0H1 wrote there" in e["text"], e["text"]
+    # the report's unit page: the QK block (heatmap and key-side bar) names L0H1
+    from cli import run_cli
+
+    code, err = run_cli(capsys, "report", "--out", str(out))
+    assert code == 0, err
+    page = (out / "report" / "index.html").read_text().split('id="unit-L2N37"')[1].split("</section>")[0]
+    block = page.split("Why the head attended there")[1]
+    assert "<h4>L1H5 looks up" in block and 'class="qk-grid"' in block and 'class="qk-bar"' in block
+    assert "Key side led by L0H1 on" in block

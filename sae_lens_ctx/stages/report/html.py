@@ -25,6 +25,7 @@ from ...core.errors import UserError
 from ...inputs.context import RunContext
 from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
+from .qk import qk_section
 from ...core.records import CONFOUND_CONTROLS, atomic_write
 from ...core.layout import TABLES
 from .tables import RunTables, number, safe_name
@@ -285,7 +286,8 @@ class Report:
         parts = [f'<section id="{esc(unit_anchor(uid))}" class="page unit">',
                  '<p><a href="#units">← all units</a> · <a href="#summary">run summary</a></p>',
                  f"<h2>{esc(uid)} → <code>{esc(u.get('token'))}</code>{control}</h2><dl>{facts}</dl>",
-                 self._heads(uid), self._contexts(uid), self._lookups(uid), self._explanations(uid), self._scores(uid),
+                 self._heads(uid), self._contexts(uid), self._lookups(uid), qk_section(self.res.out, uid),
+                 self._explanations(uid), self._scores(uid),
                  self._versus(uid), "</section>"]
         return "".join(parts)
 
