@@ -33,7 +33,7 @@ tokens it holds (weight: the token's own TPR − FPR on train) for AUROC.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -95,7 +95,9 @@ class QkRecord:
     `component`, `score` and `gap` (its signed contribution summed over the other side), `score_share` and
     `gap_share` (that over the total, so the shares sum to 1; None where the total is 0); the `top`
     components by |gap| come first, then `other` (with `n`, the components it sums), so a marginal sums to
-    its total exactly."""
+    its total exactly. A key entry of an earlier head also holds `reads_position`, `reads_token` and
+    `reads_attention`: where that head attended most from `s`, i.e. where what it wrote at `s` came from
+    (`s - 1`: a previous-token head)."""
 
     unit_id: str
     head: str
@@ -270,7 +272,9 @@ def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict |
     train prompt of `ranks` where the token was looked up (its record with the largest contribution, status
     'ok'), the key component with the largest |gap| contribution; the component leading on most of them when it
     leads on at least half (and `KEY_REASON_MIN_PROMPTS`): `component`, `n_prompts` (where it leads), `n_looked_up`,
-    `mean_gap_share` over those, and `query` (the query component leading most often there). None otherwise."""
+    `mean_gap_share` over those, `query` (the query component leading most often there) and, for an earlier head,
+    `reads` (the offset from `s` it attended to most on most of those prompts, the token most often there,
+    and both counts). None otherwise."""
     best: dict[int, QkRecord] = {}
     for r in qk:
         if r.split == "train" and r.active and r.status == "ok" and r.token_id in ids and r.rank in ranks and r.key:
@@ -290,8 +294,16 @@ def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict |
         if r.query and r.query[0]["component"] != "other":
             queries[r.query[0]["component"]] += 1
     query = max(queries.items(), key=lambda kv: (kv[1], kv[0]))[0] if queries else None
-    return {"component": component, "n_prompts": len(rows), "n_looked_up": len(best),
-            "mean_gap_share": sum(shares) / len(shares) if shares else None, "query": query}
+    out = {"component": component, "n_prompts": len(rows), "n_looked_up": len(best),
+           "mean_gap_share": sum(shares) / len(shares) if shares else None, "query": query}
+    reads = [(r.key[0]["reads_position"] - r.position, r.key[0]["reads_token"]) for r in rows
+             if "reads_position" in r.key[0]]
+    if reads:  # where the earlier head read what it wrote at the looked-up position, when that is stable
+        offset, n_offset = max(Counter(o for o, _ in reads).items(), key=lambda kv: (kv[1], -abs(kv[0])))
+        if n_offset >= len(reads) / 2:
+            token, n_token = Counter(t for o, t in reads if o == offset).most_common(1)[0]
+            out["reads"] = {"offset": offset, "token": token, "n_same_token": n_token, "n_same_offset": n_offset}
+    return out
 
 
 def key_reason_text(reason: dict) -> str:
@@ -299,8 +311,15 @@ def key_reason_text(reason: dict) -> str:
     c = reason["component"]
     share = f"{reason['mean_gap_share']:.0%} of the gap on " if reason["mean_gap_share"] is not None else ""
     counts = f"{share}{reason['n_prompts']} of {reason['n_looked_up']} prompts".replace("%", " %")
+    reads = reason.get("reads")
+    source = ""
+    if reads:
+        where = "previous token" if reads["offset"] == -1 else "same token" if reads["offset"] == 0 else \
+            f"token {-reads['offset']} back"
+        source = f", from the {where}" + (f" '{reads['token']}'" if reads["n_same_token"] == reads["n_same_offset"] else
+                                          f", '{reads['token']}' on {reads['n_same_token']}")
     what = {"embed": f"the token itself (embedding, {counts})", "pos_embed": f"its position (positional embedding, "
-            f"{counts})", "const": f"the biases alone ({counts})"}.get(c, f"what {c} wrote there ({counts})")
+            f"{counts})", "const": f"the biases alone ({counts})"}.get(c, f"what {c} wrote there ({counts}{source})")
     q = reason.get("query")
     asked = "" if q is None else {"embed": ", asked for by the query token's embedding",
                                   "pos_embed": ", asked for by the query's position",

@@ -250,11 +250,14 @@ def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
         key = {e["component"]: e for e in r["key"]}
         assert r["key"][0]["component"] == "L0H1", r["key"]
         assert key["L0H1"]["score_share"] > 0.95 and key["L0H1"]["gap_share"] > 0.95
+        assert key["L0H1"]["reads_position"] == r["position"] - 1 and key["L0H1"]["reads_token"] == " louvre"
+        assert key["L0H1"]["reads_attention"] > 0.99
         assert r["query"][0]["component"] == "embed"
     [e] = [e for e in iter_jsonl(out / "explanations.jsonl")
            if e["unit_id"] == "L2N37" and e["head"] == "L1H5" and e["explainer"] == "lookup"]
     assert e["status"] == "ok"
-    assert "keyed on what L0H1 wrote there" in e["text"], e["text"]
+    assert "keyed on what L0H1 wrote there (100 % of the gap on " in e["text"], e["text"]
+    assert "from the previous token ' louvre'), asked for by the query token's embedding" in e["text"]
     # the report's unit page: the QK block (heatmap and key-side bar) names L0H1
     from cli import run_cli
 

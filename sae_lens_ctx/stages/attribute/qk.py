@@ -71,6 +71,13 @@ class QkSplit:
     attention: float
     status: str = "ok"
     reason: str | None = None
+    reads: dict[str, tuple[int, float]] | None = None
+    """For the earlier heads among the leading key components: the position each attended to most from `s`
+    (what it wrote there came from there), and that attention."""
+
+
+READS_TOP = 8
+"""Leading key components (by |gap|) whose earlier heads get `QkSplit.reads`."""
 
 
 class QkSplitter:
@@ -174,7 +181,8 @@ class QkSplitter:
         if self.standard_pos:
             hooks.append(("hook_pos_embed", save("pos")))
         for l in range(top):
-            hooks += [(view.hook_name("z", l), save(f"z{l}")), (view.hook_name("mlp_out", l), save(f"mlp{l}"))]
+            hooks += [(view.hook_name("z", l), save(f"z{l}")), (view.hook_name("mlp_out", l), save(f"mlp{l}")),
+                      (view.hook_name("pattern", l), save(f"pat{l}"))]
             if view.sandwich:
                 hooks.append((view.hook_name("ln1_post_scale", l), save(f"post{l}")))
         for l in layers:
@@ -294,9 +302,23 @@ class QkSplitter:
                                               status, reason)
                     continue
                 results[(h, s)] = QkSplit(labels, labels, score.cpu(), gap.cpu(), hooked, logit, gap_value,
-                                          float(pattern[h, s]), status, reason)
+                                          float(pattern[h, s]), status, reason, _reads_of(got, j, labels, gap, s))
         del n_plain
         return results
+
+
+def _reads_of(got: dict, j: int, labels: list[str], gap: torch.Tensor, s: int) -> dict[str, tuple[int, float]]:
+    """`QkSplit.reads`: for each earlier head among the `READS_TOP` leading key components (by |gap|), the
+    position it attended to most from `s` and that attention (its hooked pattern, row `s`)."""
+    marginal = gap.sum(0).abs()
+    out = {}
+    for i in torch.topk(marginal, min(READS_TOP, len(labels))).indices.tolist():
+        if labels[i].startswith("L") and "H" in labels[i]:
+            l, h = head_of(labels[i])
+            row = got[f"pat{l}"][j, h, s, :s + 1]
+            p = int(row.argmax())
+            out[labels[i]] = (p, float(row[p]))
+    return out
 
 
 def _finite(x: torch.Tensor) -> float | None:
@@ -386,6 +408,10 @@ def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: d
                 records.append(QkRecord(**common))
                 continue
             key = _marginal(sp.key, sp.score.sum(0), sp.gap.sum(0), sp.logit, sp.gap_value, n_components)
+            for e in key:
+                if e["component"] in (sp.reads or {}):
+                    p, a = sp.reads[e["component"]]
+                    e.update(reads_position=p, reads_token=text[p], reads_attention=a)
             query = _marginal(sp.query, sp.score.sum(1), sp.gap.sum(1), sp.logit, sp.gap_value, n_components)
             small = max(2, n_components // 2)
             records.append(QkRecord(**common, logit=sp.logit, gap=sp.gap_value, key=key, query=query,
