@@ -267,3 +267,37 @@ def test_k_composition_plant_names_the_previous_token_head(tmp_path, capsys):
     block = page.split("Why the head attended there")[1]
     assert "<h4>L1H5 looks up" in block and 'class="qk-grid"' in block and 'class="qk-bar"' in block
     assert "Key side led by L0H1 on" in block
+
+
+def _qk(rank, lead, share, query="L9H2", token_id=7, position=4, **reads):
+    from sae_lens_ctx.core.lookups import QkRecord
+
+    key = [{"component": lead, "score": 1.0, "score_share": 0.5, "gap": share, "gap_share": share, **reads},
+           {"component": "other", "n": 3, "score": 1.0, "score_share": 0.5, "gap": 1 - share, "gap_share": 1 - share}]
+    return QkRecord(unit_id="U", head="L10H0", split="train", rank=rank, active=True, position=position,
+                    token_id=token_id, token=" no", query_position=9, attention=0.5, contribution=1.0, score=2.0,
+                    softcap=None, n_components=40, status="ok", logit=2.0, gap=1.0, key=key,
+                    query=[{"component": query, "score": 2.0, "score_share": 1.0, "gap": 1.0, "gap_share": 1.0}])
+
+
+def test_key_reason_wording_counts_and_stability():
+    """A key component leading on most looked-up prompts is stated with its mean share and counts; one leading on
+    fewer than half is not; an earlier head's source is named when stable; no QK records: no reason (the text
+    is then the look-up explanation of before)."""
+    from sae_lens_ctx.core.lookups import key_reason, key_reason_text
+
+    rows = [_qk(r, "embed", 0.71) for r in range(9)] + [_qk(9, "L3H1", 0.6), _qk(10, "L3H1", 0.6)]
+    reason = key_reason(rows, {7}, set(range(11)))
+    assert (reason["component"], reason["n_prompts"], reason["n_looked_up"], reason["query"]) == ("embed", 9, 11, "L9H2")
+    assert key_reason_text(reason) == (" — keyed on the token itself (embedding, 71 % of the gap on 9 of 11 prompts), "
+                                       "asked for by L9H2 at the query")
+    assert key_reason(rows, {7}, {9, 10}) is not None and key_reason(rows, {8}, set(range(11))) is None
+    split = [_qk(r, "embed", 0.7) for r in range(3)] + [_qk(r, "L3H1", 0.7) for r in range(3, 7)] + \
+        [_qk(r, "L2MLP", 0.7) for r in range(7, 11)]
+    assert key_reason(split, {7}, set(range(11))) is None  # L3H1 leads on 4 of 11: not stable
+    prev = [_qk(r, "L3H1", 0.8, query="const", reads_position=3, reads_token=" no", reads_attention=0.9)
+            for r in range(4)]
+    text = key_reason_text(key_reason(prev, {7}, set(range(4))))
+    assert text == (" — keyed on what L3H1 wrote there (80 % of the gap on 4 of 4 prompts, from the previous token "
+                    "' no'), asked for by a constant query (biases)")
+    assert key_reason([], {7}, {0}) is None
