@@ -214,9 +214,9 @@ class QkSplitter:
         return torch.cat([x_r * cos + flipped * sin, x[..., r:]], dim=-1)
 
     def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, list, torch.Tensor]:
-        """Residual-stream components at every position `[pos, d_model]` except the heads (kept as `z`), for
-        the layer: (embed/pos/MLP/const stack `[c, n, d_model]`, per earlier layer its z `[n, H, d_head]` and
-        post scale `[n, 1]`, const)."""
+        """The residual-stream components of `resid_pre[layer]` of batch row `j` at its `n` positions, the heads
+        kept as their `z`: (`[embed, (pos_embed,) MLP 0, ..., MLP layer-1]` stacked `[c, n, d_model]`; per
+        earlier layer its `z` `[n, H, d_head]` and post-attention scale `[n, 1]`; the constant `[n, d_model]`)."""
         resid0 = got["resid0"][j, :n]
         parts = [resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0]
         heads = []
@@ -243,8 +243,7 @@ class QkSplitter:
             return results
         scale = got[f"scale{layer}"][j, :n].reshape(n, 1)
         stack, zs, const = self._components(got, j, n, layer)
-        n_plain = stack.shape[0]  # embed (and pos_embed), then one MLP per earlier layer, interleaved below
-        n_lead = 2 if self.standard_pos else 1
+        n_lead = 2 if self.standard_pos else 1  # embed (and pos_embed) lead the stack, then one MLP per layer
         pos = torch.arange(n, device=stack.device)
 
         def ordered(lead, per_layer_heads, per_layer_mlp, const_part):
@@ -303,7 +302,6 @@ class QkSplitter:
                     continue
                 results[(h, s)] = QkSplit(labels, labels, score.cpu(), gap.cpu(), hooked, logit, gap_value,
                                           float(pattern[h, s]), status, reason, _reads_of(got, j, labels, gap, s))
-        del n_plain
         return results
 
 
