@@ -301,3 +301,25 @@ def test_key_reason_wording_counts_and_stability():
     assert text == (" — keyed on what L3H1 wrote there (80 % of the gap on 4 of 4 prompts, from the previous token "
                     "' no'), asked for by a constant query (biases)")
     assert key_reason([], {7}, {0}) is None
+
+
+def test_an_attention_the_view_cannot_split_is_refused_in_one_line_before_the_stage(family_dir, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """An architecture whose attention the view does not know (here: a positional scheme it reports as unknown)
+    stops the run with one line naming the switch, before any unit is attributed; with attribute.qk=false the
+    same run goes through and writes an empty qk.jsonl."""
+    from cli import assert_one_line_error, run_cli
+    from tiny import PROSE
+
+    from sae_lens_ctx.inputs.view import ModelView
+
+    monkeypatch.setattr(ModelView, "qk_problem", lambda self: "positional embedding 'alibi' (test)")
+    args = ["run", "--model", str(family_dir("gpt2")), "--corpus", str(PROSE), "--until", "attribute",
+            "corpus.max_tokens=2500", "corpus.context_size=32", "corpus.min_documents=10", "discover.layers=[1]",
+            "discover.top_k=1", "mine.top_k=4", "mine.n_test_prompts=2", "attribute.occlusion=false"]
+    code, err = run_cli(capsys, *args, "--out", str(tmp_path / "a"))
+    assert_one_line_error(code, err, "cannot be split", "alibi", "attribute.qk=false")
+    assert not (tmp_path / "a" / "heads.jsonl").exists()
+    code, err = run_cli(capsys, *args, "--out", str(tmp_path / "b"), "attribute.qk=false")
+    assert code == 0, err
+    assert (tmp_path / "b" / "qk.jsonl").read_text() == "" and (tmp_path / "b" / "heads.jsonl").exists()
