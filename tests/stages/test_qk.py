@@ -3,6 +3,8 @@ sums to the hooked value on every model family, weight convention and unit kind;
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tiny import FAMILIES, make_tiny
@@ -212,6 +214,8 @@ def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_p
         assert r["logit"] == pytest.approx(r["score"], abs=1e-5)  # no softcap
         checked += 1
     assert checked >= 4
+    counts = json.loads((out / "attribute.json").read_text())["qk_records"]  # records per status
+    assert sum(counts.values()) == len(list(iter_jsonl(out / "qk.jsonl"))) and counts["ok"] >= checked
     texts = {e["head"]: e["text"] for e in iter_jsonl(out / "explanations.jsonl")
              if e["unit_id"] == "L2N37" and e["explainer"] == "lookup" and e["head"] in trigger}
     assert set(texts) == set(trigger)
@@ -323,3 +327,4 @@ def test_an_attention_the_view_cannot_split_is_refused_in_one_line_before_the_st
     code, err = run_cli(capsys, *args, "--out", str(tmp_path / "b"), "attribute.qk=false")
     assert code == 0, err
     assert (tmp_path / "b" / "qk.jsonl").read_text() == "" and (tmp_path / "b" / "heads.jsonl").exists()
+    assert json.loads((tmp_path / "b" / "attribute.json").read_text())["qk_records"] is None

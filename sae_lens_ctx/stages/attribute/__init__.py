@@ -188,6 +188,7 @@ def run_stage(ctx: RunContext) -> None:
     write_jsonl(ctx.path("occlusions.jsonl"), occlusions)
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
+    report["qk_records"] = dict(sorted(Counter(r.status for r in qk_rows).items())) if qk else None
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")
     print(summary_text(report))
 
