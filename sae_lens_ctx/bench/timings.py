@@ -329,7 +329,8 @@ def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -
             attribute_unit(view, read, train, test, tr, te, cfg, lookups=lookups, offset=len(bos))
             run["with_lookups"] += time.perf_counter() - start
             start = time.perf_counter()
-            run_as = {("train", r): p for r, p in zip(tr, train)} | {("test", r): p for r, p in zip(te, test)}
+            uid = read.unit.unit_id
+            run_as = {(uid, "train", r): p for r, p in zip(tr, train)} | {(uid, "test", r): p for r, p in zip(te, test)}
             n_qk = len(qk_records(splitter, lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
                                   cfg.batch_size))
             run["qk"] += time.perf_counter() - start

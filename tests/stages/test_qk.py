@@ -119,7 +119,8 @@ def test_records_of_neurons_and_latents_sum_to_their_totals(arch, weights, famil
         lookups: list = []
         attribute_unit(view, read, prompts, [], list(range(len(prompts))), [], cfg, lookups=lookups, offset=1)
         assert lookups
-        records = qk_records(splitter, lookups, {("train", r): p for r, p in enumerate(prompts)}, view.tokenizer,
+        records = qk_records(splitter, lookups, {(unit.unit_id, "train", r): p for r, p in enumerate(prompts)},
+                             view.tokenizer,
                              n_sources=3, n_components=4, batch_size=2)
         assert len(records) == sum(min(3, len(r.sources)) for r in lookups)
         for rec in records:

@@ -169,7 +169,7 @@ def run_stage(ctx: RunContext) -> None:
             view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
             [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
         if qk is not None:
-            run_as = {(c.split, c.rank): bos + c.tokens for c in train + test}
+            run_as = {(unit.unit_id, c.split, c.rank): bos + c.tokens for c in train + test}
             qk_rows += qk_records(qk, lookups[n_lookups:], run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
                                   cfg.batch_size)
         summary["control"] = unit.control

@@ -377,26 +377,30 @@ def _top_pairs(split: QkSplit, top: int) -> list[dict]:
              "gap": float(split.gap.flatten()[i])} for i in idx]
 
 
-def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, int], list[int]],
+def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, str, int], list[int]],
                tokenizer, n_sources: int, n_components: int, batch_size: int = 32) -> list[QkRecord]:
     """A `QkRecord` per look-up record and each of its first `n_sources` sources (the top looked-up positions).
-    `prompts`: (split, rank) → the prompt as run (BOS included), as the look-up records index it."""
-    keys = sorted({(r.split, r.rank) for r in lookups})
-    index = {k: i for i, k in enumerate(keys)}
+    `prompts`: (unit_id, split, rank) → the prompt as run (BOS included), as the look-up records index it. The
+    records may come from many units: a prompt several of them share is run once."""
+    def key_of(r: LookupRecord) -> tuple[str, str, int]:
+        return (r.unit_id, r.split, r.rank)
+
+    index: dict[tuple[int, ...], int] = {}
+    for r in lookups:
+        index.setdefault(tuple(prompts[key_of(r)]), len(index))
     wanted: dict[int, dict[tuple[int, int], set[int]]] = defaultdict(lambda: defaultdict(set))
     for r in lookups:
         for src in r.sources[:n_sources]:
-            wanted[index[(r.split, r.rank)]][head_of(r.head)].add(src["position"])
-    rows = [prompts[k] for k in keys]
-    splits = splitter.split(rows, wanted, batch_size)
+            wanted[index[tuple(prompts[key_of(r)])]][head_of(r.head)].add(src["position"])
+    splits = splitter.split([list(t) for t in index], wanted, batch_size)
     records = []
     for r in lookups:
-        tokens = prompts[(r.split, r.rank)]
+        tokens = prompts[key_of(r)]
         text = token_strings(tokenizer, tokens)
         layer, head = head_of(r.head)
         for src in r.sources[:n_sources]:
             s = src["position"]
-            sp = splits[(index[(r.split, r.rank)], layer, head, s)]
+            sp = splits[(index[tuple(tokens)], layer, head, s)]
             common = dict(unit_id=r.unit_id, head=r.head, split=r.split, rank=r.rank, active=r.active,
                           position=s, token_id=int(tokens[s]), token=text[s], query_position=len(tokens) - 1,
                           attention=sp.attention, contribution=float(src["contribution"]), score=sp.hooked_score,
