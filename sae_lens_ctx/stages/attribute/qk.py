@@ -334,8 +334,13 @@ def _uncap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
 # -- records ------------------------------------------------------------------------------------
 
 
+def _f(x) -> float:
+    """A number as `qk.jsonl` stores it: 7 significant digits (float32's precision; the file stays small)."""
+    return float(f"{float(x):.7g}")
+
+
 def _share(value: float, total: float | None) -> float | None:
-    return value / total if total is not None and abs(total) > 1e-12 else None
+    return _f(value / total) if total is not None and abs(total) > 1e-12 else None
 
 
 def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: float, gap_value: float,
@@ -344,13 +349,13 @@ def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: 
     `top` largest by |gap| (by |score| where the gap is 0), then 'other' with the rest, so the list sums to the totals."""
     key = gap if float(gap.abs().sum()) > 0 else score
     order = sorted(range(len(labels)), key=lambda i: (-abs(float(key[i])), i))
-    rows = [{"component": labels[i], "score": float(score[i]), "score_share": _share(float(score[i]), logit),
-             "gap": float(gap[i]), "gap_share": _share(float(gap[i]), gap_value)} for i in order[:top]]
+    rows = [{"component": labels[i], "score": _f(score[i]), "score_share": _share(float(score[i]), logit),
+             "gap": _f(gap[i]), "gap_share": _share(float(gap[i]), gap_value)} for i in order[:top]]
     rest = order[top:]
     if rest:
         s, g = float(score[rest].sum()), float(gap[rest].sum())
-        rows.append({"component": "other", "n": len(rest), "score": s, "score_share": _share(s, logit),
-                     "gap": g, "gap_share": _share(g, gap_value)})
+        rows.append({"component": "other", "n": len(rest), "score": _f(s), "score_share": _share(s, logit),
+                     "gap": _f(g), "gap_share": _share(g, gap_value)})
     return rows
 
 
@@ -364,7 +369,7 @@ def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
     gq, gk = groups(query), groups(key)
     out = {"query": [r["component"] for r in query], "key": [r["component"] for r in key]}
     for name, table in (("score", split.score), ("gap", split.gap)):
-        out[name] = [[float(table[a][:, b].sum()) for b in gk] for a in gq]
+        out[name] = [[_f(table[a][:, b].sum()) for b in gk] for a in gq]
     return out
 
 
@@ -373,8 +378,8 @@ def _top_pairs(split: QkSplit, top: int) -> list[dict]:
     k = min(top, flat.numel())
     idx = torch.topk(flat.abs(), k).indices.tolist()
     n = split.gap.shape[1]
-    return [{"query": split.query[i // n], "key": split.key[i % n], "score": float(split.score.flatten()[i]),
-             "gap": float(split.gap.flatten()[i])} for i in idx]
+    return [{"query": split.query[i // n], "key": split.key[i % n], "score": _f(split.score.flatten()[i]),
+             "gap": _f(split.gap.flatten()[i])} for i in idx]
 
 
 def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, str, int], list[int]],
@@ -413,7 +418,7 @@ def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: d
             for e in key:
                 if e["component"] in (sp.reads or {}):
                     p, a = sp.reads[e["component"]]
-                    e.update(reads_position=p, reads_token=text[p], reads_attention=a)
+                    e.update(reads_position=p, reads_token=text[p], reads_attention=_f(a))
             query = _marginal(sp.query, sp.score.sum(1), sp.gap.sum(1), sp.logit, sp.gap_value, n_components)
             small = max(2, n_components // 2)
             records.append(QkRecord(**common, logit=sp.logit, gap=sp.gap_value, key=key, query=query,
