@@ -267,14 +267,22 @@ KEY_REASON_MIN_PROMPTS = 2
 looked-up prompts, and on at least half of them."""
 
 
+def leading(entries: Sequence[dict]) -> dict | None:
+    """The marginal entry (not 'other') adding most to the gap, when it adds (gap > 0): the component that pulled
+    attention onto the position. Entries are ordered by |gap|, so the first one may work against the gap (on
+    real models often the attention sink's competition) and is not a reason."""
+    best = max((e for e in entries if e["component"] != "other"), key=lambda e: e["gap"], default=None)
+    return best if best is not None and best["gap"] > 0 else None
+
+
 def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict | None:
     """The stable key-side reason of a looked-up token from the pair's QK records (`qk.jsonl`): on each active
     train prompt of `ranks` where the token was looked up (its record with the largest contribution, status
-    'ok'), the key component with the largest |gap| contribution; the component leading on most of them when it
-    leads on at least half (and `KEY_REASON_MIN_PROMPTS`): `component`, `n_prompts` (where it leads), `n_looked_up`,
-    `mean_gap_share` over those, `query` (the query component leading most often there) and, for an earlier head,
-    `reads` (the offset from `s` it attended to most on most of those prompts, the token most often there,
-    and both counts). None otherwise."""
+    'ok', a positive gap), the key component adding most to the gap (`leading`); the component leading on most
+    of them when it leads on at least half (and `KEY_REASON_MIN_PROMPTS`): `component`, `n_prompts` (where it
+    leads), `n_looked_up`, `mean_gap_share` over those, `query` (the query component leading most often there)
+    and, for an earlier head, `reads` (the offset from `s` it attended to most on most of those prompts, the
+    token most often there, and both counts). None otherwise."""
     best: dict[int, QkRecord] = {}
     for r in qk:
         if r.split == "train" and r.active and r.status == "ok" and r.token_id in ids and r.rank in ranks and r.key:
@@ -284,20 +292,24 @@ def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict |
         return None
     leads = defaultdict(list)
     for r in best.values():
-        leads[r.key[0]["component"]].append(r)
-    component, rows = max(leads.items(), key=lambda kv: (len(kv[1]), kv[0]))
-    if component == "other" or len(rows) < max(KEY_REASON_MIN_PROMPTS, len(best) / 2):
+        lead = leading(r.key) if r.gap is not None and r.gap > 0 else None
+        if lead is not None:
+            leads[lead["component"]].append((r, lead))
+    if not leads:
         return None
-    shares = [r.key[0]["gap_share"] for r in rows if r.key[0]["gap_share"] is not None]
+    component, rows = max(leads.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    if len(rows) < max(KEY_REASON_MIN_PROMPTS, len(best) / 2):
+        return None
+    shares = [e["gap_share"] for _, e in rows if e["gap_share"] is not None]
     queries: dict[str, int] = defaultdict(int)
-    for r in rows:
-        if r.query and r.query[0]["component"] != "other":
-            queries[r.query[0]["component"]] += 1
+    for r, _ in rows:
+        q = leading(r.query)
+        if q is not None:
+            queries[q["component"]] += 1
     query = max(queries.items(), key=lambda kv: (kv[1], kv[0]))[0] if queries else None
     out = {"component": component, "n_prompts": len(rows), "n_looked_up": len(best),
            "mean_gap_share": sum(shares) / len(shares) if shares else None, "query": query}
-    reads = [(r.key[0]["reads_position"] - r.position, r.key[0]["reads_token"]) for r in rows
-             if "reads_position" in r.key[0]]
+    reads = [(e["reads_position"] - r.position, e["reads_token"]) for r, e in rows if "reads_position" in e]
     if reads:  # where the earlier head read what it wrote at the looked-up position, when that is stable
         offset, n_offset = max(Counter(o for o, _ in reads).items(), key=lambda kv: (kv[1], -abs(kv[0])))
         if n_offset >= len(reads) / 2:

@@ -10,6 +10,8 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from ...core.lookups import leading
+
 QK_FILE = "qk.jsonl"
 
 
@@ -82,11 +84,11 @@ def qk_section(out: Path, unit_id: str) -> str:
         token = tokens.most_common(1)[0][0]
         same = [r for r in records if r["token"] == token]
         best = max(same, key=lambda r: r["contribution"])
-        leads = Counter(r["key"][0]["component"] for r in same if r["key"])
-        lead, n = leads.most_common(1)[0]
+        leads = Counter(e["component"] for e in (leading(r["key"]) for r in same if r["gap"] > 0) if e is not None)
+        lead, n = leads.most_common(1)[0] if leads else ("nothing", 0)
         parts.append(f"<h4>{_e(head)} looks up <code>{_e(token)}</code> (prompt {best['rank']}, position "
                      f"{best['position']}: attention {best['attention']:.2f}, gap {best['gap']:+.3f})</h4>"
                      f"<p class=muted>Key side led by {_e(lead)} on {n} of {len(same)} active train prompts that "
-                     "looked this token up.</p>"
+                     "looked this token up (the component adding most to the gap).</p>"
                      f'<div class="qk">{heatmap_html(best["grid"])}{bar_html(best["key"])}</div>')
     return "".join(parts)
