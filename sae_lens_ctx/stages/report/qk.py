@@ -51,7 +51,8 @@ def heatmap_html(grid: dict, table: str = "gap") -> str:
     body = "".join(
         f"<tr><th>{_e(q)}</th>" + "".join(f'<td style="background:{_color(v, peak)}">{v:+.2f}</td>' for v in row)
         + "</tr>" for q, row in zip(grid["query"], cells))
-    return f'<table class="qk-grid"><tr><th>query \\ key</th>{head}</tr>{body}</table>'
+    return (f'<table class="qk-grid"><caption>{table}: query × key components</caption>'
+            f'<tr><th>query \\ key</th>{head}</tr>{body}</table>')
 
 
 def bar_html(key: list[dict]) -> str:
@@ -63,7 +64,7 @@ def bar_html(key: list[dict]) -> str:
         share = "" if e.get("gap_share") is None else f" ({e['gap_share']:.0%})"
         rows.append(f'<tr><td>{_e(e["component"])}</td><td><div style="width:{width:.0f}px;height:0.8em;'
                     f'background:{_color(e["gap"], peak)}"></div></td><td>{e["gap"]:+.3f}{share}</td></tr>')
-    return f'<table class="qk-bar">{"".join(rows)}</table>'
+    return f'<table class="qk-bar"><caption>key side (gap, share)</caption>{"".join(rows)}</table>'
 
 
 def qk_section(out: Path, unit_id: str) -> str:
@@ -90,5 +91,5 @@ def qk_section(out: Path, unit_id: str) -> str:
                      f"{best['position']}: attention {best['attention']:.2f}, gap {best['gap']:+.3f})</h4>"
                      f"<p class=muted>Key side led by {_e(lead)} on {n} of {len(same)} active train prompts that "
                      "looked this token up (the component adding most to the gap).</p>"
-                     f'<div class="qk">{heatmap_html(best["grid"])}{bar_html(best["key"])}</div>')
+                     f'<div class="qk" style="display:flex;gap:2em;align-items:flex-start">{heatmap_html(best["grid"])}{bar_html(best["key"])}</div>')
     return "".join(parts)
