@@ -94,7 +94,10 @@ class QkSplitter:
         self.ln = view.normalization == "LN"
         self.standard_pos = getattr(view.model.cfg, "positional_embedding_type", "standard") == "standard" \
             and view.hook_exists("hook_pos_embed")
+        self.rot_hooks = view.hook_exists(view.hook_name("rot_cos", 0))
+        """The Bridge's rotary cos/sin hooks are there (else TransformerLens's own `rotary_cos`/`rotary_sin`)."""
         self._reads: dict[int, AttnRead] = {}
+        self._w_o_stack: dict[int, torch.Tensor] = {}
         self._folds: dict[tuple[int, int], torch.Tensor] = {}
         self._w_o: dict[int, torch.Tensor] = {}
         self._b_o: dict[int, torch.Tensor] = {}
@@ -189,9 +192,22 @@ class QkSplitter:
             hooks += [(view.hook_name("ln1_scale", l), save(f"scale{l}")),
                       (view.hook_name("attn_scores", l), save_row(f"scores{l}")),
                       (view.hook_name("pattern", l), save_row(f"pattern{l}"))]
-            if self.read(l).rotary and view.hook_exists(view.hook_name("rot_cos", l)):
+            if self.read(l).rotary and self.rot_hooks:
                 hooks += [(view.hook_name("rot_cos", l), save(f"cos{l}")), (view.hook_name("rot_sin", l), save(f"sin{l}"))]
-        view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
+        # One name-filter hook dispatching to the savers: TransformerBridge resolves each hook *name* it is given
+        # (about 0.02 s a name for SmolLM2, over a second for this forward's 80-odd names) but not a filter.
+        by_name: dict[str, list] = defaultdict(list)
+        for name, fn in hooks:
+            by_name[name].append(fn)
+
+        def dispatch(x, hook):
+            for fn in by_name.get(hook.name, ()):
+                fn(x, hook)
+
+        view.run_with_hooks(tokens, [(lambda name: name in by_name, dispatch)], stop_at_layer=top + 1)
+        if len(got) < len(hooks):  # every hook saves its own key: a model that names its hooks otherwise
+            got.clear()
+            view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
         return got
 
     def _rotate(self, got: dict, j: int, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -213,20 +229,32 @@ class QkSplitter:
             flipped = attn.rotate_every_two(x_r)
         return torch.cat([x_r * cos + flipped * sin, x[..., r:]], dim=-1)
 
-    def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, list, torch.Tensor]:
+    def w_o_stack(self, layer: int) -> torch.Tensor:
+        """`[layer, n_heads, d_head, d_model]`: `w_o` of every earlier layer."""
+        if layer not in self._w_o_stack:
+            v = self.view
+            self._w_o_stack[layer] = torch.stack([self.w_o(l) for l in range(layer)]) if layer else \
+                torch.zeros(0, v.n_heads, v.d_head, v.d_model, device=v.device)
+        return self._w_o_stack[layer]
+
+    def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, ...]:
         """The residual-stream components of `resid_pre[layer]` of batch row `j` at its `n` positions, the heads
-        kept as their `z`: (`[embed, (pos_embed,) MLP 0, ..., MLP layer-1]` stacked `[c, n, d_model]`; per
-        earlier layer its `z` `[n, H, d_head]` and post-attention scale `[n, 1]`; the constant `[n, d_model]`)."""
+        kept as their `z`: (`lead` `[embed (, pos_embed)]` `[c, n, d_model]`; `mlp` `[layer, n, d_model]`; `z`
+        `[layer, n, H, d_head]`; each layer's post-attention scale `[layer, n, 1]` (ones outside a sandwich
+        block); the constant `[n, d_model]`)."""
+        v = self.view
         resid0 = got["resid0"][j, :n]
-        parts = [resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0]
-        heads = []
-        const = torch.zeros_like(resid0)
-        for l in range(layer):
-            post = got[f"post{l}"][j, :n].reshape(n, 1) if self.view.sandwich else torch.ones(n, 1, device=resid0.device)
-            heads.append((got[f"z{l}"][j, :n], post))
-            parts.append(got[f"mlp{l}"][j, :n])
-            const = const + self.b_o(l).to(resid0) / post
-        return torch.stack(parts), heads, const
+        lead = torch.stack([resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0])
+        if not layer:
+            return (lead, resid0.new_zeros(0, n, v.d_model), resid0.new_zeros(0, n, v.n_heads, v.d_head),
+                    resid0.new_ones(0, n, 1), torch.zeros_like(resid0))
+        mlp = torch.stack([got[f"mlp{l}"][j, :n] for l in range(layer)])
+        z = torch.stack([got[f"z{l}"][j, :n] for l in range(layer)])
+        post = torch.stack([got[f"post{l}"][j, :n].reshape(n, 1) for l in range(layer)]) if v.sandwich \
+            else resid0.new_ones(layer, n, 1)
+        b_o = torch.stack([self.b_o(l).to(resid0) for l in range(layer)])  # [layer, d_model]
+        const = (b_o[:, None, :] / post).sum(0)
+        return lead, mlp, z, post, const
 
     def _split_one(self, got: dict, j: int, n: int, layer: int, heads: dict[int, set[int]]) -> dict:
         read = self.read(layer)
@@ -242,30 +270,25 @@ class QkSplitter:
                                               float(pattern[h, s]), "not_splittable", self.unsplittable)
             return results
         scale = got[f"scale{layer}"][j, :n].reshape(n, 1)
-        stack, zs, const = self._components(got, j, n, layer)
-        n_lead = 2 if self.standard_pos else 1  # embed (and pos_embed) lead the stack, then one MLP per layer
-        pos = torch.arange(n, device=stack.device)
+        lead, mlp, z, post, const = self._components(got, j, n, layer)
+        pos = torch.arange(n, device=lead.device)
 
-        def ordered(lead, per_layer_heads, per_layer_mlp, const_part):
-            rows = [lead]
-            for l in range(layer):
-                rows += [per_layer_heads[l], per_layer_mlp[l]]
-            return torch.cat(rows + [const_part])
+        def ordered(lead_part, heads_part, mlp_part, const_part):
+            """Labels' order: lead, then per layer its heads and its MLP, then const. `heads_part` `[L, H, ...]`,
+            `mlp_part` `[L, ...]`."""
+            per_layer = torch.cat([heads_part, mlp_part[:, None]], dim=1)
+            return torch.cat([lead_part, per_layer.flatten(0, 1), const_part[None]])
 
         # query side at T: every component in d_model, then each head's W_Q
-        q_res_heads = [torch.einsum("hd,hdm->hm", z[T], self.w_o(l)) / post[T] for l, (z, post) in enumerate(zs)]
-        q_res = ordered(stack[:n_lead, T], q_res_heads, [stack[n_lead + l, T][None] for l in range(layer)],
-                        const[T][None]) / scale[T]
+        q_heads = torch.einsum("lhd,lhdm->lhm", z[:, T], self.w_o_stack(layer)) / post[:, T, None]
+        q_res = ordered(lead[:, T], q_heads, mlp[:, T], const[T]) / scale[T]
         by_group: dict[int, torch.Tensor] = {}
         for h, positions in heads.items():
             g = read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
             if g not in by_group:  # key side at every position: [n_comp, n, d_head], rotated per position
                 w_k = read.w_k[g]
-                f = self.fold(layer, g)
-                k_heads = [torch.einsum("thd,hde->hte", z, f[l]) / post[None] for l, (z, post) in enumerate(zs)]
-                k_mlp = [(stack[n_lead + l] @ w_k)[None] for l in range(layer)]
-                k_const = (const @ w_k)[None]
-                k = ordered(stack[:n_lead] @ w_k, k_heads, k_mlp, k_const) / scale[None]
+                k_heads = torch.einsum("lthd,lhde->lhte", z, self.fold(layer, g)) / post[:, None]
+                k = ordered(lead @ w_k, k_heads, mlp @ w_k, const @ w_k) / scale[None]
                 k[-1] = k[-1] + read.b_k[g]
                 by_group[g] = self._rotate(got, j, layer, k, pos)
             k = by_group[g]
@@ -347,10 +370,11 @@ def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: 
               top: int) -> list[dict]:
     """Per component (summed over the other side): `component`, `score`, `score_share`, `gap`, `gap_share`; the
     `top` largest by |gap| (by |score| where the gap is 0), then 'other' with the rest, so the list sums to the totals."""
-    key = gap if float(gap.abs().sum()) > 0 else score
-    order = sorted(range(len(labels)), key=lambda i: (-abs(float(key[i])), i))
-    rows = [{"component": labels[i], "score": _f(score[i]), "score_share": _share(float(score[i]), logit),
-             "gap": _f(gap[i]), "gap_share": _share(float(gap[i]), gap_value)} for i in order[:top]]
+    score_l, gap_l = score.tolist(), gap.tolist()
+    key = gap_l if any(gap_l) else score_l
+    order = sorted(range(len(labels)), key=lambda i: (-abs(key[i]), i))
+    rows = [{"component": labels[i], "score": _f(score_l[i]), "score_share": _share(score_l[i], logit),
+             "gap": _f(gap_l[i]), "gap_share": _share(gap_l[i], gap_value)} for i in order[:top]]
     rest = order[top:]
     if rest:
         s, g = float(score[rest].sum()), float(gap[rest].sum())
@@ -363,7 +387,8 @@ def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
     """The tables summed over the marginals' groups (their components, then 'other'): a small heatmap."""
     def groups(rows):
         named = [split.query.index(r["component"]) for r in rows if r["component"] != "other"]
-        rest = [i for i in range(len(split.query)) if i not in set(named)]
+        taken = set(named)
+        rest = [i for i in range(len(split.query)) if i not in taken]
         return [[i] for i in named] + ([rest] if rest else [])
 
     gq, gk = groups(query), groups(key)
