@@ -98,6 +98,7 @@ class QkSplitter:
         """The Bridge's rotary cos/sin hooks are there (else TransformerLens's own `rotary_cos`/`rotary_sin`)."""
         self._reads: dict[int, AttnRead] = {}
         self._w_o_stack: dict[int, torch.Tensor] = {}
+        self._canonical: dict[str, str] = {}
         self._folds: dict[tuple[int, int], torch.Tensor] = {}
         self._w_o: dict[int, torch.Tensor] = {}
         self._b_o: dict[int, torch.Tensor] = {}
@@ -196,15 +197,21 @@ class QkSplitter:
                 hooks += [(view.hook_name("rot_cos", l), save(f"cos{l}")), (view.hook_name("rot_sin", l), save(f"sin{l}"))]
         # One name-filter hook dispatching to the savers: TransformerBridge resolves each hook *name* it is given
         # (about 0.02 s a name for SmolLM2, over a second for this forward's 80-odd names) but not a filter.
+        # The filter sees the names asked for (aliases included) but a hook gets its hook point's own name, so the
+        # savers are keyed by that name (the hook dict read once per run).
+        if any(name not in self._canonical for name, _ in hooks):
+            points = getattr(view.model, "hook_dict", {})
+            self._canonical.update({name: getattr(points.get(name), "name", name) for name, _ in hooks})
         by_name: dict[str, list] = defaultdict(list)
         for name, fn in hooks:
-            by_name[name].append(fn)
+            by_name[self._canonical[name]].append(fn)
+        asked = {name for name, _ in hooks}
 
         def dispatch(x, hook):
             for fn in by_name.get(hook.name, ()):
                 fn(x, hook)
 
-        view.run_with_hooks(tokens, [(lambda name: name in by_name, dispatch)], stop_at_layer=top + 1)
+        view.run_with_hooks(tokens, [(lambda name: name in asked, dispatch)], stop_at_layer=top + 1)
         if len(got) < len(hooks):  # every hook saves its own key: a model that names its hooks otherwise
             got.clear()
             view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
