@@ -392,16 +392,19 @@ def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: 
 
 def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
     """The tables summed over the marginals' groups (their components, then 'other'): a small heatmap."""
-    def groups(rows):
+    def groups(rows) -> torch.Tensor:
+        """`[n_groups, n_components]` one-hot: each named component, then 'other' (the rest)."""
         named = [split.query.index(r["component"]) for r in rows if r["component"] != "other"]
-        taken = set(named)
-        rest = [i for i in range(len(split.query)) if i not in taken]
-        return [[i] for i in named] + ([rest] if rest else [])
+        onehot = torch.zeros(len(named) + 1, len(split.query))
+        onehot[-1] = 1.0
+        for g, i in enumerate(named):
+            onehot[g, i], onehot[-1, i] = 1.0, 0.0
+        return onehot if len(named) < len(split.query) else onehot[:-1]
 
     gq, gk = groups(query), groups(key)
     out = {"query": [r["component"] for r in query], "key": [r["component"] for r in key]}
     for name, table in (("score", split.score), ("gap", split.gap)):
-        out[name] = [[_f(table[a][:, b].sum()) for b in gk] for a in gq]
+        out[name] = [[_f(v) for v in row] for row in (gq @ table.float() @ gk.T).tolist()]
     return out
 
 
