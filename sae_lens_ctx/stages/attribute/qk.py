@@ -96,7 +96,7 @@ class QkSplitter:
             and view.hook_exists("hook_pos_embed")
         self.rot_hooks = view.hook_exists(view.hook_name("rot_cos", 0))
         """The Bridge's rotary cos/sin hooks are there (else TransformerLens's own `rotary_cos`/`rotary_sin`)."""
-        self._reads: dict[int, AttnRead] = {}
+        self._attn: dict[int, AttnRead] = {}
         self._w_o_stack: dict[int, torch.Tensor] = {}
         self._canonical: dict[str, str] = {}
         self._folds: dict[tuple[int, int], torch.Tensor] = {}
@@ -108,13 +108,13 @@ class QkSplitter:
     def read(self, layer: int) -> AttnRead:
         """The layer's `AttnRead` in fp32, `W_Q`/`W_K` centred over d_model for LayerNorm (the norm's centring
         of the input then needs no centring of the components)."""
-        if layer not in self._reads:
+        if layer not in self._attn:
             r = self.view.attn_read(layer)
             w_q, w_k = r.w_q.float(), r.w_k.float()
             if self.ln:
                 w_q, w_k = w_q - w_q.mean(1, keepdim=True), w_k - w_k.mean(1, keepdim=True)
-            self._reads[layer] = AttnRead(w_q, r.b_q.float(), w_k, r.b_k.float(), r.scaling, r.softcap, r.rotary)
-        return self._reads[layer]
+            self._attn[layer] = AttnRead(w_q, r.b_q.float(), w_k, r.b_k.float(), r.scaling, r.softcap, r.rotary)
+        return self._attn[layer]
 
     def w_o(self, layer: int) -> torch.Tensor:
         """`[n_heads, d_head, d_model]`: `W_O` with the post-attention gain of a sandwich block."""
