@@ -28,6 +28,7 @@ DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "wandb_configs" / "dashboar
 METRIC_PATTERNS = (
     r"(units|contexts|heads|explanations|scores|lookups)/(table|table_artifact)",
     r"lookups/rows",
+    r"qk/(table|table_artifact|table_rows)",
     r"units/(n_units|n_controls|n_layers|congruence_mean|rows)",
     r"contexts/(n_contexts|n_units|top_activation_mean|trimmed_activation_mean|rows)",
     r"heads/(n_pairs|per_unit_mean|ablation_effect_mean|ablation_significant_fraction)(_control)?",

@@ -200,7 +200,8 @@ def _attribute_parts_cli(run_dir: Path, repeats: int, out: Path | None) -> int:
     s = result["seconds"]
     print(f"attribute stage on {result['n_units']} units of {run_dir} (median of {repeats}): without look-ups "
           f"{s['without_lookups']}s, with look-ups {s['with_lookups']}s (+{result['lookups_overhead']:.1%}), "
-          f"occlusion {s['occlusion']}s (+{result['occlusion_overhead']:.1%})")
+          f"occlusion {s['occlusion']}s (+{result['occlusion_overhead']:.1%}), QK split {s['qk']}s (stage with / "
+          f"without it: {result['qk_ratio']:.2f}x)")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
@@ -243,7 +244,7 @@ def bench_cli(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="also time the scan under torch.compile (mine.compile)")
     p.add_argument("--attribute-run", type=Path, metavar="RUN_DIR",
-                   help="instead: time the attribute stage's parts (without and with look-ups, occlusion) on this run "
+                   help="instead: time the attribute stage's parts (without and with look-ups, occlusion, QK split) on this run "
                         "directory's units and prompts (after mine), with its model")
     p.add_argument("--contention", action="store_true",
                    help="instead: the scan and attribution parts alone, then beside a second copy of themselves "

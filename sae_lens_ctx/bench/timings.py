@@ -297,14 +297,17 @@ def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -
     """The attribute stage's parts on a real run directory (after `mine`), in one process: for every
     neuron unit with train prompts, `attribute_unit` without look-ups (attribution, relevance, ablation:
     the stage before the look-ups issue), the same with look-up attribution and records, and the unit's
-    occlusion. Seconds are each part's sum over units, the median of `repeats` interleaved repeats;
-    `lookups_overhead` = with / without − 1, `occlusion_overhead` = occlusion / without."""
+    occlusion, and the QK split of the look-ups (`stages/attribute/qk.py`, a splitter built per repeat). Seconds
+    are each part's sum over units, the median of `repeats` interleaved repeats; `lookups_overhead` = with /
+    without − 1, `occlusion_overhead` = occlusion / without, `qk_ratio` = the stage with the QK split over the
+    stage without it ((with look-ups + occlusion + qk) / (with look-ups + occlusion))."""
     from dataclasses import replace
 
     from ..core.config import RunConfig
     from ..core.records import ContextRecord, UnitRecord, read_jsonl
     from ..stages.attribute import attribute_unit, top_prompts, unit_read
     from ..stages.attribute.occlusion import occluded_activations
+    from ..stages.attribute.qk import QkSplitter, qk_records
 
     config = RunConfig.from_yaml(run_dir / "config.yaml")
     cfg = config.attribute
@@ -319,16 +322,27 @@ def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -
             jobs.append((unit_read(view, u, cfg, {}), [bos + c.tokens for c in train], [bos + c.tokens for c in test],
                          [c.rank for c in train], [c.rank for c in test]))
     base = replace(cfg, lookups=False)
-    times: dict[str, list[float]] = {"without_lookups": [], "with_lookups": [], "occlusion": []}
+    times: dict[str, list[float]] = {"without_lookups": [], "with_lookups": [], "occlusion": [], "qk": []}
+    n_qk = 0
     for _ in range(repeats):
         run = {k: 0.0 for k in times}
+        start = time.perf_counter()
+        splitter = QkSplitter(view)
+        run["qk"] += time.perf_counter() - start
         for read, train, test, tr, te in jobs:
             start = time.perf_counter()
             attribute_unit(view, read, train, test, tr, te, base)
             run["without_lookups"] += time.perf_counter() - start
             start = time.perf_counter()
-            attribute_unit(view, read, train, test, tr, te, cfg, lookups=[], offset=len(bos))
+            lookups: list = []
+            attribute_unit(view, read, train, test, tr, te, cfg, lookups=lookups, offset=len(bos))
             run["with_lookups"] += time.perf_counter() - start
+            start = time.perf_counter()
+            uid = read.unit.unit_id
+            run_as = {(uid, "train", r): p for r, p in zip(tr, train)} | {(uid, "test", r): p for r, p in zip(te, test)}
+            n_qk = len(qk_records(splitter, lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
+                                  cfg.batch_size))
+            run["qk"] += time.perf_counter() - start
             start = time.perf_counter()
             occluded_activations(view, read, train[:cfg.occlusion_prompts], len(bos), cfg.batch_size)
             run["occlusion"] += time.perf_counter() - start
@@ -339,4 +353,6 @@ def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -
     return {"run_dir": str(run_dir), "n_units": len(jobs), "repeats": repeats, "seconds": seconds,
             "each_repeat": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "lookups_overhead": round(seconds["with_lookups"] / without - 1, 3),
-            "occlusion_overhead": round(seconds["occlusion"] / without, 3)}
+            "occlusion_overhead": round(seconds["occlusion"] / without, 3),
+            "qk_records_last_unit": n_qk,
+            "qk_ratio": round(1 + seconds["qk"] / max(seconds["with_lookups"] + seconds["occlusion"], 1e-9), 3)}

@@ -290,6 +290,18 @@ class AttributeConfig:
     """Source positions kept per (unit, head, prompt) in `lookups.jsonl`, largest |contribution| first
     (position 0, the attention sink, is recorded on its own as well)."""
 
+    qk: bool = True
+    """Split the attention score of each looked-up position exactly over query-side × key-side residual-stream
+    components (`stages/attribute/qk.py`, `docs/qk.md`) and write `qk.jsonl`: why the head attended there. Needs
+    `lookups`; False (or lookups off) writes an empty file. A model whose attention the view does not know is
+    refused before the stage runs; QK-norm models get records marked 'not_splittable'."""
+
+    qk_sources: int = 2
+    """Looked-up positions split per look-up record: its first sources (largest |contribution| first)."""
+
+    qk_components: int = 8
+    """Components kept per side in each `qk.jsonl` marginal (largest |gap| first, the rest summed as 'other')."""
+
     occlusion: bool = True
     """Occlude each context token of every train 'top' prompt in turn (replaced by the pad token, batched)
     and record the unit's activation at the last token in `occlusions.jsonl`, which the unit look-up
@@ -303,6 +315,8 @@ class AttributeConfig:
         check_positive("attribute.n_prompts", self.n_prompts)
         check_positive("attribute.lookup_top_k", self.lookup_top_k)
         check_positive("attribute.occlusion_prompts", self.occlusion_prompts)
+        check_positive("attribute.qk_sources", self.qk_sources)
+        check_positive("attribute.qk_components", self.qk_components)
         check_positive("attribute.batch_size", self.batch_size)
         check_fraction("attribute.band_low", self.band_low, closed=True)
         check_fraction("attribute.band_high", self.band_high, closed=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import UserError, did_you_mean
-from .lookups import LookupRecord
+from .lookups import LookupRecord, QkRecord
 from .unit_lookups import OcclusionRecord
 from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
 
@@ -106,6 +106,8 @@ FILES: tuple[RunFile, ...] = (
     RunFile("attribute.json", "attribute", summary=True),
     RunFile("lookups.jsonl", "attribute", LookupRecord, "lookups",
             ("unit_id", "head", "split", "rank", "active", "attribution", "sources")),
+    RunFile("qk.jsonl", "attribute", QkRecord, None,
+            ("unit_id", "head", "split", "rank", "position", "score", "logit", "gap", "key", "query", "pairs", "status")),
     RunFile("occlusions.jsonl", "attribute", OcclusionRecord, None,
             ("unit_id", "split", "rank", "last_token", "activation", "tokens", "status")),
     RunFile("explanations.jsonl", "explain", ExplanationRecord, "explanations", ("unit_id", "head", "explainer", "text")),

@@ -33,7 +33,7 @@ tokens it holds (weight: the token's own TPR − FPR on train) for AUROC.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,6 +81,66 @@ class LookupRecord:
     status: str = "ok"
     """'ok', 'one_position' (the prompt as run has one position: the head can only attend to itself) or
     'first_position_only' (≥ 99 % of the attention on position 0)."""
+
+
+@dataclass(frozen=True)
+class QkRecord:
+    """Why the head attended to one looked-up position (a line of `qk.jsonl`): the exact split of its attention
+    score at the prompt's last position `T` over query-side × key-side residual-stream components
+    (`stages/attribute/qk.py`, `docs/qk.md`). One per look-up record and each of its first
+    `attribute.qk_sources` sources.
+
+    Components: `embed`, `pos_embed` (learned positions only), `L{l}H{h}` (each earlier head's output),
+    `L{l}MLP`, `const` (output biases, the query/key biases and the norm bias). Each marginal entry holds
+    `component`, `score` and `gap` (its signed contribution summed over the other side), `score_share` and
+    `gap_share` (that over the total, so the shares sum to 1; None where the total is 0); the `top`
+    components by |gap| come first, then `other` (with `n`, the components it sums), so a marginal sums to
+    its total exactly. A key entry of an earlier head also holds `reads_position`, `reads_token` and
+    `reads_attention`: where that head attended most from `s`, i.e. where what it wrote at `s` came from
+    (`s - 1`: a previous-token head)."""
+
+    unit_id: str
+    head: str
+    split: str
+    rank: int
+    active: bool
+    """The head is active on this prompt (as in the look-up record)."""
+    position: int
+    """The looked-up key position `s` (indexing the prompt as run, as `LookupRecord.sources`)."""
+    token_id: int
+    token: str
+    query_position: int
+    """`T`, the prompt's last position."""
+    attention: float
+    """The head's attention from `T` to `s`."""
+    contribution: float
+    """The look-up contribution of `s` to the unit (from the look-up record)."""
+    score: float | None
+    """The hooked attention score at (`T`, `s`): what the softmax sees (after any softcap)."""
+    softcap: float | None
+    """The attention logit soft-cap `c` (Gemma 2): `score = c · tanh(logit / c)`; None without one."""
+    n_components: int
+    """Components on each side."""
+    status: str
+    """'ok'; 'first_position' (s = 0, the attention sink: split, with the reason); 'one_position' (a
+    one-position prompt: the gap is 0); 'masked' (outside a sliding window: no score); 'not_splittable'
+    (QK-norm, a softcap that cannot be inverted at this score, or a split that misses the hooked score:
+    no numbers)."""
+    reason: str | None = None
+    """Why the status is not 'ok', in words."""
+    logit: float | None = None
+    """`scaling · q_T · k_s` before any softcap: exactly the sum of the table (equals `score` without a cap)."""
+    gap: float | None = None
+    """`logit(s)` minus the attention-weighted mean logit over every position `T` sees: what moves attention onto `s`."""
+    key: list[dict] = field(default_factory=list)
+    """Key-side marginals (each key component summed over all query components)."""
+    query: list[dict] = field(default_factory=list)
+    """Query-side marginals."""
+    pairs: list[dict] = field(default_factory=list)
+    """The largest (query component, key component) entries of the gap table: `query`, `key`, `score`, `gap`."""
+    grid: dict | None = None
+    """A small heatmap: the score and gap tables summed over the leading query and key components and 'other'
+    (`query`, `key` labels; `score`, `gap` rows of the query labels)."""
 
 
 # -- the look-up explainer -----------------------------------------------------------------------
@@ -153,7 +213,8 @@ def choose_tokens(candidates: dict[str, Candidate], n_p: int, n_n: int, max_toke
 
 
 def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]], *, min_share: float,
-                 max_tokens: int, min_support: int, merge: bool) -> tuple[str | None, dict, str | None]:
+                 max_tokens: int, min_support: int, merge: bool,
+                 qk: Sequence[QkRecord] = ()) -> tuple[str | None, dict, str | None]:
     """The look-up explanation of one pair from its train records: (text, pattern, error).
 
     `tokens_of`: rank → the prompt's context tokens (no BOS). `text` is None when there is nothing to say
@@ -193,8 +254,89 @@ def explain_pair(records: Sequence[LookupRecord], tokens_of: dict[int, list[int]
             "key": c.key, "token_ids": sorted(c.ids), "tokens": sorted(c.tokens),
             "n_active_looked_up": len(c.positive), "n_inactive_present": len(c.negative),
             "mean_attention": sum(c.values) / len(c.values), "weight": c.weight(n_a, n_i)})
+        if qk:
+            reason = key_reason(qk, c.ids, c.positive)
+            if reason:
+                pattern["tokens"][-1]["key_reason"] = reason
     pattern["train_balanced_accuracy"] = best_value
     return explanation_text(pattern), pattern, None
+
+
+KEY_REASON_MIN_PROMPTS = 2
+"""A key-side reason is stated when one component leads the gap's key side on at least this many of the token's
+looked-up prompts, and on at least half of them."""
+
+
+def leading(entries: Sequence[dict]) -> dict | None:
+    """The marginal entry (not 'other') adding most to the gap, when it adds (gap > 0): the component that pulled
+    attention onto the position. Entries are ordered by |gap|, so the first one may work against the gap (on
+    real models often the attention sink's competition) and is not a reason."""
+    best = max((e for e in entries if e["component"] != "other"), key=lambda e: e["gap"], default=None)
+    return best if best is not None and best["gap"] > 0 else None
+
+
+def key_reason(qk: Sequence[QkRecord], ids: set[int], ranks: set[int]) -> dict | None:
+    """The stable key-side reason of a looked-up token from the pair's QK records (`qk.jsonl`): on each active
+    train prompt of `ranks` where the token was looked up (its record with the largest contribution, status
+    'ok', a positive gap), the key component adding most to the gap (`leading`); the component leading on most
+    of them when it leads on at least half (and `KEY_REASON_MIN_PROMPTS`): `component`, `n_prompts` (where it
+    leads), `n_looked_up`, `mean_gap_share` over those, `query` (the query component leading most often there)
+    and, for an earlier head, `reads` (the offset from `s` it attended to most on most of those prompts, the
+    token most often there, and both counts). None otherwise."""
+    best: dict[int, QkRecord] = {}
+    for r in qk:
+        if r.split == "train" and r.active and r.status == "ok" and r.token_id in ids and r.rank in ranks and r.key:
+            if r.rank not in best or r.contribution > best[r.rank].contribution:
+                best[r.rank] = r
+    if not best:
+        return None
+    leads = defaultdict(list)
+    for r in best.values():
+        lead = leading(r.key) if r.gap is not None and r.gap > 0 else None
+        if lead is not None:
+            leads[lead["component"]].append((r, lead))
+    if not leads:
+        return None
+    component, rows = max(leads.items(), key=lambda kv: (len(kv[1]), kv[0]))
+    if len(rows) < max(KEY_REASON_MIN_PROMPTS, len(best) / 2):
+        return None
+    shares = [e["gap_share"] for _, e in rows if e["gap_share"] is not None]
+    queries: dict[str, int] = defaultdict(int)
+    for r, _ in rows:
+        q = leading(r.query)
+        if q is not None:
+            queries[q["component"]] += 1
+    query = max(queries.items(), key=lambda kv: (kv[1], kv[0]))[0] if queries else None
+    out = {"component": component, "n_prompts": len(rows), "n_looked_up": len(best),
+           "mean_gap_share": sum(shares) / len(shares) if shares else None, "query": query}
+    reads = [(e["reads_position"] - r.position, e["reads_token"]) for r, e in rows if "reads_position" in e]
+    if reads:  # where the earlier head read what it wrote at the looked-up position, when that is stable
+        offset, n_offset = max(Counter(o for o, _ in reads).items(), key=lambda kv: (kv[1], -abs(kv[0])))
+        if n_offset >= len(reads) / 2:
+            token, n_token = Counter(t for o, t in reads if o == offset).most_common(1)[0]
+            out["reads"] = {"offset": offset, "token": token, "n_same_token": n_token, "n_same_offset": n_offset}
+    return out
+
+
+def key_reason_text(reason: dict) -> str:
+    """' — keyed on the token itself (embedding, 71 % of the gap on 9 of 11 prompts), asked for by L9H2 at the query'."""
+    c = reason["component"]
+    share = f"{reason['mean_gap_share']:.0%} of the gap on " if reason["mean_gap_share"] is not None else ""
+    counts = f"{share}{reason['n_prompts']} of {reason['n_looked_up']} prompts".replace("%", " %")
+    reads = reason.get("reads")
+    source = ""
+    if reads:
+        where = "previous token" if reads["offset"] == -1 else "same token" if reads["offset"] == 0 else \
+            f"token {-reads['offset']} back"
+        source = f", from the {where}" + (f" '{reads['token']}'" if reads["n_same_token"] == reads["n_same_offset"] else
+                                          f", '{reads['token']}' on {reads['n_same_token']}")
+    what = {"embed": f"the token itself (embedding, {counts})", "pos_embed": f"its position (positional embedding, "
+            f"{counts})", "const": f"the biases alone ({counts})"}.get(c, f"what {c} wrote there ({counts}{source})")
+    q = reason.get("query")
+    asked = "" if q is None else {"embed": ", asked for by the query token's embedding",
+                                  "pos_embed": ", asked for by the query's position",
+                                  "const": ", asked for by a constant query (biases)"}.get(q, f", asked for by {q} at the query")
+    return f" — keyed on {what}{asked}"
 
 
 def explanation_text(pattern: dict) -> str:
@@ -205,7 +347,7 @@ def explanation_text(pattern: dict) -> str:
         shown = " / ".join(f'"{s}"' for s in t["tokens"])
         parts.append(f"{shown} (looked up on {t['n_active_looked_up']} of {n_a} prompts where the head is active, "
                      f"mean attention {t['mean_attention']:.2f}; present in {t['n_inactive_present']} of {n_i} "
-                     "where it is inactive)")
+                     "where it is inactive)" + (key_reason_text(t["key_reason"]) if t.get("key_reason") else ""))
     return "The head is active when it can look up " + " or ".join(parts) + " earlier in the document."
 
 
@@ -218,8 +360,12 @@ def judge(pattern: dict | None, tokens: Sequence[int]) -> tuple[bool, float]:
 
 
 def explain_lookups(units: Sequence[UnitRecord], contexts: Sequence[ContextRecord], heads: Sequence[HeadRecord],
-                    lookups: Sequence[LookupRecord], cfg) -> list[ExplanationRecord]:
-    """An `ExplanationRecord` (explainer 'lookup') per relevant pair of `heads.jsonl`, from `lookups.jsonl`."""
+                    lookups: Sequence[LookupRecord], cfg, qk: Sequence[QkRecord] = ()) -> list[ExplanationRecord]:
+    """An `ExplanationRecord` (explainer 'lookup') per relevant pair of `heads.jsonl`, from `lookups.jsonl`; with
+    the QK records of `qk.jsonl`, each pattern token with a stable key-side reason says it (`key_reason`)."""
+    qk_of: dict[tuple[str, str], list[QkRecord]] = defaultdict(list)
+    for q in qk:
+        qk_of[(q.unit_id, q.head)].append(q)
     known = {u.unit_id for u in units}
     tokens_of: dict[str, dict[int, list[int]]] = defaultdict(dict)
     for c in contexts:
@@ -235,7 +381,8 @@ def explain_lookups(units: Sequence[UnitRecord], contexts: Sequence[ContextRecor
             continue
         text, pattern, error = explain_pair(by_pair.get((h.unit_id, h.head), []), tokens_of[h.unit_id],
                                             min_share=cfg.lookup_min_share, max_tokens=cfg.lookup_max_tokens,
-                                            min_support=cfg.lookup_min_support, merge=cfg.lookup_merge)
+                                            min_support=cfg.lookup_min_support, merge=cfg.lookup_merge,
+                                            qk=qk_of.get((h.unit_id, h.head), ()))
         records.append(ExplanationRecord(
             unit_id=h.unit_id, head=h.head, explainer=EXPLAINER, text=text,
             status="ok" if text else "skipped", error=error, backend="none", model="", prompt_hash="",

@@ -62,6 +62,9 @@ _HOOKS = {
     "mlp_pre": "blocks.{l}.mlp.hook_pre",
     "mlp_pre_linear": "blocks.{l}.mlp.hook_pre_linear",
     "mlp_post": "blocks.{l}.mlp.hook_post",
+    "attn_scores": "blocks.{l}.attn.hook_attn_scores",
+    "rot_cos": "blocks.{l}.attn.hook_cos",
+    "rot_sin": "blocks.{l}.attn.hook_sin",
 }
 """TransformerLens hook names (the legacy names, which the Bridge accepts as aliases)."""
 
@@ -78,6 +81,33 @@ class MlpRead:
 
     weights: dict[str, torch.Tensor]
     bias: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttnRead:
+    """How the attention of one layer reads its normalised input into queries and keys (the QK side).
+
+    `normalised_input @ w_q[h] + b_q[h]` is head h's query before rotary, `normalised_input @ w_k[g] + b_k[g]`
+    its KV group g's key (`g = h // (n_heads // n_kv_heads)`), gain and norm bias folded in as `MlpRead`
+    does; the attention score the softmax sees is `softcap(scaling · rot(q_T) · rot(k_s))`."""
+
+    w_q: torch.Tensor
+    """`[n_heads, d_model, d_head]`."""
+    b_q: torch.Tensor
+    """`[n_heads, d_head]`: query bias plus the norm bias through `W_Q`."""
+    w_k: torch.Tensor
+    """`[n_kv_heads, d_model, d_head]`."""
+    b_k: torch.Tensor
+    """`[n_kv_heads, d_head]`."""
+    scaling: float
+    """The factor on `q · k` (`1 / sqrt(d_head)` for most models; Gemma's `query_pre_attn_scalar`)."""
+    softcap: float | None
+    """Gemma 2's attention logit soft-capping `c · tanh(x / c)`, or None."""
+    rotary: bool
+    """Queries and keys are rotated at their own positions (the rotation is linear)."""
+
+    def kv_group(self, head: int) -> int:
+        return head // (self.w_q.shape[0] // self.w_k.shape[0])
 
 
 class ModelView:
@@ -242,6 +272,61 @@ class ModelView:
             bias[branch] = b if ln_bias is None else b + ln_bias @ w
         return MlpRead(weights=weights, bias=bias)
 
+    def attn_read(self, layer: int) -> AttnRead:
+        """How attention `layer` reads its normalised input into queries and keys (see `AttnRead`); its
+        facts (scaling, softcap) from the model's own attention module. `qk_problem` first."""
+        self._check_layer(layer)
+        ln1 = self.model.blocks[layer].ln1
+        gain, ln_bias = self.norm_gain(ln1), _norm_bias(ln1)
+        out = {}
+        for name in ("Q", "K"):
+            w = getattr(self.model, f"W_{name}")[layer].detach()
+            if name == "K" and w.shape[0] not in (self.n_kv_heads, self.n_heads):
+                raise UserError(f"W_K of layer {layer} has {w.shape[0]} heads, expected {self.n_kv_heads}")
+            try:
+                b = getattr(self.model, f"b_{name}")
+                b = torch.zeros(w.shape[0], w.shape[2], dtype=w.dtype, device=w.device) if b is None \
+                    else b[layer].detach()
+            except (TypeError, AttributeError):  # bias-less models (the Bridge raises instead of returning None)
+                b = torch.zeros(w.shape[0], w.shape[2], dtype=w.dtype, device=w.device)
+            if ln_bias is not None:
+                b = b + torch.einsum("m,hmd->hd", ln_bias.to(w), w)
+            out[name] = (w if gain is None else gain.to(w)[None, :, None] * w, b)
+        facts = attention_facts(self, layer)
+        return AttnRead(w_q=out["Q"][0], b_q=out["Q"][1], w_k=out["K"][0], b_k=out["K"][1], **facts)
+
+    def qk_problem(self) -> str | None:
+        """Why this model's attention scores cannot be split over residual-stream components at all (an
+        architecture the view does not know), or None. Models it knows but whose split is not bilinear are
+        `qk_unsplittable`."""
+        cfg = self.model.cfg
+        kind = getattr(cfg, "positional_embedding_type", "standard")
+        if kind not in ("standard", "rotary"):
+            return f"positional embedding '{kind}' (only learned/absolute and rotary ones are split)"
+        if kind == "rotary" and getattr(cfg, "rotary_adjacent_pairs", False) and not hasattr(self.model.blocks[0].attn, "apply_rotary"):
+            return "rotary embeddings over adjacent pairs outside TransformerLens's own attention"
+        if kind == "rotary" and not (self.hook_exists(self.hook_name("rot_cos", 0))
+                                     or hasattr(self.model.blocks[0].attn, "apply_rotary")):
+            return "a rotary attention that exposes neither its cos/sin hooks nor apply_rotary"
+        try:
+            attention_facts(self, 0)
+        except UserError as e:
+            return str(e)
+        return None
+
+    def qk_unsplittable(self) -> str | None:
+        """Why this (known) model's scores are not bilinear in the residual-stream components even with
+        each position's norm scale frozen, or None: QK-norm normalises q and k per head after the projection."""
+        attn = self.model.blocks[0].attn
+        inner = getattr(attn, "original_component", attn)
+        if getattr(self.model.cfg, "use_qk_norm", False) or hasattr(inner, "q_norm") or hasattr(inner, "k_norm"):
+            return "QK-norm: queries and keys are normalised per head after the projection, so the score is not " \
+                   "bilinear in the residual-stream components"
+        return None
+
+    def hook_exists(self, name: str) -> bool:
+        return name in getattr(self.model, "hook_dict", {})
+
     # -- running ------------------------------------------------------------------------------
 
     def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> torch.Tensor:
@@ -261,6 +346,30 @@ class ModelView:
     @torch.inference_mode()
     def logits(self, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.model(tokens.to(self.device), return_type="logits", **kwargs)
+
+
+def attention_facts(view: ModelView, layer: int) -> dict:
+    """`scaling`, `softcap` and `rotary` of attention `layer`, read from the model's own module: the Hugging Face
+    module's `scaling` under the Bridge (GPT-2's inverse-layer scaling applied), TransformerLens's `attn_scale`
+    otherwise. A `UserError` when neither is there."""
+    attn = view.model.blocks[layer].attn
+    cfg = view.model.cfg
+    rotary = getattr(cfg, "positional_embedding_type", "standard") == "rotary"
+    inner = getattr(attn, "original_component", None)
+    if inner is not None:
+        if not hasattr(inner, "scaling"):
+            raise UserError(f"the attention module {type(inner).__name__} states no scaling: its scores cannot be split")
+        scaling = float(inner.scaling)
+        hf = getattr(inner, "config", None)
+        if getattr(hf, "scale_attn_by_inverse_layer_idx", False):
+            scaling /= float(layer + 1)
+        cap = getattr(hf, "attn_logit_softcapping", None)
+    else:
+        if not hasattr(attn, "attn_scale"):
+            raise UserError(f"the attention module {type(attn).__name__} states no scaling: its scores cannot be split")
+        scaling = 1.0 / float(attn.attn_scale)
+        cap = getattr(cfg, "attn_scores_soft_cap", None)
+    return {"scaling": scaling, "softcap": float(cap) if cap is not None and cap > 0 else None, "rotary": rotary}
 
 
 def _norm_gain(norm: torch.nn.Module) -> torch.Tensor | None:

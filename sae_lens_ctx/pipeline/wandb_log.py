@@ -307,6 +307,26 @@ def lookup_table(res: RunTables) -> tuple[list[str], list[list]]:
     return LOOKUP_COLUMNS, data
 
 
+QK_COLUMNS = ["unit_id", "head", "split", "rank", "position", "token", "side", "component", "contribution", "share",
+              "score"]
+"""The `qk/table`: one row per marginal entry of a `qk.jsonl` record (`side` 'key' or 'query'): `contribution` to the
+gap and its `share`, and `score`, the same component's part of the attention logit."""
+
+
+def qk_table(out: Path) -> list[list]:
+    """`qk.jsonl` flattened to one row per (record, side, component); records without numbers are left out."""
+    from ..core.records import iter_jsonl
+
+    path = Path(out) / "qk.jsonl"
+    data = []
+    for r in iter_jsonl(path) if path.is_file() else []:
+        for side in ("key", "query"):
+            for e in r.get(side) or []:
+                data.append([r["unit_id"], r["head"], r["split"], r["rank"], r["position"], r["token"], side,
+                             e["component"], e["gap"], e["gap_share"], e["score"]])
+    return data
+
+
 def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunConfig) -> dict[str, Any]:
     """Tables of every record file present: small ones for `run.log`, large ones as artifacts (logged here)."""
     payload: dict[str, Any] = {}
@@ -315,6 +335,9 @@ def log_tables(run: Any, res: RunTables, renderer: ContextRenderer, config: RunC
     if comparison:
         cols = list(comparison[0])
         tables.append(("scores/head_vs_neuron", cols, [[cell(r[c]) for c in cols] for r in comparison]))
+    qk = qk_table(res.out)
+    if qk:
+        tables.append(("qk/table", QK_COLUMNS, qk))
     summary = res.summary_rows()
     if summary:  # everything of summary.json beside the few headline keys
         tables.append(("scores/summary", ["path", "value"], [[r["path"], r["value"]] for r in summary]))

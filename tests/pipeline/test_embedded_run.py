@@ -66,6 +66,13 @@ def test_run_with_no_model_arguments_uses_the_embedded_default_offline(tmp_path)
     assert relevant and {(r["unit_id"], r["head"]) for r in rows("lookups.jsonl")} == relevant
     lookup = {(e["unit_id"], e["head"]): e for e in rows("explanations.jsonl") if e["explainer"] == "lookup"}
     assert {k for k in lookup if k[1] is not None} == relevant
+    # the QK split of every relevant pair's looked-up positions: its marginals sum to the gap it splits
+    qk = rows("qk.jsonl")
+    assert {(r["unit_id"], r["head"]) for r in qk} == relevant
+    for r in qk:
+        if r["logit"] is not None:
+            assert abs(sum(e["gap"] for e in r["key"]) - r["gap"]) <= 1e-4 * max(1.0, abs(r["gap"]))
+            assert abs(r["logit"] - r["score"]) <= 1e-3 * max(1.0, abs(r["score"]))  # no softcap on SmolLM2
     # every unit: its occlusion records and its unit look-up explanation (head None), scored where ok
     fired = {c["unit_id"] for c in rows("contexts.jsonl") if c["split"] == "train" and c["kind"] == "top"}
     assert {r["unit_id"] for r in rows("occlusions.jsonl")} == fired

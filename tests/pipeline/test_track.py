@@ -108,6 +108,12 @@ def test_an_offline_run_per_stage_holds_every_table_and_the_whole_run_directory(
     present = {t for s in done for t in TABLE_OF_STAGE.get(s, ())}
     assert present == {t.table for t in TABLES if (out / t.name).exists()}
     assert_tables_match(run, out, present)
+    if (out / "qk.jsonl").exists():  # the QK split, one row per marginal entry (wandb_log.qk_table)
+        from sae_lens_ctx.pipeline.wandb_log import QK_COLUMNS, qk_table
+
+        qk = run.table("qk/table")
+        assert qk["columns"] == QK_COLUMNS and qk["data"] == qk_table(out) and len(qk["data"]) > 0
+        assert run.summary["qk/table_rows"] == len(qk["data"])
 
     results = run.artifact(RESULTS_TYPE)
     assert results["name"] == info["results_artifact"]

@@ -27,7 +27,8 @@ STAGE_FILES = {
     "load": ("config.yaml", "stages.json", "model.json", "documents.jsonl", "corpus.json"),
     "discover": ("units.jsonl", "vocab_filter.jsonl"),
     "mine": ("contexts.jsonl", "context_acts.safetensors", "mine.json"),
-    "attribute": ("heads.jsonl", "attributions.safetensors", "attribute.json", "lookups.jsonl", "occlusions.jsonl"),
+    "attribute": ("heads.jsonl", "attributions.safetensors", "attribute.json", "lookups.jsonl", "qk.jsonl",
+                  "occlusions.jsonl"),
     "explain": ("explanations.jsonl",),
     "score": ("scores.jsonl", "summary.json"),
 }

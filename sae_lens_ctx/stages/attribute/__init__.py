@@ -39,6 +39,7 @@ from ...inputs.view import ModelView, pad_id
 
 from .ablation import ablation_drops, masked_mean, mean_head_outputs
 from .occlusion import occluded_activations, occlusion_records
+from .qk import QkSplitter, qk_records
 from .direct import (UnitRead, attribute_prompts, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
                      lookup_records, pad_prompts, source_contributions, unit_read)
 
@@ -136,6 +137,7 @@ def run_stage(ctx: RunContext) -> None:
         if not ctx.path(name).is_file():
             raise UserError(f"{ctx.out} has no {name}: run the discover and mine stages first")
     view = ctx.model
+    qk = QkSplitter(view) if cfg.lookups and cfg.qk else None  # refuses an attention it cannot split, first
     units = read_jsonl(ctx.path("units.jsonl"), UnitRecord)
     prompts = top_prompts(read_jsonl(ctx.path("contexts.jsonl"), ContextRecord))
     bos = [view.tokenizer.bos_token_id] if ctx.config.corpus.prepend_bos and view.tokenizer.bos_token_id is not None else []
@@ -148,6 +150,7 @@ def run_stage(ctx: RunContext) -> None:
     matrices: dict[str, torch.Tensor] = {}
     per_unit, skipped = [], []
     lookups: list | None = [] if cfg.lookups else None
+    qk_rows: list = []
     occlusions: list = []
     replacement = pad_id(view.tokenizer)
     for unit in tqdm(units, desc="attribute", unit="unit", disable=None):
@@ -161,9 +164,14 @@ def run_stage(ctx: RunContext) -> None:
         except UserError as e:
             skipped.append({"unit_id": unit.unit_id, "reason": str(e)})
             continue
+        n_lookups = len(lookups or [])
         recs, mats, summary = attribute_unit(
             view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
             [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
+        if qk is not None:
+            run_as = {(unit.unit_id, c.split, c.rank): bos + c.tokens for c in train + test}
+            qk_rows += qk_records(qk, lookups[n_lookups:], run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
+                                  cfg.batch_size)
         summary["control"] = unit.control
         if cfg.occlusion:
             occluded = train[:cfg.occlusion_prompts]
@@ -176,9 +184,11 @@ def run_stage(ctx: RunContext) -> None:
         per_unit.append(summary)
     write_jsonl(ctx.path("heads.jsonl"), records)
     write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
+    write_jsonl(ctx.path("qk.jsonl"), qk_rows)
     write_jsonl(ctx.path("occlusions.jsonl"), occlusions)
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
+    report["qk_records"] = dict(sorted(Counter(r.status for r in qk_rows).items())) if qk else None
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")
     print(summary_text(report))
 

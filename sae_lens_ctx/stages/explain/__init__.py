@@ -21,7 +21,7 @@ from ...clients.llm import LLM, token_counter
 from ...core.layout import require_inputs
 from ...core.prompts import mark_tokens
 from ...core.lookups import EXPLAINER as LOOKUP
-from ...core.lookups import LookupRecord, explain_lookups, looked_up_positions
+from ...core.lookups import LookupRecord, QkRecord, explain_lookups, looked_up_positions
 from ...core.records import (ContextRecord, ExplanationRecord, HeadRecord, UnitRecord, atomic_write, read_jsonl,
                              write_jsonl)
 from ...inputs.context import RunContext
@@ -68,7 +68,8 @@ def run_stage(ctx: RunContext) -> None:
     finally:
         llm.close()
     # no LLM, seconds; none from a run directory without look-ups (attribute.lookups=false)
-    lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg) if lookup_rows else []
+    qk_rows = read_jsonl(ctx.path("qk.jsonl"), QkRecord) if ctx.path("qk.jsonl").is_file() else []
+    lookup_records = explain_lookups(units, contexts, heads, lookup_rows, cfg, qk_rows) if lookup_rows else []
     unit_lookups = unit_lookup_explanations(ctx, units, contexts)  # occlusion (N2G-style), no LLM
     records = ordered(units, head_records + lookup_records, unit_records + unit_lookups)
     write_jsonl(ctx.path("explanations.jsonl"), records)

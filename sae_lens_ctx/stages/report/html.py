@@ -34,6 +34,7 @@ from ...core.errors import UserError
 from ...inputs.context import RunContext
 from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
+from .qk import qk_section
 from ...core.records import CONFOUND_CONTROLS, atomic_write
 from ...core.layout import TABLES
 from .findings import findings
@@ -257,7 +258,7 @@ def _interval(low: Any, high: Any) -> Num:
     return Num(f"[{fmt(low)}, {fmt(high)}]")
 
 
-EXTRA_SECTIONS: list[Callable[[Report, str], str | None]] = []
+EXTRA_SECTIONS: list[Callable[[Report, str], str | None]] = [lambda report, uid: qk_section(report.res.out, uid)]
 """Further sections of a unit page, after its look-ups: functions (report, unit_id) → an HTML block made by
 a template of this package (`render`), or None. Each (unit, head) pair section added later goes here."""
 

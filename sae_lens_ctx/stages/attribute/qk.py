@@ -1,0 +1,463 @@
+"""Why the head attended there: the exact query × key split of a look-up's attention score (`docs/qk.md`).
+
+For head `h` of layer `l`, query position `T` (the prompt's last) and key position `s`, the score the
+softmax sees is `softcap(scaling · rot_T(q_T) · rot_s(k_s))`. Attention reads `resid_pre[l]` through `ln1`
+(sequential, parallel and sandwich blocks alike), and `resid_pre[l]` is a sum of components: the token
+embedding (`embed`), the learned positional embedding (`pos_embed`, where the model has one), each earlier
+head's output (`L{l'}H{h'}`: `z · W_O`, in a sandwich block through the post-attention norm's gain and scale),
+each earlier MLP's output (`L{l'}MLP`) and the constant (attention output biases; `const` also takes the
+query/key biases and the norm bias through `W_Q`/`W_K`). With each position's norm scale frozen (as the OV
+side, `direct.py`, freezes the unit's), `q_T` and `k_s` are sums over components, the rotary rotation is
+linear at each position, and so the pre-softcap logit
+
+    logit(T, s) = scaling · Σ_i Σ_j rot_T(q_i(T)) · rot_s(k_j(s))
+
+is a query-component × key-component table that sums to it exactly. Under grouped-query attention `k` is
+the head's KV group's. The *gap* `logit(T, s) − Σ_t pattern[T, t] · logit(T, t)` (the score at `s` against
+the attention-weighted mean over every position the query sees: what moves the softmax weight onto `s`)
+splits the same way, with `k_j(s)` replaced by `k_j(s) − Σ_t pattern[T, t] k_j(t)`.
+
+Gemma 2's soft-capping `c · tanh(x / c)` comes after the bilinear logit; the split is of the logit, and the
+hooked score is inverted (`c · atanh(score / c)`) to check it. QK-norm (normalising q and k per head after
+the projection) leaves nothing bilinear: such models get `status` 'not_splittable' with the reason, never a
+number. Every split is checked against the hooked score; one that misses it is recorded as not splittable.
+
+Cost: one forward per batch of prompts (hooks only: `hook_z` and `hook_mlp_out` of the layers before the
+deepest head, the embeddings, and `ln1`'s scale, the attention row of `T` and the rotary tables at the heads'
+layers; no activation cache), then per (prompt, layer, KV group) one projection of every component onto the
+key space, with each earlier head's `W_O` folded into `W_K` once per run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...core.errors import UserError
+from ...core.lookups import LookupRecord, QkRecord
+from ...inputs.tokens import token_strings
+from ...inputs.view import AttnRead, ModelView, optional_bias, pad_batch, pad_id
+
+SINK_REASON = ("position 0: heads park the attention they do not use there (an attention sink); its split says "
+               "why the sink, not why a context token was looked up")
+ONE_POSITION_REASON = "the prompt as run has one position: the query can only attend to itself, so the gap is 0"
+MASKED_REASON = "the query does not see this position (a sliding-window layer): there is no score to split"
+
+
+def head_of(label: str) -> tuple[int, int]:
+    layer, head = label[1:].split("H")
+    return int(layer), int(head)
+
+
+@dataclass
+class QkSplit:
+    """One (prompt, head, key position): the tables and the hooked values they reproduce."""
+
+    query: list[str]
+    """Query-side component labels (rows)."""
+    key: list[str]
+    """Key-side component labels (columns; the same list)."""
+    score: torch.Tensor | None
+    """`[n_query, n_key]`: sums to `logit`."""
+    gap: torch.Tensor | None
+    """`[n_query, n_key]`: sums to `gap_value`."""
+    hooked_score: float | None
+    logit: float | None
+    gap_value: float | None
+    attention: float
+    status: str = "ok"
+    reason: str | None = None
+    reads: dict[str, tuple[int, float]] | None = None
+    """For the earlier heads among the leading key components: the position each attended to most from `s`
+    (what it wrote there came from there), and that attention."""
+
+
+READS_TOP = 8
+"""Leading key components (by |gap|) whose earlier heads get `QkSplit.reads`."""
+
+
+class QkSplitter:
+    """The QK split for one model. Building it refuses (a `UserError`, one line) a model whose attention the view
+    does not know; a known model that is not bilinear (QK-norm) gets every split recorded as not splittable."""
+
+    def __init__(self, view: ModelView):
+        problem = view.qk_problem()
+        if problem:
+            raise UserError(f"attribute.qk: the attention scores of {view.name} cannot be split ({problem}); "
+                            "set attribute.qk=false")
+        self.view = view
+        self.unsplittable = view.qk_unsplittable()
+        self.ln = view.normalization == "LN"
+        self.standard_pos = getattr(view.model.cfg, "positional_embedding_type", "standard") == "standard" \
+            and view.hook_exists("hook_pos_embed")
+        self.rot_hooks = view.hook_exists(view.hook_name("rot_cos", 0))
+        """The Bridge's rotary cos/sin hooks are there (else TransformerLens's own `rotary_cos`/`rotary_sin`)."""
+        self._attn: dict[int, AttnRead] = {}
+        self._w_o_stack: dict[int, torch.Tensor] = {}
+        self._canonical: dict[str, str] = {}
+        self._folds: dict[tuple[int, int], torch.Tensor] = {}
+        self._w_o: dict[int, torch.Tensor] = {}
+        self._b_o: dict[int, torch.Tensor] = {}
+
+    # -- weights, once per run -------------------------------------------------------------------
+
+    def read(self, layer: int) -> AttnRead:
+        """The layer's `AttnRead` in fp32, `W_Q`/`W_K` centred over d_model for LayerNorm (the norm's centring
+        of the input then needs no centring of the components)."""
+        if layer not in self._attn:
+            r = self.view.attn_read(layer)
+            w_q, w_k = r.w_q.float(), r.w_k.float()
+            if self.ln:
+                w_q, w_k = w_q - w_q.mean(1, keepdim=True), w_k - w_k.mean(1, keepdim=True)
+            self._attn[layer] = AttnRead(w_q, r.b_q.float(), w_k, r.b_k.float(), r.scaling, r.softcap, r.rotary)
+        return self._attn[layer]
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """`[n_heads, d_head, d_model]`: `W_O` with the post-attention gain of a sandwich block."""
+        if layer not in self._w_o:
+            self._w_o[layer] = self.view.post_gain(self.view.model.W_O[layer].detach(), layer, "ln1_post").float()
+        return self._w_o[layer]
+
+    def b_o(self, layer: int) -> torch.Tensor:
+        if layer not in self._b_o:
+            w = self.view.model.W_O
+            b = optional_bias(self.view.model, "b_O", layer, self.view.d_model, w)
+            self._b_o[layer] = self.view.post_gain(b, layer, "ln1_post").float()
+        return self._b_o[layer]
+
+    def fold(self, layer: int, group: int) -> torch.Tensor:
+        """`[layer, n_heads, d_head, d_head]`: each earlier head's `W_O` times the KV group's key read."""
+        key = (layer, group)
+        if key not in self._folds:
+            w_k = self.read(layer).w_k[group]
+            self._folds[key] = torch.stack([self.w_o(l) @ w_k for l in range(layer)]) if layer \
+                else torch.zeros(0, self.view.n_heads, self.view.d_head, w_k.shape[1], device=w_k.device)
+        return self._folds[key]
+
+    def labels(self, layer: int) -> list[str]:
+        """Component labels of `resid_pre[layer]` (both sides), `const` last."""
+        out = ["embed"] + (["pos_embed"] if self.standard_pos else [])
+        for l in range(layer):
+            out += [f"L{l}H{h}" for h in range(self.view.n_heads)] + [f"L{l}MLP"]
+        return out + ["const"]
+
+    # -- the split -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def split(self, prompts: Sequence[Sequence[int]], wanted: dict[int, dict[tuple[int, int], set[int]]],
+              batch_size: int = 32) -> dict[tuple[int, int, int, int], QkSplit]:
+        """`wanted`: prompt index → (layer, head) → key positions. Returns (prompt index, layer, head, position)
+        → its `QkSplit`, in batched forwards of `batch_size` prompts."""
+        out: dict[tuple[int, int, int, int], QkSplit] = {}
+        order = [p for p in range(len(prompts)) if wanted.get(p)]
+        for b0 in range(0, len(order), batch_size):
+            batch = order[b0:b0 + batch_size]
+            layers = sorted({l for p in batch for (l, _) in wanted[p]})
+            got = self._forward([list(prompts[p]) for p in batch], layers)
+            for j, p in enumerate(batch):
+                n = len(prompts[p])
+                by_layer: dict[int, dict[int, set[int]]] = defaultdict(dict)
+                for (l, h), positions in wanted[p].items():
+                    by_layer[l][h] = positions
+                for l, heads in by_layer.items():
+                    out.update({(p, l, h, s): v for (h, s), v in self._split_one(got, j, n, l, heads).items()})
+        return out
+
+    def _forward(self, rows: list[list[int]], layers: list[int]) -> dict[str, torch.Tensor]:
+        view = self.view
+        tokens = pad_batch(rows, pad_id(view.tokenizer))
+        last = torch.tensor([len(r) - 1 for r in rows])
+        idx = torch.arange(len(rows))
+        got: dict[str, torch.Tensor] = {}
+
+        def save(key):
+            return lambda x, hook: got.__setitem__(key, x.detach().float())
+
+        def save_row(key):  # [batch, head, key] at each row's last query position
+            return lambda x, hook: got.__setitem__(key, x[idx, :, last.to(x.device)].detach().float())
+
+        top = max(layers)
+        hooks = [(view.hook_name("resid_pre", 0), save("resid0"))]
+        if self.standard_pos:
+            hooks.append(("hook_pos_embed", save("pos")))
+        for l in range(top):
+            hooks += [(view.hook_name("z", l), save(f"z{l}")), (view.hook_name("mlp_out", l), save(f"mlp{l}")),
+                      (view.hook_name("pattern", l), save(f"pat{l}"))]
+            if view.sandwich:
+                hooks.append((view.hook_name("ln1_post_scale", l), save(f"post{l}")))
+        for l in layers:
+            hooks += [(view.hook_name("ln1_scale", l), save(f"scale{l}")),
+                      (view.hook_name("attn_scores", l), save_row(f"scores{l}")),
+                      (view.hook_name("pattern", l), save_row(f"pattern{l}"))]
+            if self.read(l).rotary and self.rot_hooks:
+                hooks += [(view.hook_name("rot_cos", l), save(f"cos{l}")), (view.hook_name("rot_sin", l), save(f"sin{l}"))]
+        # One name-filter hook dispatching to the savers: TransformerBridge resolves each hook *name* it is given
+        # (about 0.02 s a name for SmolLM2, over a second for this forward's 80-odd names) but not a filter.
+        # The filter sees the names asked for (aliases included) but a hook gets its hook point's own name, so the
+        # savers are keyed by that name (the hook dict read once per run).
+        if any(name not in self._canonical for name, _ in hooks):
+            points = getattr(view.model, "hook_dict", {})
+            self._canonical.update({name: getattr(points.get(name), "name", name) for name, _ in hooks})
+        by_name: dict[str, list] = defaultdict(list)
+        for name, fn in hooks:
+            by_name[self._canonical[name]].append(fn)
+        asked = {name for name, _ in hooks}
+
+        def dispatch(x, hook):
+            for fn in by_name.get(hook.name, ()):
+                fn(x, hook)
+
+        view.run_with_hooks(tokens, [(lambda name: name in asked, dispatch)], stop_at_layer=top + 1)
+        if len(got) < len(hooks):  # every hook saves its own key: a model that names its hooks otherwise
+            got.clear()
+            view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
+        return got
+
+    def _rotate(self, got: dict, j: int, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`x` `[..., len(positions), d_head]` rotated at `positions` (identity without rotary)."""
+        if not self.read(layer).rotary:
+            return x
+        attn = self.view.model.blocks[layer].attn
+        if f"cos{layer}" in got:  # the Bridge: the Hugging Face module's tables, rotate-half convention
+            cos, sin = got[f"cos{layer}"], got[f"sin{layer}"]
+            cos, sin = cos[min(j, cos.shape[0] - 1)][positions], sin[min(j, sin.shape[0] - 1)][positions]
+            r = cos.shape[-1]
+            x_r = x[..., :r]
+            half = r // 2
+            flipped = torch.cat([-x_r[..., half:], x_r[..., :half]], dim=-1)
+        else:  # TransformerLens's own attention: its tables and its rotation (adjacent pairs or halves)
+            cos, sin = attn.rotary_cos[positions].float(), attn.rotary_sin[positions].float()
+            r = cos.shape[-1]
+            x_r = x[..., :r]
+            flipped = attn.rotate_every_two(x_r)
+        return torch.cat([x_r * cos + flipped * sin, x[..., r:]], dim=-1)
+
+    def w_o_stack(self, layer: int) -> torch.Tensor:
+        """`[layer, n_heads, d_head, d_model]`: `w_o` of every earlier layer."""
+        if layer not in self._w_o_stack:
+            v = self.view
+            self._w_o_stack[layer] = torch.stack([self.w_o(l) for l in range(layer)]) if layer else \
+                torch.zeros(0, v.n_heads, v.d_head, v.d_model, device=v.device)
+        return self._w_o_stack[layer]
+
+    def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, ...]:
+        """The residual-stream components of `resid_pre[layer]` of batch row `j` at its `n` positions, the heads
+        kept as their `z`: (`lead` `[embed (, pos_embed)]` `[c, n, d_model]`; `mlp` `[layer, n, d_model]`; `z`
+        `[layer, n, H, d_head]`; each layer's post-attention scale `[layer, n, 1]` (ones outside a sandwich
+        block); the constant `[n, d_model]`)."""
+        v = self.view
+        resid0 = got["resid0"][j, :n]
+        lead = torch.stack([resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0])
+        if not layer:
+            return (lead, resid0.new_zeros(0, n, v.d_model), resid0.new_zeros(0, n, v.n_heads, v.d_head),
+                    resid0.new_ones(0, n, 1), torch.zeros_like(resid0))
+        mlp = torch.stack([got[f"mlp{l}"][j, :n] for l in range(layer)])
+        z = torch.stack([got[f"z{l}"][j, :n] for l in range(layer)])
+        post = torch.stack([got[f"post{l}"][j, :n].reshape(n, 1) for l in range(layer)]) if v.sandwich \
+            else resid0.new_ones(layer, n, 1)
+        b_o = torch.stack([self.b_o(l).to(resid0) for l in range(layer)])  # [layer, d_model]
+        const = (b_o[:, None, :] / post).sum(0)
+        return lead, mlp, z, post, const
+
+    def _split_one(self, got: dict, j: int, n: int, layer: int, heads: dict[int, set[int]]) -> dict:
+        read = self.read(layer)
+        labels = self.labels(layer)
+        T = n - 1
+        scores = got[f"scores{layer}"][j, :, :n]  # [H, n]
+        pattern = got[f"pattern{layer}"][j, :, :n]
+        results: dict[tuple[int, int], QkSplit] = {}
+        if self.unsplittable:
+            for h, positions in heads.items():
+                for s in positions:
+                    results[(h, s)] = QkSplit(labels, labels, None, None, _finite(scores[h, s]), None, None,
+                                              float(pattern[h, s]), "not_splittable", self.unsplittable)
+            return results
+        scale = got[f"scale{layer}"][j, :n].reshape(n, 1)
+        lead, mlp, z, post, const = self._components(got, j, n, layer)
+        pos = torch.arange(n, device=lead.device)
+
+        def ordered(lead_part, heads_part, mlp_part, const_part):
+            """Labels' order: lead, then per layer its heads and its MLP, then const. `heads_part` `[L, H, ...]`,
+            `mlp_part` `[L, ...]`."""
+            per_layer = torch.cat([heads_part, mlp_part[:, None]], dim=1)
+            return torch.cat([lead_part, per_layer.flatten(0, 1), const_part[None]])
+
+        # query side at T: every component in d_model, then each head's W_Q
+        q_heads = torch.einsum("lhd,lhdm->lhm", z[:, T], self.w_o_stack(layer)) / post[:, T, None]
+        q_res = ordered(lead[:, T], q_heads, mlp[:, T], const[T]) / scale[T]
+        by_group: dict[int, torch.Tensor] = {}
+        for h, positions in heads.items():
+            g = read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
+            if g not in by_group:  # key side at every position: [n_comp, n, d_head], rotated per position
+                w_k = read.w_k[g]
+                k_heads = torch.einsum("lthd,lhde->lhte", z, self.fold(layer, g)) / post[:, None]
+                k = ordered(lead @ w_k, k_heads, mlp @ w_k, const @ w_k) / scale[None]
+                k[-1] = k[-1] + read.b_k[g]
+                by_group[g] = self._rotate(got, j, layer, k, pos)
+            k = by_group[g]
+            q = q_res @ read.w_q[h]
+            q[-1] = q[-1] + read.b_q[h]
+            q = self._rotate(got, j, layer, q[:, None, :], pos[T:T + 1])[:, 0]
+            row = scores[h]
+            seen = torch.isfinite(row) & (row > -1e30)
+            logits = _uncap(row, read.softcap)
+            mean_k = torch.einsum("t,ctd->cd", pattern[h] * seen, k)
+            for s in positions:
+                hooked = _finite(row[s])
+                if not bool(seen[s]):
+                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
+                                              "masked", MASKED_REASON)
+                    continue
+                score = read.scaling * q @ k[:, s].T
+                gap = read.scaling * q @ (k[:, s] - mean_k).T
+                logit = float(logits[s])
+                gap_value = logit - float((pattern[h] * torch.where(seen, logits, 0.0)).sum())
+                status, reason = ("one_position", ONE_POSITION_REASON) if n == 1 else \
+                    ("first_position", SINK_REASON) if s == 0 else ("ok", None)
+                if not math.isfinite(logit):
+                    status, reason = "not_splittable", f"the softcap {read.softcap} cannot be inverted at this score"
+                else:
+                    tol = 1e-3 * max(1.0, float(score.abs().sum()))
+                    miss = abs(float(score.sum()) - logit)
+                    if miss > tol:
+                        status, reason = "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this "
+                                                            "attention computes something the view does not know")
+                if status == "not_splittable":
+                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
+                                              status, reason)
+                    continue
+                results[(h, s)] = QkSplit(labels, labels, score.cpu(), gap.cpu(), hooked, logit, gap_value,
+                                          float(pattern[h, s]), status, reason, _reads_of(got, j, labels, gap, s))
+        return results
+
+
+def _reads_of(got: dict, j: int, labels: list[str], gap: torch.Tensor, s: int) -> dict[str, tuple[int, float]]:
+    """`QkSplit.reads`: for each earlier head among the `READS_TOP` leading key components (by |gap|), the
+    position it attended to most from `s` and that attention (its hooked pattern, row `s`)."""
+    marginal = gap.sum(0).abs()
+    out = {}
+    for i in torch.topk(marginal, min(READS_TOP, len(labels))).indices.tolist():
+        if labels[i].startswith("L") and "H" in labels[i]:
+            l, h = head_of(labels[i])
+            row = got[f"pat{l}"][j, h, s, :s + 1]
+            p = int(row.argmax())
+            out[labels[i]] = (p, float(row[p]))
+    return out
+
+
+def _finite(x: torch.Tensor) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) and v > -1e30 else None
+
+
+def _uncap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The logit before soft-capping: `c · atanh(score / c)` (inf where the cap saturates), the score without one."""
+    if cap is None:
+        return scores
+    return cap * torch.atanh((scores / cap).clamp(-1.0, 1.0))
+
+
+# -- records ------------------------------------------------------------------------------------
+
+
+def _f(x) -> float:
+    """A number as `qk.jsonl` stores it: 7 significant digits (float32's precision; the file stays small)."""
+    return float(f"{float(x):.7g}")
+
+
+def _share(value: float, total: float | None) -> float | None:
+    return _f(value / total) if total is not None and abs(total) > 1e-12 else None
+
+
+def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: float, gap_value: float,
+              top: int) -> list[dict]:
+    """Per component (summed over the other side): `component`, `score`, `score_share`, `gap`, `gap_share`; the
+    `top` largest by |gap| (by |score| where the gap is 0), then 'other' with the rest, so the list sums to the totals."""
+    score_l, gap_l = score.tolist(), gap.tolist()
+    key = gap_l if any(gap_l) else score_l
+    order = sorted(range(len(labels)), key=lambda i: (-abs(key[i]), i))
+    rows = [{"component": labels[i], "score": _f(score_l[i]), "score_share": _share(score_l[i], logit),
+             "gap": _f(gap_l[i]), "gap_share": _share(gap_l[i], gap_value)} for i in order[:top]]
+    rest = order[top:]
+    if rest:
+        s, g = float(score[rest].sum()), float(gap[rest].sum())
+        rows.append({"component": "other", "n": len(rest), "score": _f(s), "score_share": _share(s, logit),
+                     "gap": _f(g), "gap_share": _share(g, gap_value)})
+    return rows
+
+
+def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
+    """The tables summed over the marginals' groups (their components, then 'other'): a small heatmap."""
+    def groups(rows) -> torch.Tensor:
+        """`[n_groups, n_components]` one-hot: each named component, then 'other' (the rest)."""
+        named = [split.query.index(r["component"]) for r in rows if r["component"] != "other"]
+        onehot = torch.zeros(len(named) + 1, len(split.query))
+        onehot[-1] = 1.0
+        for g, i in enumerate(named):
+            onehot[g, i], onehot[-1, i] = 1.0, 0.0
+        return onehot if len(named) < len(split.query) else onehot[:-1]
+
+    gq, gk = groups(query), groups(key)
+    out = {"query": [r["component"] for r in query], "key": [r["component"] for r in key]}
+    for name, table in (("score", split.score), ("gap", split.gap)):
+        out[name] = [[_f(v) for v in row] for row in (gq @ table.float() @ gk.T).tolist()]
+    return out
+
+
+def _top_pairs(split: QkSplit, top: int) -> list[dict]:
+    flat = split.gap.flatten() if float(split.gap.abs().sum()) > 0 else split.score.flatten()
+    k = min(top, flat.numel())
+    idx = torch.topk(flat.abs(), k).indices.tolist()
+    n = split.gap.shape[1]
+    return [{"query": split.query[i // n], "key": split.key[i % n], "score": _f(split.score.flatten()[i]),
+             "gap": _f(split.gap.flatten()[i])} for i in idx]
+
+
+def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, str, int], list[int]],
+               tokenizer, n_sources: int, n_components: int, batch_size: int = 32) -> list[QkRecord]:
+    """A `QkRecord` per look-up record and each of its first `n_sources` sources (the top looked-up positions).
+    `prompts`: (unit_id, split, rank) → the prompt as run (BOS included), as the look-up records index it. The
+    records may come from many units: a prompt several of them share is run once."""
+    def key_of(r: LookupRecord) -> tuple[str, str, int]:
+        return (r.unit_id, r.split, r.rank)
+
+    index: dict[tuple[int, ...], int] = {}
+    for r in lookups:
+        index.setdefault(tuple(prompts[key_of(r)]), len(index))
+    wanted: dict[int, dict[tuple[int, int], set[int]]] = defaultdict(lambda: defaultdict(set))
+    for r in lookups:
+        for src in r.sources[:n_sources]:
+            wanted[index[tuple(prompts[key_of(r)])]][head_of(r.head)].add(src["position"])
+    splits = splitter.split([list(t) for t in index], wanted, batch_size)
+    records = []
+    for r in lookups:
+        tokens = prompts[key_of(r)]
+        text = token_strings(tokenizer, tokens)
+        layer, head = head_of(r.head)
+        for src in r.sources[:n_sources]:
+            s = src["position"]
+            sp = splits[(index[tuple(tokens)], layer, head, s)]
+            common = dict(unit_id=r.unit_id, head=r.head, split=r.split, rank=r.rank, active=r.active,
+                          position=s, token_id=int(tokens[s]), token=text[s], query_position=len(tokens) - 1,
+                          attention=sp.attention, contribution=float(src["contribution"]), score=sp.hooked_score,
+                          softcap=splitter.read(layer).softcap, n_components=len(sp.query), status=sp.status,
+                          reason=sp.reason)
+            if sp.score is None:
+                records.append(QkRecord(**common))
+                continue
+            key = _marginal(sp.key, sp.score.sum(0), sp.gap.sum(0), sp.logit, sp.gap_value, n_components)
+            for e in key:
+                if e["component"] in (sp.reads or {}):
+                    p, a = sp.reads[e["component"]]
+                    e.update(reads_position=p, reads_token=text[p], reads_attention=_f(a))
+            query = _marginal(sp.query, sp.score.sum(1), sp.gap.sum(1), sp.logit, sp.gap_value, n_components)
+            small = max(2, n_components // 2)
+            records.append(QkRecord(**common, logit=sp.logit, gap=sp.gap_value, key=key, query=query,
+                                    pairs=_top_pairs(sp, n_components),
+                                    grid=_grid(sp, query[:small] + ([{"component": "other"}] if len(query) > small else []),
+                                               key[:small] + ([{"component": "other"}] if len(key) > small else []))))
+    return records
