@@ -223,9 +223,10 @@ def test_planted_trigger_heads_are_keyed_on_the_trigger_embedding(planted, tmp_p
     for head, text in texts.items():  # the stable key-side reason, in words, with counts
         assert f'"{trigger[head]}" (looked up on' in text
         assert "keyed on the token itself (embedding, 100 % of the gap on " in text, text
-    from sae_lens_ctx.stages.report.qk import qk_section
+    from sae_lens_ctx.stages.report.html import render
+    from sae_lens_ctx.stages.report.qk import qk_blocks
 
-    block = qk_section(out, "L2N37")  # the report's block: per planted head, its trigger, keyed on embed
+    block = render("qk.html", blocks=qk_blocks(out, "L2N37"))  # the report's block: per planted head, its trigger
     for head, word in trigger.items():
         assert f"<h4>{head} looks up <code>{word}</code>" in block
     assert block.count("Key side led by embed on") == 2

@@ -34,7 +34,7 @@ from ...core.errors import UserError
 from ...inputs.context import RunContext
 from ...inputs.model import cached_snapshot, hub_id, resolve_source
 from .plots import write_plots
-from .qk import qk_section
+from .qk import qk_blocks
 from ...core.records import CONFOUND_CONTROLS, atomic_write
 from ...core.layout import TABLES
 from .findings import findings
@@ -258,7 +258,13 @@ def _interval(low: Any, high: Any) -> Num:
     return Num(f"[{fmt(low)}, {fmt(high)}]")
 
 
-EXTRA_SECTIONS: list[Callable[[Report, str], str | None]] = [lambda report, uid: qk_section(report.res.out, uid)]
+def qk_section(report: Report, unit_id: str) -> Markup | None:
+    """The QK block of a unit page (`templates/qk.html`, data from `qk.qk_blocks`), or None without QK records."""
+    blocks = qk_blocks(report.res.out, unit_id)
+    return render("qk.html", blocks=blocks) if blocks else None
+
+
+EXTRA_SECTIONS: list[Callable[[Report, str], str | None]] = [qk_section]
 """Further sections of a unit page, after its look-ups: functions (report, unit_id) → an HTML block made by
 a template of this package (`render`), or None. Each (unit, head) pair section added later goes here."""
 
