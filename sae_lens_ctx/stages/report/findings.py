@@ -195,7 +195,8 @@ def findings(res: RunTables) -> Findings:
 def verdicts(res: RunTables) -> list[Verdict]:
     """One `Verdict` per (explainer, scorer) of `summary.json`: the LLM's (its `headline`, named after the
     explainers whose scores it holds), every other explainer's (its `explainers` block), and the per-token
-    simulation's `ev_correlation` per tier and explainer (its `simulation` block, the tier in the name)."""
+    simulation's `ev_correlation` per tier and explainer (its `simulation` block; scorer `sim-<tier>`, e.g.
+    `sim-prompt-logprobs`, `sim-deterministic`)."""
     summary = res.side.get("summary") or {}
     llm_names: dict[str, list[str]] = {}
     for s in res.rows("scores"):
@@ -215,7 +216,7 @@ def verdicts(res: RunTables) -> list[Verdict]:
     for tier, by_explainer in ((summary.get("simulation") or {}).get("tiers") or {}).items():
         for name, metrics in by_explainer.items():  # per tier, never pooled (docs/simulation.md)
             if isinstance(metrics.get("ev_correlation"), dict):
-                blocks.append((f"{name} ({tier})", "sim_ev_correlation", metrics["ev_correlation"]))
+                blocks.append((name, f"sim-{tier}", metrics["ev_correlation"]))
     return [verdict(explainer, scorer, block) for explainer, scorer, block in blocks]
 
 
