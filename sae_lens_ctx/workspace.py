@@ -29,6 +29,8 @@ METRIC_PATTERNS = (
     r"(units|contexts|heads|explanations|scores|lookups)/(table|table_artifact)",
     r"lookups/rows",
     r"qk/(table|table_artifact|table_rows)",
+    r"findings/(best|best_E|best_ci_low|best_ci_high|n_pairs|n_units|n_warnings|table|table_artifact|table_rows)",
+    r"verdicts/(table|table_artifact|table_rows|[A-Za-z0-9_.+-]+)",
     r"units/(n_units|n_controls|n_layers|congruence_mean|rows)",
     r"contexts/(n_contexts|n_units|top_activation_mean|trimmed_activation_mean|rows)",
     r"heads/(n_pairs|per_unit_mean|ablation_effect_mean|ablation_significant_fraction)(_control)?",

@@ -197,7 +197,7 @@ def test_model_gpt2_out_gpt2_runs_from_the_hf_cache_and_resumes(tmp_path, capsys
     capsys.readouterr()
     assert main(args) == 0  # resumed: the run directory 'gpt2' is not taken for the model
     printed = capsys.readouterr().out
-    assert "load       skipped" in printed and "score      skipped" in printed
+    assert "load skipped" in printed and "score skipped" in printed
     # a TransformerLens alias of the same hub id, from the folder that holds the run directory 'gpt2'
     assert main(["run", "--model", "gpt2-small", "--out", "small", "--corpus", str(docs), *SMALL]) == 0
     assert json.loads((work / "small" / "model.json").read_text())["n_layers"] == planted_gpt2.hf_model.config.n_layer
@@ -228,7 +228,7 @@ def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys, 
     caplog.clear()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "load       ran" in captured.out and "discover   ran" in captured.out
+    assert "load ran" in captured.out and "discover ran" in captured.out
     assert "the model's files changed since the last run" in caplog.text
     second = json.loads((out / "model.json").read_text())
     assert (first["architecture"], first["normalization"]) == ("gelu-mlp", "LN")
@@ -239,5 +239,5 @@ def test_b11_a_replaced_model_or_corpus_re_runs_what_reads_it(tmp_path, capsys, 
     caplog.clear()
     assert main(args) == 0
     captured = capsys.readouterr()
-    assert "load       ran" in captured.out and "the corpus's files changed" in caplog.text
-    assert main(args) == 0 and "load       skipped" in capsys.readouterr().out  # unchanged: nothing re-runs
+    assert "load ran" in captured.out and "the corpus's files changed" in caplog.text
+    assert main(args) == 0 and "load skipped" in capsys.readouterr().out  # unchanged: nothing re-runs
