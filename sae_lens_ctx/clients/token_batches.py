@@ -80,25 +80,38 @@ def next_token_logits(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[in
     """`[len(rows), vocab]` float32 logits of the next token after each prompt of one group (token ids; a
     prefix shared by all, see the module). Call under `torch.inference_mode()`."""
     import torch
-    from transformers import DynamicCache
 
     p = min(_common(rows[0], rows[-1]), *(len(r) - 1 for r in rows))  # rows in sorted order: see group_by_prefix
-    first = [int(i) for i in rows[0][:p]]
-    cache, n = prefixes.prefill(hf, first + [pad_id])  # whole blocks of the shared prefix, from the store
-    if cache is None:
-        cache = DynamicCache(config=hf.config)
-    if p > n:
-        hf(input_ids=torch.tensor([first[n:]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if len(rows) > 1 and p > 0:
-        cache.batch_repeat_interleave(len(rows))
+    cache, batch = _shared_prefix_batch(hf, prefixes, rows, p, pad_id)
+    last = torch.tensor([len(r) - p - 1 for r in rows])
+    keep = torch.unique(last)  # sorted positions: only there the unembedding is applied
+    logits = hf(input_ids=batch, past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep).logits
+    return logits[torch.arange(len(rows)), torch.searchsorted(keep, last)].float()
+
+
+def _shared_prefix_batch(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[int]], p: int,
+                         pad_id: int) -> tuple[Any, Any]:
+    """(cache, batch): the first p tokens, shared by every row, computed once at batch 1 (whole blocks from the
+    `PrefixCache`) and repeated for each row (None when p is 0); the rows' tokens from p on, right-padded,
+    `[len(rows), longest - p]`."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = None
+    if p > 0:
+        first = [int(i) for i in rows[0][:p]]
+        cache, n = prefixes.prefill(hf, first + [pad_id])
+        if cache is None:
+            cache = DynamicCache(config=hf.config)
+        if p > n:
+            hf(input_ids=torch.tensor([first[n:]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if len(rows) > 1:
+            cache.batch_repeat_interleave(len(rows))
     longest = max(len(r) - p for r in rows)
     batch = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     for k, r in enumerate(rows):
         batch[k, :len(r) - p] = torch.tensor([int(i) for i in r[p:]])
-    last = torch.tensor([len(r) - p - 1 for r in rows])
-    keep = torch.unique(last)  # sorted positions: only there the unembedding is applied
-    logits = hf(input_ids=batch, past_key_values=cache if p > 0 else None, use_cache=p > 0, logits_to_keep=keep).logits
-    return logits[torch.arange(len(rows)), torch.searchsorted(keep, last)].float()
+    return cache, batch
 
 
 def prompt_hidden_states(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence[int]], keep_from: int,
@@ -108,21 +121,7 @@ def prompt_hidden_states(hf: Any, prefixes: PrefixCache, rows: Sequence[Sequence
     share, capped at `keep_from` (the first position whose state the caller needs), computed once at batch 1
     (its whole blocks through the `PrefixCache`). One row with `keep_from` 0 is one plain forward. Call
     under `torch.inference_mode()`."""
-    import torch
-    from transformers import DynamicCache
-
     p = max(0, min(keep_from, *(len(r) - 1 for r in rows), *(_common(rows[0], r) for r in rows[1:])))
-    first = [int(i) for i in rows[0][:p]]
-    cache, n = prefixes.prefill(hf, first + [pad_id]) if p else (None, 0)
-    if p and cache is None:
-        cache = DynamicCache(config=hf.config)
-    if p > n:
-        hf(input_ids=torch.tensor([first[n:]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    if len(rows) > 1 and p > 0:
-        cache.batch_repeat_interleave(len(rows))
-    longest = max(len(r) - p for r in rows)
-    batch = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    for k, r in enumerate(rows):
-        batch[k, :len(r) - p] = torch.tensor([int(i) for i in r[p:]])
-    states = hf.model(input_ids=batch, past_key_values=cache if p > 0 else None, use_cache=p > 0).last_hidden_state
+    cache, batch = _shared_prefix_batch(hf, prefixes, rows, p, pad_id)
+    states = hf.model(input_ids=batch, past_key_values=cache, use_cache=cache is not None).last_hidden_state
     return states, p
