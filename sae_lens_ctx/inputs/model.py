@@ -101,9 +101,9 @@ def _check_model_directory(path: Path, allow_pickle: bool) -> None:
     _check_no_pickle(path, allow_pickle)
 
 
-def model_max_context(cfg: ModelConfig) -> int | None:
-    """The longest context the model's `config.json` states (n_positions / max_position_embeddings), read
-    without loading the model; None where no config file is at hand (a hub model not cached, a GGUF)."""
+def model_config_json(cfg: ModelConfig) -> dict | None:
+    """The model's Hugging Face `config.json`, read without loading the model (a local directory, or a hub
+    model's cached snapshot); None where no readable config file is at hand (a hub model not cached, a GGUF)."""
     source, where = resolve_source(cfg.model_name)
     directory = Path(where) if source == "hf-directory" else None
     if source == "hub" and cfg.model_class == "bridge":
@@ -115,6 +115,15 @@ def model_max_context(cfg: ModelConfig) -> int | None:
     try:
         data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def model_max_context(cfg: ModelConfig) -> int | None:
+    """The longest context the model's `config.json` states (n_positions / max_position_embeddings), read
+    without loading the model; None where no config file is at hand (a hub model not cached, a GGUF)."""
+    data = model_config_json(cfg)
+    if data is None:
         return None
     for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
         if isinstance(data.get(key), int) and data[key] > 0:

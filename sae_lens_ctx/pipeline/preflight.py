@@ -26,7 +26,8 @@ from ..core.config import EMBEDDED, RunConfig
 from ..core.digest import digest
 from ..core.errors import UserError
 from ..inputs.corpus import EMBEDDED_PACKAGE, check_corpus_source, embedded_corpus_tokens, local_files
-from ..inputs.model import cached_snapshot, check_model_files, hub_id, model_max_context, resolve_source
+from ..inputs.model import (cached_snapshot, check_model_files, hub_id, model_config_json, model_max_context,
+                            resolve_source)
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,8 @@ def model_sizes(config: RunConfig) -> dict[str, int] | None:
     None where no config file is at hand (a hub model not cached, a GGUF other than the embedded one)."""
     if config.model.model_name == EMBEDDED:
         return dict(EMBEDDED_SIZES)
-    source, where = resolve_source(config.model.model_name)
-    directory = Path(where) if source == "hf-directory" else None
-    if source == "hub" and config.model.model_class == "bridge":
-        directory = cached_snapshot(hub_id(config.model.model_name))
-    if directory is None:
-        return None
-    import json
-
-    try:
-        data = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    data = model_config_json(config.model)
+    if data is None:
         return None
     layers = next((data[k] for k in ("num_hidden_layers", "n_layer", "n_layers") if isinstance(data.get(k), int)), None)
     width = next((data[k] for k in ("intermediate_size", "n_inner", "d_mlp") if isinstance(data.get(k), int)), None)
