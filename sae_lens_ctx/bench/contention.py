@@ -95,7 +95,7 @@ def bench_contention(parts=PARTS, shape: str = "smollm2", *, env: dict | None = 
         pair = [_start(part, shape, sizes, full) for _ in range(2)]
         beside = [_seconds(p) for p in pair]
         ratio = sum(beside) / len(beside) / alone
-        out[part] = {"alone_s": round(alone, 3), "beside_s": [round(b, 3) for b in beside], "ratio": round(ratio, 3)}
+        out[part] = {"alone_s": round(alone, 6), "beside_s": [round(b, 6) for b in beside], "ratio": round(ratio, 3)}
         log(f"contention [{shape}] {part}: alone {alone:.2f}s, beside a second copy {beside[0]:.2f}s / "
             f"{beside[1]:.2f}s: {ratio:.2f}x (goal <= {CONTENTION_GOAL}x; a fair share is 2x)")
     return {"shape": shape, "settings": sizes, "env": env or {}, "threads": _threads_note(full), "parts": out,
