@@ -114,3 +114,43 @@ def test_planted_unit_lookup_simulates_per_token_and_its_shuffled_control_does_n
     assert summary["tier"] == "logprob-free" and "chat answers only" in summary["probe"]
     assert summary["tiers"]["deterministic"]["lookup"]["ev_correlation"]["real"]["n"] >= 1
     assert "prompt-logprobs" not in summary["tiers"]
+
+
+def test_sequence_bootstrap_equals_the_metric_on_each_concatenated_resample():
+    """The bootstrap computes every resample from per-sequence sums; here each resample is concatenated and
+    its metric computed directly (OpenAI's pooled definitions), with the same draws: the same interval to
+    float64 round-off, and the same None where the metric is undefined (constant or zero predictions)."""
+    import warnings
+
+    import numpy as np
+
+    from sae_lens_ctx.stages.score.simulation import sequence_bootstrap
+
+    direct = {"ev_correlation": lambda t, p: float(np.corrcoef(t, p)[0, 1]),
+              "rsquared": lambda t, p: float(1 - np.mean((t - p) ** 2) / np.mean(t ** 2)),
+              "absolute_dev_explained": lambda t, p: float(1 - np.mean(np.abs(t - p)) / np.mean(np.abs(t)))}
+
+    def concatenated(true, pred, metric, n, confidence, seed):
+        rng = np.random.default_rng(seed)
+        values = []
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            for _ in range(n):
+                pick = rng.integers(0, len(true), len(true))
+                values.append(direct[metric](np.concatenate([true[i] for i in pick]), np.concatenate([pred[i] for i in pick])))
+        v = np.asarray(values)
+        v = v[np.isfinite(v)]
+        if len(v) < n / 2:
+            return None, None
+        return float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))
+
+    rng = np.random.default_rng(1)
+    for case in range(6):
+        true = [rng.gamma(0.5, 2, rng.integers(1, 33)) * (case != 4) for _ in range([2, 5, 10, 10, 3, 8][case])]
+        pred = [np.full(len(t), 2.0) if case == 3 else np.zeros(len(t)) if case == 5
+                else np.clip(t + rng.normal(0, 1, len(t)), 0, 10) for t in true]
+        for metric in direct:
+            want, got = concatenated(true, pred, metric, 1000, 0.95, 7), sequence_bootstrap(true, pred, metric, 1000, 0.95, 7)
+            assert (want[0] is None) == (got[0] is None), (case, metric)
+            if want[0] is not None:
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)

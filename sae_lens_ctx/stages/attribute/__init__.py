@@ -23,6 +23,7 @@ import json
 import logging
 import warnings
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,16 +38,21 @@ from ...core.rules import parse_rule
 from ...inputs.context import RunContext
 from ...inputs.view import ModelView, pad_id
 
-from .ablation import ablation_drops, masked_mean, mean_head_outputs
-from .occlusion import occluded_activations, occlusion_records
+from .ablation import ablation_drops, ablation_jobs, masked_mean, mean_head_outputs  # noqa: F401
+from .occlusion import occluded_activations, occlusion_jobs, occlusion_records  # noqa: F401
 from .qk import QkSplitter, qk_records
-from .direct import (UnitRead, attribute_prompts, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
+from .direct import (UnitRead, attribute_jobs, attribute_prompts, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
                      lookup_records, pad_prompts, source_contributions, unit_read)
 
 log = logging.getLogger(__name__)
 
 
 # -- the stage -----------------------------------------------------------------------------------
+
+
+UNITS_PER_PASS = 16
+"""Units whose forwards the attribute stage batches together (`attribute_units`, `occlusion.occlusion_jobs`):
+enough rows for full batches, while what a pass holds (each unit's per-source split) stays bounded."""
 
 
 def top_prompts(contexts: list[ContextRecord]) -> dict[tuple[str, str], list[ContextRecord]]:
@@ -72,24 +78,62 @@ def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test
     """Attribution, active heads, relevance band and ablation for one unit; returns its head records, the
     per-prompt matrices (for `attributions.safetensors`) and its summary line. Given a list `lookups`,
     appends a `lookups.LookupRecord` per relevant head and train/test prompt (`offset`: tokens prepended
-    to the context tokens, 1 for BOS)."""
+    to the context tokens, 1 for BOS). One unit's `attribute_units`."""
+    return attribute_units(view, [UnitPrompts(read, train, test, train_ranks, test_ranks)], cfg, mean_z, lookups,
+                           offset)[0]
+
+
+@dataclass
+class UnitPrompts:
+    """One unit's read and its prompts as run (BOS included), with their mining ranks."""
+
+    read: UnitRead
+    train: list[list[int]]
+    test: list[list[int]]
+    train_ranks: list[int]
+    test_ranks: list[int]
+
+
+def attribute_units(view: ModelView, items: list[UnitPrompts], cfg: AttributeConfig,
+                    mean_z: dict[int, torch.Tensor] | None = None, lookups: list | None = None,
+                    offset: int = 0) -> list[tuple[list[HeadRecord], dict, dict]]:
+    """`attribute_unit` for many units, batched across them (#28): one pass of forwards computes every unit's
+    train and test attributions (`direct.attribute_jobs`), one more every unit's ablation rows
+    (`ablation.ablation_jobs`). Per unit, in order: (head records, matrices, summary); look-up records are
+    appended unit by unit, as `attribute_unit` appends them."""
     rule = parse_rule(cfg.rule)
-    src_train: dict | None = {} if lookups is not None else None
-    src_test: dict | None = {} if lookups is not None else None
-    a_train, pre_train = attribute_prompts(view, read, train, cfg.batch_size, cfg.divide_by_scale, src_train)
-    a_test, _ = attribute_prompts(view, read, test, cfg.batch_size, cfg.divide_by_scale, src_test) \
-        if test else ({}, {})
+    want_sources = lookups is not None
+    jobs = [(it.read, p) for it in items for p in (it.train, it.test)]
+    done = attribute_jobs(view, jobs, cfg.batch_size, cfg.divide_by_scale, want_sources)
+    states = []
+    for n, it in enumerate(items):
+        (a_train, pre_train, src_train), (a_test, _, src_test) = done[2 * n], done[2 * n + 1]
+        labels = it.read.labels
+        branch = it.read.rank_branch
+        active_train = rule.mask(a_train[branch])
+        active_test = rule.mask(a_test[branch]) if it.test else torch.zeros(0, len(labels), dtype=torch.bool)
+        fraction = active_train.float().mean(0)
+        relevant = (fraction >= cfg.band_low) & (fraction <= cfg.band_high)
+        heads = [(int(lab[1:].split("H")[0]), int(lab.split("H")[1])) for lab in labels]
+        chosen = [j for j in range(len(labels)) if relevant[j]]
+        states.append((a_train, pre_train, src_train, a_test, src_test, active_train, active_test, fraction,
+                       relevant, heads, chosen))
+    ablate = [n for n, (it, st) in enumerate(zip(items, states)) if st[-1] and it.test and cfg.ablation != "none"]
+    dropped = ablation_jobs(view, [(items[n].read, items[n].test, [states[n][-2][j] for j in states[n][-1]])
+                                   for n in ablate], cfg.ablation, mean_z, cfg.batch_size) if ablate else []
+    drops_of = dict(zip(ablate, dropped))
+    return [_unit_results(it, st, drops_of.get(n), cfg, lookups, offset, view.tokenizer)
+            for n, (it, st) in enumerate(zip(items, states))]
+
+
+def _unit_results(it: UnitPrompts, state: tuple, drops, cfg: AttributeConfig, lookups: list | None, offset: int,
+                  tokenizer) -> tuple[list[HeadRecord], dict, dict]:
+    """One unit's head records, matrices and summary (and its look-up records appended to `lookups`)."""
+    (a_train, pre_train, src_train, a_test, src_test, active_train, active_test, fraction, relevant, heads,
+     chosen) = state
+    read, train, test, train_ranks, test_ranks = it.read, it.train, it.test, it.train_ranks, it.test_ranks
     branch = read.rank_branch
     labels = read.labels
-    active_train = rule.mask(a_train[branch])
-    active_test = rule.mask(a_test[branch]) if test else torch.zeros(0, len(labels), dtype=torch.bool)
-    fraction = active_train.float().mean(0)
-    relevant = (fraction >= cfg.band_low) & (fraction <= cfg.band_high)
-    heads = [(int(lab[1:].split("H")[0]), int(lab.split("H")[1])) for lab in labels]
-    chosen = [j for j in range(len(labels)) if relevant[j]]
-    drops = None
-    if chosen and test and cfg.ablation != "none":
-        drops = ablation_drops(view, read, test, [heads[j] for j in chosen], cfg.ablation, mean_z, cfg.batch_size)
     records = []
     for j, label in enumerate(labels):
         ablation: dict = {}
@@ -113,12 +157,14 @@ def attribute_unit(view: ModelView, read: UnitRead, train: list[list[int]], test
             **ablation,
         ))
     if lookups is not None:
-
         for split, prompts_, ranks, active, src in (("train", train, train_ranks, active_train, src_train),
                                                     ("test", test, test_ranks, active_test, src_test)):
             if prompts_:
-                lookups += lookup_records(view.tokenizer, read.unit.unit_id, labels, chosen, prompts_, ranks, split,
+                src = dict(src)
+                lookups += lookup_records(tokenizer, read.unit.unit_id, labels, chosen, prompts_, ranks, split,
                                           active, src.pop("attention"), src, branch, offset, cfg.lookup_top_k)
+    if not test:
+        a_test = {}
     matrices = {f"{read.unit.unit_id}/{split}/{b}": a.contiguous()
                 for split, per_branch in (("train", a_train), ("test", a_test)) for b, a in per_branch.items()}
     matrices[f"{read.unit.unit_id}/train/ranks"] = torch.tensor(train_ranks)
@@ -150,10 +196,10 @@ def run_stage(ctx: RunContext) -> None:
     matrices: dict[str, torch.Tensor] = {}
     per_unit, skipped = [], []
     lookups: list | None = [] if cfg.lookups else None
-    qk_rows: list = []
     occlusions: list = []
     replacement = pad_id(view.tokenizer)
-    for unit in tqdm(units, desc="attribute", unit="unit", disable=None):
+    todo: list[tuple[UnitRecord, list[ContextRecord], list[ContextRecord], UnitPrompts]] = []
+    for unit in units:
         train = prompts.get((unit.unit_id, "train"), [])[: cfg.n_prompts]
         test = prompts.get((unit.unit_id, "test"), [])
         if not train:
@@ -164,24 +210,30 @@ def run_stage(ctx: RunContext) -> None:
         except UserError as e:
             skipped.append({"unit_id": unit.unit_id, "reason": str(e)})
             continue
-        n_lookups = len(lookups or [])
-        recs, mats, summary = attribute_unit(
-            view, read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
-            [c.rank for c in train], [c.rank for c in test], cfg, mean_z, lookups, len(bos))
-        if qk is not None:
-            run_as = {(unit.unit_id, c.split, c.rank): bos + c.tokens for c in train + test}
-            qk_rows += qk_records(qk, lookups[n_lookups:], run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
-                                  cfg.batch_size)
-        summary["control"] = unit.control
-        if cfg.occlusion:
-            occluded = train[:cfg.occlusion_prompts]
-            run = [bos + c.tokens for c in occluded]
-            occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, [c.rank for c in occluded], len(bos),
-                                            occluded_activations(view, read, run, len(bos), cfg.batch_size),
-                                            replacement)
-        records += recs
-        matrices.update(mats)
-        per_unit.append(summary)
+        todo.append((unit, train, test, UnitPrompts(read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
+                                                    [c.rank for c in train], [c.rank for c in test])))
+    with tqdm(total=len(todo), desc="attribute", unit="unit", disable=None) as bar:
+        for g0 in range(0, len(todo), UNITS_PER_PASS):
+            group = todo[g0:g0 + UNITS_PER_PASS]
+            for (unit, *_), (recs, mats, summary) in zip(group, attribute_units(
+                    view, [g[3] for g in group], cfg, mean_z, lookups, len(bos))):
+                summary["control"] = unit.control
+                records += recs
+                matrices.update(mats)
+                per_unit.append(summary)
+            if cfg.occlusion:
+                occluded = [(g[3].read, g[3].train[:cfg.occlusion_prompts]) for g in group]
+                for (unit, train, _, it), (read, run), measured in zip(
+                        group, occluded, occlusion_jobs(view, occluded, len(bos), cfg.batch_size)):
+                    occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, it.train_ranks[:len(run)],
+                                                    len(bos), measured, replacement)
+            bar.update(len(group))
+    qk_rows: list = []
+    if qk is not None and lookups:
+        run_as = {(unit.unit_id, split, rank): tokens for unit, _, _, it in todo
+                  for split, ranks, runs in (("train", it.train_ranks, it.train), ("test", it.test_ranks, it.test))
+                  for rank, tokens in zip(ranks, runs)}
+        qk_rows = qk_records(qk, lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components, cfg.batch_size)
     write_jsonl(ctx.path("heads.jsonl"), records)
     write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
     write_jsonl(ctx.path("qk.jsonl"), qk_rows)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
 from ...inputs.view import ModelView, length_batches
 
-from .direct import TOKENS_PER_BATCH, UnitRead, pad_prompts
+from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts
 
 log = logging.getLogger(__name__)
 
@@ -41,54 +42,72 @@ def ablation_drops(view: ModelView, read: UnitRead, prompts: list[list[int]], he
                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """`[n_prompts, n_heads]` drops (clean − ablated) of the unit's token probability and of its activation
     at each prompt's last position, one ablated head per batch row next to a clean row per prompt (rows of
-    similar length batched together, `inputs.view.length_batches`)."""
-    unit = read.unit
-    rows = [(p, None) for p in range(len(prompts))] + [(p, j) for p in range(len(prompts)) for j in range(len(heads))]
-    probs = torch.zeros(len(rows))
-    acts = torch.zeros(len(rows))
-    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size * TOKENS_PER_BATCH, batch_size):
+    similar length batched together, `inputs.view.length_batches`). One unit's `ablation_jobs`."""
+    return ablation_jobs(view, [(read, prompts, heads)], mode, mean_z, batch_size)[0]
+
+
+@torch.inference_mode()
+def ablation_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list[int]], Sequence[tuple[int, int]]]],
+                  mode: str = "z", mean_z: dict[int, torch.Tensor] | None = None,
+                  batch_size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`ablation_drops` for many (unit read, prompts, heads) jobs at once (#28): every (unit, prompt, ablated
+    head or none) row of every job is one batch row, so a forward serves many units (each reads its own hook
+    and token). Per job: `[n_prompts, n_heads]` probability and activation drops."""
+    rows = [(u, p, None) for u, (_, prompts, _) in enumerate(jobs) for p in range(len(prompts))]
+    rows += [(u, p, j) for u, (_, prompts, heads) in enumerate(jobs) for p in range(len(prompts))
+             for j in range(len(heads))]
+    probs, acts = torch.zeros(len(rows)), torch.zeros(len(rows))
+    lengths = [len(jobs[u][1][p]) for u, p, _ in rows]
+    for batch in length_batches(lengths, batch_size * TOKENS_PER_BATCH, batch_size):
         chunk = [rows[r] for r in batch]
-        tokens, last = pad_prompts([prompts[p] for p, _ in chunk], view)
-        idx = torch.arange(len(chunk))
+        tokens, last = pad_prompts([jobs[u][1][p] for u, p, _ in chunk], view)
         ablate: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for i, (_, j) in enumerate(chunk):
+        for i, (u, _, j) in enumerate(chunk):
             if j is not None:
-                ablate[heads[j][0]].append((i, heads[j][1]))
+                layer, head = jobs[u][2][j]
+                ablate[layer].append((i, head))
         got: dict[str, torch.Tensor] = {}
 
         def ablate_hook(layer):
             def hook(x, hook):
                 for i, h in ablate[layer]:
-                    if mode == "mean":
-                        x[i, :, h] = mean_z[layer][h].to(x)
-                    else:
-                        x[i, :, h] = 0.0
+                    x[i, :, h] = mean_z[layer][h].to(x) if mode == "mean" else 0.0
                 return x
             return hook
 
-        def save_act(x, hook):
-            got["act"] = x[idx, last.to(x.device)].detach().float()
+        def save(name):
+            def hook(x, hook):
+                got[name] = x.detach()
+            return hook
 
         # 'v' of one query head is zeroed where that head alone reads it, its hook_z (see AttributeConfig.ablation)
-        hooks = [(view.hook_name("z", l), ablate_hook(l)) for l in ablate]
-        layer = unit.layer if read.sae is None else read.sae.layer
-        if read.sae is None:
-            hooks.append((view.hook_name("mlp_post", layer), save_act))
-        else:
-            hooks.append((read.sae.hook_name, save_act))
+        hooks = [(view.hook_name("z", l), ablate_hook(l)) for l in sorted(ablate)]
+        reads = {u: jobs[u][0] for u, _, _ in chunk}
+        names = sorted({activation_hook(view, r) for r in reads.values()})
+        hooks += [(name, save(name)) for name in names]
         logits = view.run_with_hooks(tokens, hooks, return_type="logits")
-        probs[batch] = logits[idx, last.to(logits.device)].float().softmax(-1)[:, unit.token_id].cpu()
-        act = got["act"]
-        if read.sae is None:
-            act = act[:, unit.index]
-        else:
-            act = read.sae.sae.encode(act.to(read.sae.sae.W_enc))[:, unit.index].float()
-        acts[batch] = act.cpu()
-    n = len(prompts)
-    clean_p, clean_a = probs[:n], acts[:n]
-    prob_drop = (clean_p[:, None] - probs[n:].reshape(n, len(heads))) if heads else torch.zeros(n, 0)
-    act_drop = (clean_a[:, None] - acts[n:].reshape(n, len(heads))) if heads else torch.zeros(n, 0)
-    return prob_drop, act_drop
+        at_last = logits[torch.arange(len(chunk)), last.to(logits.device)].float().softmax(-1)
+        for u, read in reads.items():
+            mine = torch.tensor([i for i, (uu, _, _) in enumerate(chunk) if uu == u])
+            probs[torch.tensor(batch)[mine]] = at_last[mine, read.unit.token_id].cpu()
+            act = got[activation_hook(view, read)][mine, last[mine].to(logits.device)].float()
+            if read.sae is None:
+                act = act[:, read.unit.index]
+            else:
+                act = read.sae.sae.encode(act.to(read.sae.sae.W_enc))[:, read.unit.index].float()
+            acts[torch.tensor(batch)[mine]] = act.cpu()
+    out, r0 = [], 0
+    n_clean = sum(len(p) for _, p, _ in jobs)
+    c0 = 0
+    for read, prompts, heads in jobs:
+        n, k = len(prompts), len(heads)
+        clean_p, clean_a = probs[c0:c0 + n], acts[c0:c0 + n]
+        ablated = slice(n_clean + r0, n_clean + r0 + n * k)
+        prob_drop = clean_p[:, None] - probs[ablated].reshape(n, k) if k else torch.zeros(n, 0)
+        act_drop = clean_a[:, None] - acts[ablated].reshape(n, k) if k else torch.zeros(n, 0)
+        out.append((prob_drop, act_drop))
+        c0, r0 = c0 + n, r0 + n * k
+    return out
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float | None:

@@ -15,7 +15,7 @@ from ...core.errors import UserError
 from ...core.records import UnitRecord
 from ...core.lookups import SINK_SHARE, LookupRecord
 from ...inputs.tokens import token_strings
-from ...inputs.view import ModelView, optional_bias, pad_batch, pad_id
+from ...inputs.view import ModelView, length_batches, optional_bias, pad_batch, pad_id
 from ...inputs.sae import SaeSource
 
 
@@ -94,7 +94,7 @@ def folded_heads(view: ModelView, read: UnitRead) -> dict[str, torch.Tensor]:
     `(W_O[h] ⊙ post-attention gain) @ read`; the post-attention scale is divided out per prompt)."""
     if not read.head_layers:
         return {b: torch.zeros(0, view.n_heads, view.d_head, device=view.device) for b in read.directions}
-    w_o = torch.stack([view.post_gain(view.model.W_O[l].detach(), l, "ln1_post") for l in read.head_layers])
+    w_o = torch.stack([view.post_gain(view.stacked("W_O")[l], l, "ln1_post") for l in read.head_layers])
     return {b: torch.einsum("lhdm,m->lhd", w_o, d) for b, d in read.directions.items()}
 
 
@@ -109,9 +109,19 @@ def pad_prompts(prompts: list[list[int]], view: ModelView) -> tuple[torch.Tensor
 
 
 TOKENS_PER_BATCH = 64
-"""Ablation and occlusion batches hold at most `attribute.batch_size × TOKENS_PER_BATCH` padded tokens (and
+"""Attribution, ablation and occlusion batches hold at most `attribute.batch_size × TOKENS_PER_BATCH` padded tokens (and
 at least `batch_size` rows): their rows are trimmed prompts, mostly short, so a batch holds more of them
 than of the stage's other forwards at the same memory."""
+
+
+def unit_layer(read: UnitRead) -> int:
+    """The layer whose block computes the unit (a neuron's MLP, an SAE's hook)."""
+    return read.unit.layer if read.sae is None else read.sae.layer
+
+
+def activation_hook(view: ModelView, read: UnitRead) -> str:
+    """The hook whose output holds the unit's activation (neurons: `mlp_post`; SAE latents: the SAE's hook)."""
+    return view.hook_name("mlp_post", read.unit.layer) if read.sae is None else read.sae.hook_name
 
 
 @torch.inference_mode()
@@ -123,63 +133,118 @@ def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]],
     Given a dict `sources`, the same forward also hooks `hook_pattern` (the last position's row) and
     `hook_v` and fills it with the exact per-source split of every attribution (`lookups.py`):
     'attention' and, per branch, the contributions, each `[n_prompts, n_upstream_heads, longest prompt]`
-    (zero past a prompt's end); a branch's contributions sum over the last axis to its attributions."""
+    (zero past a prompt's end); a branch's contributions sum over the last axis to its attributions.
+    One unit's `attribute_jobs`."""
+    (a, pre, src), = attribute_jobs(view, [(read, prompts)], batch_size, divide_by_scale, sources is not None)
+    if sources is not None:
+        sources.update(src)
+    return a, pre
 
-    folded = folded_heads(view, read)
-    per_source: dict[str, list[torch.Tensor]] = defaultdict(list)
-    width = max((len(p) for p in prompts), default=0)
-    layer = read.unit.layer if read.sae is None else read.sae.layer
-    attributions: dict[str, list[torch.Tensor]] = defaultdict(list)
-    pre: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for b0 in range(0, len(prompts), batch_size):
-        tokens, last = pad_prompts(prompts[b0:b0 + batch_size], view)
-        rows = torch.arange(len(last))
+
+@torch.inference_mode()
+def attribute_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list[int]]]], batch_size: int = 32,
+                   divide_by_scale: bool = True, sources: bool = False
+                   ) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor] | None]]:
+    """`attribute_prompts` for many (unit read, prompts) jobs at once (#28): every (job, prompt) row is one
+    batch row, rows of similar length share a forward (`inputs.view.length_batches`, as many rows as `TOKENS_PER_BATCH`
+    allows, at least `batch_size`), and one forward hooks each layer once for every unit in it; each unit's read is then a matmul over
+    its rows' hooked `z`. Per job, in its prompts' order: (attributions, pre-activations, sources or None),
+    as `attribute_prompts` returns them. A row's numbers do not depend on the other units of its batch
+    beyond fp32 round-off (a batch's shape moves matmuls' last bits); one config always batches alike."""
+    rows = [(j, p) for j, (_, prompts) in enumerate(jobs) for p in range(len(prompts))]
+    by_read: dict[int, dict[str, torch.Tensor]] = {}  # a unit's train and test jobs share its read
+    for read, _ in jobs:
+        if id(read) not in by_read:
+            by_read[id(read)] = folded_heads(view, read)
+    folded = [by_read[id(read)] for read, _ in jobs]
+    out_a: list[dict[str, dict[int, torch.Tensor]]] = [defaultdict(dict) for _ in jobs]
+    out_pre: list[dict[str, dict[int, torch.Tensor]]] = [defaultdict(dict) for _ in jobs]
+    out_src: list[dict[str, dict[int, torch.Tensor]]] = [defaultdict(dict) for _ in jobs]
+    lengths = [len(jobs[j][1][p]) for j, p in rows]
+    for batch in length_batches(lengths, batch_size * TOKENS_PER_BATCH, batch_size):
+        chunk = [rows[r] for r in batch]
+        tokens, last = pad_prompts([jobs[j][1][p] for j, p in chunk], view)
+        index = torch.arange(len(last))
         got: dict[str, torch.Tensor] = {}
 
         def save(key):
             def hook(x, hook):
-                got[key] = x[rows, last.to(x.device)].detach()
+                got[key] = x[index, last.to(x.device)].detach()
             return hook
 
-        hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in read.head_layers]
-        hooks += _post_scale_hooks(view, read.head_layers, save)
-        if sources is not None:
-            for l in read.head_layers:
+        reads = {j: jobs[j][0] for j, _ in chunk}
+        head_layers = sorted({l for r in reads.values() for l in r.head_layers})
+        hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in head_layers]
+        hooks += _post_scale_hooks(view, head_layers, save)
+        if sources:
+            for l in head_layers:
                 hooks.append((view.hook_name("pattern", l), lambda x, hook, l=l: got.__setitem__(
-                    f"pattern{l}", x[rows, :, last.to(x.device)].detach())))  # [batch, head, key] at T
+                    f"pattern{l}", x[index, :, last.to(x.device)].detach())))  # [batch, head, key] at T
                 hooks.append((view.hook_name("v", l), lambda x, hook, l=l: got.__setitem__(f"v{l}", x.detach())))
-        hooks.append((view.hook_name(read.resid_kind, layer), save("resid")))
-        if read.scale_kind:
-            hooks.append((view.hook_name(read.scale_kind, layer), save("scale")))
-        view.run_with_hooks(tokens, hooks, stop_at_layer=layer + 1)
-        scale = got["scale"].reshape(-1, 1).float() if read.scale_kind else torch.ones(len(last), 1)
-        resid = got["resid"].float()
-        if view.normalization == "LN" and read.scale_kind:
-            resid = resid - resid.mean(-1, keepdim=True)
-        z = torch.stack([got[f"z{l}"] for l in read.head_layers], dim=1) if read.head_layers else None
-        if z is not None and view.sandwich:  # each layer's heads pass through its post-attention norm scale
-            post = torch.stack([got[f"post{l}"].reshape(-1) for l in read.head_layers], dim=1)
-            z = z / post[:, :, None, None].to(z)
-        for branch, f in folded.items():
-            if z is None:
-                a = torch.zeros(len(last), 0)
-            else:
-                a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1)
-            attributions[branch].append((a / scale if divide_by_scale else a).cpu())
-            pre[branch].append(((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu())
-            if sources is not None:
-                c = torch.cat([source_contributions(got[f"pattern{l}"], got[f"v{l}"], f[i])
-                               for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
-                    else torch.zeros(len(last), 0, tokens.shape[1])
-                c = c / scale[:, :, None] if divide_by_scale else c
-                per_source[branch].append(torch.nn.functional.pad(c.cpu(), (0, width - c.shape[-1])))
-        if sources is not None:
-            att = torch.cat([got[f"pattern{l}"].float() for l in read.head_layers], dim=1) if z is not None \
-                else torch.zeros(len(last), 0, tokens.shape[1])
-            per_source["attention"].append(torch.nn.functional.pad(att.cpu(), (0, width - att.shape[-1])))
-    if sources is not None:
-        sources.update({k: torch.cat(v) for k, v in per_source.items()})
-    return ({b: torch.cat(v) for b, v in attributions.items()}, {b: torch.cat(v) for b, v in pre.items()})
+        reads_at = {(r.resid_kind, unit_layer(r)) for r in reads.values()}
+        reads_at |= {(r.scale_kind, unit_layer(r)) for r in reads.values() if r.scale_kind}
+        hooks += [(view.hook_name(kind, layer), save(f"{kind}{layer}")) for kind, layer in sorted(reads_at)]
+        view.run_with_hooks(tokens, hooks, stop_at_layer=max(unit_layer(r) for r in reads.values()) + 1)
+        for j, read in reads.items():
+            mine = [i for i, (jj, _) in enumerate(chunk) if jj == j]
+            a, pre, src = _unit_rows(view, read, folded[j], got, torch.tensor(mine), divide_by_scale, sources)
+            for i, row in enumerate(mine):
+                p = chunk[row][1]
+                for b in a:
+                    out_a[j][b][p], out_pre[j][b][p] = a[b][i], pre[b][i]
+                for k, v in (src or {}).items():
+                    out_src[j][k][p] = v[i]
+    results = []
+    for j, (read, prompts) in enumerate(jobs):
+        n_heads = len(read.labels)
+        a = {b: torch.stack([out_a[j][b][p] for p in range(len(prompts))]) if prompts else torch.zeros(0, n_heads)
+             for b in read.directions}
+        pre = {b: torch.stack([out_pre[j][b][p] for p in range(len(prompts))]) if prompts else torch.zeros(0)
+               for b in read.directions}
+        src = None
+        if sources:
+            width = max((len(p) for p in prompts), default=0)
+            src = {k: torch.stack([_fit(out_src[j][k][p], width) for p in range(len(prompts))]) if prompts
+                   else torch.zeros(0, n_heads, 0) for k in ["attention", *read.directions]}
+        results.append((a, pre, src))
+    return results
+
+
+def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
+    """`x` `[..., w]` cut or zero-padded to `[..., width]` (what lies past a prompt's end is 0)."""
+    return x[..., :width] if x.shape[-1] >= width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))
+
+
+def _unit_rows(view: ModelView, read: UnitRead, folded: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+               mine: torch.Tensor, divide_by_scale: bool, sources: bool):
+    """One unit's attributions, pre-activations and (given `sources`) per-source split on its rows `mine` of a
+    batch whose hooks `got` holds (`attribute_jobs`)."""
+    layer = unit_layer(read)
+    scale = got[f"{read.scale_kind}{layer}"][mine].reshape(-1, 1).float() if read.scale_kind \
+        else torch.ones(len(mine), 1)
+    resid = got[f"{read.resid_kind}{layer}"][mine].float()
+    if view.normalization == "LN" and read.scale_kind:
+        resid = resid - resid.mean(-1, keepdim=True)
+    z = torch.stack([got[f"z{l}"][mine] for l in read.head_layers], dim=1) if read.head_layers else None
+    if z is not None and view.sandwich:  # each layer's heads pass through its post-attention norm scale
+        post = torch.stack([got[f"post{l}"][mine].reshape(-1) for l in read.head_layers], dim=1)
+        z = z / post[:, :, None, None].to(z)
+    a_out, pre_out, src = {}, {}, {} if sources else None
+    width = got[f"v{read.head_layers[0]}"].shape[1] if sources and read.head_layers else 0
+    for branch, f in folded.items():
+        a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1) if z is not None \
+            else torch.zeros(len(mine), 0)
+        a_out[branch] = (a / scale if divide_by_scale else a).cpu()
+        pre_out[branch] = ((resid / scale) @ read.directions[branch].float() + read.bias[branch]).cpu()
+        if sources:
+            c = torch.cat([source_contributions(got[f"pattern{l}"][mine], got[f"v{l}"][mine], f[i])
+                           for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
+                else torch.zeros(len(mine), 0, width)
+            src[branch] = (c / scale[:, :, None] if divide_by_scale else c).cpu()
+    if sources:
+        src["attention"] = torch.cat([got[f"pattern{l}"][mine].float() for l in read.head_layers], dim=1).cpu() \
+            if z is not None else torch.zeros(len(mine), 0, width)
+    return a_out, pre_out, src
 
 
 @torch.inference_mode()
@@ -216,7 +281,7 @@ def decompose_pre_activation(view: ModelView, read: UnitRead, tokens: torch.Tens
         hooks.append((view.hook_name(ref_kind, layer), save("ref")))
     view.run_with_hooks(tokens.reshape(1, -1), hooks, stop_at_layer=layer + 1)
     labels, parts = ["embed"], [got["embed"]]
-    w_o = view.model.W_O.detach()
+    w_o = view.stacked("W_O")
     for l in all_head_layers:
         # a sandwich block's post-attention norm: its gain on every write, its scale at every position
         post = got[f"post{l}"].reshape(-1, 1) if view.sandwich else 1.0

@@ -4,7 +4,8 @@ its use are in `core/unit_lookups.py`).
 
 Every variant of every prompt (the prompt itself, then one row per occluded position) is one row; rows of
 similar length share a batch (`inputs.view.length_batches`), right-padded (`direct.pad_prompts`: nothing at or
-before a row's last position sees the padding), and the forward stops as soon as the unit's hook has fired.
+before a row's last position sees the padding); a batch may hold rows of many units (`occlusion_jobs`), and
+its forward stops after the deepest of their layers.
 """
 
 from __future__ import annotations
@@ -17,35 +18,15 @@ from ...core.unit_lookups import OcclusionRecord
 from ...inputs.tokens import token_strings
 from ...inputs.view import ModelView, length_batches, pad_id
 
-from .direct import TOKENS_PER_BATCH, UnitRead, pad_prompts
+from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts, unit_layer
 
-class _Fired(Exception):
-    """Raised by the unit's hook to end the forward there (nothing after it is needed)."""
-
-
-def _read_activation(view: ModelView, read: UnitRead, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """`[batch]` the unit's activation at each row's last position (neurons: `mlp_post`; SAE latents: the
-    SAE's encoding of its hook), from a forward that stops at that hook."""
-    got: dict[str, torch.Tensor] = {}
-    rows = torch.arange(len(last))
-
-    def save(x, hook):
-        got["act"] = x[rows, last.to(x.device)].detach()
-        raise _Fired
-
+def _activation(read: UnitRead, hooked: torch.Tensor) -> torch.Tensor:
+    """`[rows]` the unit's activation from its hook's output at each row's last position (neurons: `mlp_post`;
+    SAE latents: the SAE's encoding of its hook)."""
     if read.sae is None:
-        name = view.hook_name("mlp_post", read.unit.layer)
-    else:
-        name = read.sae.hook_name
-    try:
-        view.run_with_hooks(tokens, [(name, save)])
-    except _Fired:
-        pass
-    act = got["act"]
-    if read.sae is None:
-        return act[:, read.unit.index].float().cpu()
+        return hooked[:, read.unit.index].float().cpu()
     sae = read.sae
-    x = act.flatten(-2) if sae.hook_kind == "attn.hook_z" else act
+    x = hooked.flatten(-2) if sae.hook_kind == "attn.hook_z" else hooked
     return sae.sae.encode(x.to(sae.sae.W_enc)).detach()[:, read.unit.index].float().cpu()
 
 
@@ -54,24 +35,47 @@ def occluded_activations(view: ModelView, read: UnitRead, prompts: Sequence[list
                          batch_size: int = 32) -> list[tuple[float, list[float]]]:
     """Per prompt (token ids as run, `offset` tokens such as BOS in front): the unit's activation at the
     last position, and with each context position `offset .. len − 2` replaced by `pad_id` in turn
-    (`[len − offset − 1]` activations, in position order)."""
+    (`[len − offset − 1]` activations, in position order). One unit's `occlusion_jobs`."""
+    return occlusion_jobs(view, [(read, prompts)], offset, batch_size)[0]
+
+
+@torch.inference_mode()
+def occlusion_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list[int]]]], offset: int,
+                   batch_size: int = 32) -> list[list[tuple[float, list[float]]]]:
+    """`occluded_activations` for many (unit read, prompts) jobs at once (#28): every variant of every prompt of
+    every unit is one row, and a forward (stopped after the deepest unit's layer) serves every unit in it."""
     replacement = pad_id(view.tokenizer)
-    rows = [(p, None) for p in range(len(prompts))]
-    rows += [(p, s) for p, prompt in enumerate(prompts) for s in range(offset, len(prompt) - 1)]
-    values: dict[tuple[int, int | None], float] = {}
-    for batch in length_batches([len(prompts[p]) for p, _ in rows], batch_size * TOKENS_PER_BATCH, batch_size):
+    rows = [(u, p, None) for u, (_, prompts) in enumerate(jobs) for p in range(len(prompts))]
+    rows += [(u, p, s) for u, (_, prompts) in enumerate(jobs) for p, prompt in enumerate(prompts)
+             for s in range(offset, len(prompt) - 1)]
+    values: dict[tuple[int, int, int | None], float] = {}
+    for batch in length_batches([len(jobs[u][1][p]) for u, p, _ in rows], batch_size * TOKENS_PER_BATCH, batch_size):
         chunk = [rows[r] for r in batch]
         variants = []
-        for p, s in chunk:
-            tokens = list(prompts[p])
+        for u, p, s in chunk:
+            tokens = list(jobs[u][1][p])
             if s is not None:
                 tokens[s] = replacement
             variants.append(tokens)
         tokens, last = pad_prompts(variants, view)
-        for key, value in zip(chunk, _read_activation(view, read, tokens, last).tolist()):
-            values[key] = value
-    return [(values[(p, None)], [values[(p, s)] for s in range(offset, len(prompt) - 1)])
-            for p, prompt in enumerate(prompts)]
+        reads = {u: jobs[u][0] for u, _, _ in chunk}
+        got: dict[str, torch.Tensor] = {}
+        index = torch.arange(len(last))
+
+        def save(name):
+            def hook(x, hook):
+                got[name] = x[index, last.to(x.device)].detach()
+            return hook
+
+        names = sorted({activation_hook(view, r) for r in reads.values()})
+        view.run_with_hooks(tokens, [(name, save(name)) for name in names],
+                            stop_at_layer=max(unit_layer(r) for r in reads.values()) + 1)
+        for u, read in reads.items():
+            mine = [i for i, (uu, _, _) in enumerate(chunk) if uu == u]
+            for i, value in zip(mine, _activation(read, got[activation_hook(view, read)][mine]).tolist()):
+                values[chunk[i]] = value
+    return [[(values[(u, p, None)], [values[(u, p, s)] for s in range(offset, len(prompt) - 1)])
+             for p, prompt in enumerate(prompts)] for u, (_, prompts) in enumerate(jobs)]
 
 
 def occlusion_records(tokenizer, unit_id: str, prompts: Sequence[list[int]], ranks: Sequence[int], offset: int,

@@ -40,7 +40,9 @@ import torch
 from ...core.errors import UserError
 from ...core.lookups import LookupRecord, QkRecord
 from ...inputs.tokens import token_strings
-from ...inputs.view import AttnRead, ModelView, optional_bias, pad_batch, pad_id
+from ...inputs.view import AttnRead, ModelView, length_batches, optional_bias, pad_batch, pad_id
+
+from .direct import TOKENS_PER_BATCH
 
 SINK_REASON = ("position 0: heads park the attention they do not use there (an attention sink); its split says "
                "why the sink, not why a context token was looked up")
@@ -98,7 +100,6 @@ class QkSplitter:
         """The Bridge's rotary cos/sin hooks are there (else TransformerLens's own `rotary_cos`/`rotary_sin`)."""
         self._attn: dict[int, AttnRead] = {}
         self._w_o_stack: dict[int, torch.Tensor] = {}
-        self._canonical: dict[str, str] = {}
         self._folds: dict[tuple[int, int], torch.Tensor] = {}
         self._w_o: dict[int, torch.Tensor] = {}
         self._b_o: dict[int, torch.Tensor] = {}
@@ -119,12 +120,12 @@ class QkSplitter:
     def w_o(self, layer: int) -> torch.Tensor:
         """`[n_heads, d_head, d_model]`: `W_O` with the post-attention gain of a sandwich block."""
         if layer not in self._w_o:
-            self._w_o[layer] = self.view.post_gain(self.view.model.W_O[layer].detach(), layer, "ln1_post").float()
+            self._w_o[layer] = self.view.post_gain(self.view.stacked("W_O")[layer], layer, "ln1_post").float()
         return self._w_o[layer]
 
     def b_o(self, layer: int) -> torch.Tensor:
         if layer not in self._b_o:
-            w = self.view.model.W_O
+            w = self.view.stacked("W_O")
             b = optional_bias(self.view.model, "b_O", layer, self.view.d_model, w)
             self._b_o[layer] = self.view.post_gain(b, layer, "ln1_post").float()
         return self._b_o[layer]
@@ -151,11 +152,12 @@ class QkSplitter:
     def split(self, prompts: Sequence[Sequence[int]], wanted: dict[int, dict[tuple[int, int], set[int]]],
               batch_size: int = 32) -> dict[tuple[int, int, int, int], QkSplit]:
         """`wanted`: prompt index → (layer, head) → key positions. Returns (prompt index, layer, head, position)
-        → its `QkSplit`, in batched forwards of `batch_size` prompts."""
+        → its `QkSplit`, in batched forwards of prompts of similar length (`inputs.view.length_batches`, at least
+        `batch_size` prompts a batch)."""
         out: dict[tuple[int, int, int, int], QkSplit] = {}
         order = [p for p in range(len(prompts)) if wanted.get(p)]
-        for b0 in range(0, len(order), batch_size):
-            batch = order[b0:b0 + batch_size]
+        for picked in length_batches([len(prompts[p]) for p in order], batch_size * TOKENS_PER_BATCH, batch_size):
+            batch = [order[i] for i in sorted(picked)]
             layers = sorted({l for p in batch for (l, _) in wanted[p]})
             got = self._forward([list(prompts[p]) for p in batch], layers)
             for j, p in enumerate(batch):
@@ -195,26 +197,7 @@ class QkSplitter:
                       (view.hook_name("pattern", l), save_row(f"pattern{l}"))]
             if self.read(l).rotary and self.rot_hooks:
                 hooks += [(view.hook_name("rot_cos", l), save(f"cos{l}")), (view.hook_name("rot_sin", l), save(f"sin{l}"))]
-        # One name-filter hook dispatching to the savers: TransformerBridge resolves each hook *name* it is given
-        # (about 0.02 s a name for SmolLM2, over a second for this forward's 80-odd names) but not a filter.
-        # The filter sees the names asked for (aliases included) but a hook gets its hook point's own name, so the
-        # savers are keyed by that name (the hook dict read once per run).
-        if any(name not in self._canonical for name, _ in hooks):
-            points = getattr(view.model, "hook_dict", {})
-            self._canonical.update({name: getattr(points.get(name), "name", name) for name, _ in hooks})
-        by_name: dict[str, list] = defaultdict(list)
-        for name, fn in hooks:
-            by_name[self._canonical[name]].append(fn)
-        asked = {name for name, _ in hooks}
-
-        def dispatch(x, hook):
-            for fn in by_name.get(hook.name, ()):
-                fn(x, hook)
-
-        view.run_with_hooks(tokens, [(lambda name: name in asked, dispatch)], stop_at_layer=top + 1)
-        if len(got) < len(hooks):  # every hook saves its own key: a model that names its hooks otherwise
-            got.clear()
-            view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)
+        view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)  # one name-filter hook (ModelView._by_filter)
         return got
 
     def _rotate(self, got: dict, j: int, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
