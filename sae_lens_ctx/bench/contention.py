@@ -11,7 +11,7 @@ copy alone, then two copies started together. `ratio` = the mean of the two copi
 over the seconds alone. The parts, on a model of a named shape with random weights (`shapes.SHAPES`):
 
 * `scan`: `mine.scan` over synthetic contexts (batches of `batch_size` contexts of up to 64 tokens);
-* `attribution`: `attribute.attribute_prompts` for a few last-layer units over 30 short prompts each
+* `attribution`: `attribute.attribute_jobs` for a few last-layer units over 30 short prompts each (batched across units)
   (the attribute stage's many small forwards).
 
 On a machine already busy with other work the ratios are noisy: run it twice and report both.
@@ -51,15 +51,14 @@ def run_part(part: str, shape: str = "smollm2", *, n_contexts: int = 48, n_units
         scan(reader, contexts, {"top": 8}, batch_size=batch_size)
     elif part == "attribution":
         from ..core.config import AttributeConfig
-        from ..stages.attribute import attribute_prompts, unit_read
+        from ..stages.attribute import attribute_jobs, attribute_prompts, unit_read
         from .timings import attribution_units
 
         prompts = [list(c.tokens) for c in synthetic_contexts(30, min(16, view.n_ctx), view.d_vocab, 0, seed=seed + 3)]
         reads = [unit_read(view, u, AttributeConfig(), {}) for u in attribution_units(view, n_units, seed)]
         attribute_prompts(view, reads[0], prompts[:2], batch_size=batch_size)  # warm-up
         start = time.perf_counter()
-        for read in reads:
-            attribute_prompts(view, read, prompts, batch_size=batch_size)
+        attribute_jobs(view, [(read, prompts) for read in reads], batch_size)  # batched across units, as the stage
     else:
         raise ValueError(f"unknown part '{part}': choose one of {', '.join(PARTS)}")
     del torch

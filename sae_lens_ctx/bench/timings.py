@@ -144,16 +144,17 @@ def attribution_units(view: ModelView, n: int, seed: int) -> list[UnitRecord]:
 
 def bench_attribution(view: ModelView, units: Sequence[UnitRecord], prompts: list[list[int]], *,
                       batch_size: int = 32, paper_pairs: int = 2) -> dict:
-    """Ours (`attribute_prompts`, every prompt of every unit) against the paper-style full-cache batch-1
-    path on the first `paper_pairs` (unit, prompt) pairs; prompts/s counts (unit, prompt) pairs."""
-    from ..stages.attribute import attribute_prompts, unit_read
+    """Ours (`attribute_jobs`: every prompt of every unit, batched across units as the stage does) against the
+    paper-style full-cache batch-1 path on the first `paper_pairs` (unit, prompt) pairs; prompts/s counts
+    (unit, prompt) pairs."""
+    from ..stages.attribute import attribute_jobs, attribute_prompts, unit_read
     from ..core.config import AttributeConfig
 
     cfg = AttributeConfig()
     reads = [unit_read(view, u, cfg, {}) for u in units]
     attribute_prompts(view, reads[0], prompts[:2], batch_size=batch_size)  # warm-up
     start = time.perf_counter()
-    ours = [attribute_prompts(view, r, prompts, batch_size=batch_size)[0] for r in reads]
+    ours = [a for a, _, _ in attribute_jobs(view, [(r, prompts) for r in reads], batch_size)]
     sync(view)
     ours_s = time.perf_counter() - start
 
@@ -294,19 +295,20 @@ def bench_discover(view: ModelView, n_layers: int = 1) -> dict:
 
 
 def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -> dict:
-    """The attribute stage's parts on a real run directory (after `mine`), in one process: for every
-    neuron unit with train prompts, `attribute_unit` without look-ups (attribution, relevance, ablation:
-    the stage before the look-ups issue), the same with look-up attribution and records, and the unit's
-    occlusion, and the QK split of the look-ups (`stages/attribute/qk.py`, a splitter built per repeat). Seconds
-    are each part's sum over units, the median of `repeats` interleaved repeats; `lookups_overhead` = with /
-    without − 1, `occlusion_overhead` = occlusion / without, `qk_ratio` = the stage with the QK split over the
-    stage without it ((with look-ups + occlusion + qk) / (with look-ups + occlusion))."""
+    """The attribute stage's parts on a real run directory (after `mine`), in one process, batched across units
+    as the stage batches them: for every neuron unit with train prompts, `attribute_units` without look-ups
+    (attribution, relevance, ablation: the stage before the look-ups issue), the same with look-up attribution
+    and records, the units' occlusion (`occlusion_jobs`), and the QK split of all the look-ups
+    (`stages/attribute/qk.py`, a splitter built per repeat). Seconds are each part's, the median of `repeats`
+    interleaved repeats; `lookups_overhead` = with / without − 1, `occlusion_overhead` = occlusion / without,
+    `qk_ratio` = the stage with the QK split over the stage without it ((with look-ups + occlusion + qk) /
+    (with look-ups + occlusion))."""
     from dataclasses import replace
 
     from ..core.config import RunConfig
     from ..core.records import ContextRecord, UnitRecord, read_jsonl
-    from ..stages.attribute import attribute_unit, top_prompts, unit_read
-    from ..stages.attribute.occlusion import occluded_activations
+    from ..stages.attribute import UnitPrompts, attribute_units, top_prompts, unit_read
+    from ..stages.attribute.occlusion import occlusion_jobs
     from ..stages.attribute.qk import QkSplitter, qk_records
 
     config = RunConfig.from_yaml(run_dir / "config.yaml")
@@ -314,45 +316,39 @@ def bench_attribute_parts(view: ModelView, run_dir: Path, *, repeats: int = 2) -
     units = [u for u in read_jsonl(run_dir / "units.jsonl", UnitRecord) if u.sae_id is None]
     prompts = top_prompts(read_jsonl(run_dir / "contexts.jsonl", ContextRecord))
     bos = [view.tokenizer.bos_token_id] if config.corpus.prepend_bos and view.tokenizer.bos_token_id is not None else []
-    jobs = []
+    items = []
     for u in units:
         train = prompts.get((u.unit_id, "train"), [])[:cfg.n_prompts]
         test = prompts.get((u.unit_id, "test"), [])
         if train:
-            jobs.append((unit_read(view, u, cfg, {}), [bos + c.tokens for c in train], [bos + c.tokens for c in test],
-                         [c.rank for c in train], [c.rank for c in test]))
+            items.append(UnitPrompts(unit_read(view, u, cfg, {}), [bos + c.tokens for c in train],
+                                     [bos + c.tokens for c in test], [c.rank for c in train], [c.rank for c in test]))
+    run_as = {(it.read.unit.unit_id, split, r): p for it in items
+              for split, ranks, ps in (("train", it.train_ranks, it.train), ("test", it.test_ranks, it.test))
+              for r, p in zip(ranks, ps)}
     base = replace(cfg, lookups=False)
     times: dict[str, list[float]] = {"without_lookups": [], "with_lookups": [], "occlusion": [], "qk": []}
     n_qk = 0
     for _ in range(repeats):
-        run = {k: 0.0 for k in times}
         start = time.perf_counter()
-        splitter = QkSplitter(view)
-        run["qk"] += time.perf_counter() - start
-        for read, train, test, tr, te in jobs:
-            start = time.perf_counter()
-            attribute_unit(view, read, train, test, tr, te, base)
-            run["without_lookups"] += time.perf_counter() - start
-            start = time.perf_counter()
-            lookups: list = []
-            attribute_unit(view, read, train, test, tr, te, cfg, lookups=lookups, offset=len(bos))
-            run["with_lookups"] += time.perf_counter() - start
-            start = time.perf_counter()
-            uid = read.unit.unit_id
-            run_as = {(uid, "train", r): p for r, p in zip(tr, train)} | {(uid, "test", r): p for r, p in zip(te, test)}
-            n_qk = len(qk_records(splitter, lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
-                                  cfg.batch_size))
-            run["qk"] += time.perf_counter() - start
-            start = time.perf_counter()
-            occluded_activations(view, read, train[:cfg.occlusion_prompts], len(bos), cfg.batch_size)
-            run["occlusion"] += time.perf_counter() - start
-        for k, v in run.items():
-            times[k].append(v)
+        attribute_units(view, items, base)
+        times["without_lookups"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        lookups: list = []
+        attribute_units(view, items, cfg, lookups=lookups, offset=len(bos))
+        times["with_lookups"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        n_qk = len(qk_records(QkSplitter(view), lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components,
+                              cfg.batch_size))
+        times["qk"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        occlusion_jobs(view, [(it.read, it.train[:cfg.occlusion_prompts]) for it in items], len(bos), cfg.batch_size)
+        times["occlusion"].append(time.perf_counter() - start)
     seconds = {k: round(statistics.median(v), 3) for k, v in times.items()}
     without = max(seconds["without_lookups"], 1e-9)
-    return {"run_dir": str(run_dir), "n_units": len(jobs), "repeats": repeats, "seconds": seconds,
+    return {"run_dir": str(run_dir), "n_units": len(items), "repeats": repeats, "seconds": seconds,
             "each_repeat": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "lookups_overhead": round(seconds["with_lookups"] / without - 1, 3),
             "occlusion_overhead": round(seconds["occlusion"] / without, 3),
-            "qk_records_last_unit": n_qk,
+            "qk_records": n_qk,
             "qk_ratio": round(1 + seconds["qk"] / max(seconds["with_lookups"] + seconds["occlusion"], 1e-9), 3)}

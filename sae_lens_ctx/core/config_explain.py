@@ -228,6 +228,12 @@ class ScoreConfig:
     token (a random sequence: its first tokens); 0 takes the whole context (corpus.context_size). 32 keeps
     the embedded run short; OpenAI's sequences were 64 tokens."""
 
+    simulation_llm_heads: int = 12
+    """Head explanations (LLM) simulated per token, at most: each unit's explained pairs in turn (its first
+    pair, then every unit's second, ...), on the head's direct attribution at every token of the unit's
+    held-out windows (docs/simulation.md, "Heads, per token"). The look-up explainer's head patterns simulate
+    on every relevant pair; 0 simulates no LLM head explanation."""
+
     simulation_max_calls_per_sequence: int = 64
     """The token-by-token tier makes one call per token: a longer sequence is not simulated (counted as
     failed with its reason)."""
@@ -241,7 +247,7 @@ class ScoreConfig:
     def validate(self) -> None:
         for name in ("n_prompts", "max_tokens", "bootstrap_resamples", "simulation_max_calls_per_sequence"):
             check_positive(f"score.{name}", getattr(self, name))
-        for name in ("simulation_n_top", "simulation_n_random", "simulation_window"):
+        for name in ("simulation_n_top", "simulation_n_random", "simulation_window", "simulation_llm_heads"):
             if getattr(self, name) < 0:
                 raise UserError(f"score.{name} must be 0 or more, got {getattr(self, name)}")
         if self.top_logprobs < 0 or self.top_logprobs > 20:

@@ -15,10 +15,11 @@ from .config import RunConfig
 from .errors import UserError, did_you_mean
 from .lookups import LookupRecord, QkRecord
 from .unit_lookups import OcclusionRecord
-from .records import ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, ScoreRecord, UnitRecord
+from .records import (ContextRecord, DocumentRecord, ExplanationRecord, HeadRecord, HeadTokensRecord, ScoreRecord,
+                      UnitRecord)
 
 
-RESULTS_FORMAT = 3
+RESULTS_FORMAT = 4
 """Version of the run-directory layout, part of every stage's fingerprint. A directory written under an
 older version is upgraded and its stages re-run (`pipeline.engine`); one written under a newer one is refused."""
 
@@ -110,6 +111,8 @@ FILES: tuple[RunFile, ...] = (
             ("unit_id", "head", "split", "rank", "position", "score", "logit", "gap", "key", "query", "pairs", "status")),
     RunFile("occlusions.jsonl", "attribute", OcclusionRecord, None,
             ("unit_id", "split", "rank", "last_token", "activation", "tokens", "status")),
+    RunFile("head_tokens.jsonl", "attribute", HeadTokensRecord, None,
+            ("unit_id", "head", "line", "kind", "rank", "attributions")),
     RunFile("explanations.jsonl", "explain", ExplanationRecord, "explanations", ("unit_id", "head", "explainer", "text")),
     RunFile("explain.json", "explain", summary=True),
     RunFile("scores.jsonl", "score", ScoreRecord, "scores", ("unit_id", "head", "scorer", "value", "ci_low", "ci_high", "n")),

@@ -242,6 +242,25 @@ class HeadRecord:
 
 
 @dataclass(frozen=True)
+class HeadTokensRecord:
+    """A relevant head's direct attribution to its unit at every token of one held-out window (a line of
+    `head_tokens.jsonl`): what the head's explanations are simulated against, token by token (issue #26,
+    docs/simulation.md)."""
+
+    unit_id: str
+    head: str
+    line: int
+    """Line number (from 0) of the window in `windows.jsonl`."""
+    kind: str
+    """The window's kind: 'top' or 'random'."""
+    rank: int
+    attributions: list[float]
+    """`A[h]` at each token of the window (its `windows.jsonl` tokens, BOS excluded): the head's direct
+    contribution to the unit's pre-activation at that position, in the rank branch and divided by the norm
+    scale there, exactly as the paper's quantity at the last position (`stages/attribute/direct.py`)."""
+
+
+@dataclass(frozen=True)
 class ExplanationRecord:
     """One explanation (a line of `explanations.jsonl`): of a (unit, head) pair, or of the unit itself.
 

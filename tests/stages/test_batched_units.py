@@ -169,3 +169,27 @@ def test_embedded_units_batched_together_equal_each_alone(embedded_view):
     lookups = []
     _assert_same(alone, attribute_units(view, items, cfg, lookups=lookups, offset=1))
     _assert_same_lookups(lookups_alone, lookups)
+
+
+def test_per_position_attribution_is_the_exact_decomposition_at_every_position(random_dir):
+    """Heads per token (#26): `position_attributions` at every position equals the head rows of the unbatched
+    exact decomposition (`decompose_pre_activation`, whose components sum to the hooked pre-activation), and
+    at the last position what `attribute_prompts` gives; many units' windows in shared forwards."""
+    from sae_lens_ctx.stages.attribute import attribute_prompts, decompose_pre_activation, position_attributions  # noqa: F401
+
+    view = load_model(ModelConfig(model_name=str(random_dir)))
+    units, _ = discover_units(view, DiscoverConfig(layers=[1, 2], top_k=2, controls=False))
+    cfg = AttributeConfig()
+    reads = [unit_read(view, u, cfg, {}) for u in units]
+    windows = _prompts(view, 5, 9, lo=2, hi=30)
+    jobs = [(read, windows, list(range(0, len(read.labels), 2))) for read in reads]
+    got = position_attributions(view, jobs, batch_size=2)
+    for (read, prompts, heads), per_prompt in zip(jobs, got):
+        last, _ = attribute_prompts(view, read, prompts, batch_size=3)
+        for p, a in zip(prompts, per_prompt):
+            labels, contrib, _ = decompose_pre_activation(view, read, torch.tensor(p))
+            want = torch.stack([contrib[labels.index(read.labels[h])] for h in heads], dim=1)  # [pos, heads]
+            assert a.shape == (len(p), len(heads))
+            torch.testing.assert_close(a, want, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.stack([a[-1] for a in per_prompt]), last[read.rank_branch][:, heads],
+                                   **ROUND_OFF)

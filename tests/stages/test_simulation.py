@@ -101,7 +101,8 @@ def test_planted_unit_lookup_simulates_per_token_and_its_shuffled_control_does_n
     windows = [w for w in iter_jsonl(out / "windows.jsonl") if w["unit_id"] == unit]
     assert {w["kind"] for w in windows} == {"top", "random"}
     assert all(len(w["tokens"]) == len(w["activations"]) == len(w["token_ids"]) for w in windows)
-    sims = [s for s in iter_jsonl(out / "scores.jsonl") if s["unit_id"] == unit and s["metric"] == "ev_correlation"]
+    sims = [s for s in iter_jsonl(out / "scores.jsonl") if s["unit_id"] == unit and s["metric"] == "ev_correlation"
+            and s["target"] == "unit"]
     by = {(s["explainer"], s["control_kind"]): s for s in sims}
     own = by[("lookup", None)]
     assert own["tier"] == "deterministic" and own["target"] == "unit" and own["n"] >= 6
@@ -115,6 +116,33 @@ def test_planted_unit_lookup_simulates_per_token_and_its_shuffled_control_does_n
     assert summary["tiers"]["deterministic"]["lookup"]["ev_correlation"]["real"]["n"] >= 1
     assert "prompt-logprobs" not in summary["tiers"]
 
+
+
+def test_planted_pairs_simulate_on_their_heads_per_token_attribution(planted, planted_sim_run):
+    """Heads per token (#26 point 4): each planted head's direct attribution at every token of the planted
+    neuron's held-out windows is in head_tokens.jsonl (one value a token), and the pair's look-up pattern,
+    simulated on it, has ev_correlation >= 0.8 (deterministic tier, target 'head'); the LLM head explanations
+    are simulated too (logprob-free tier here), each with its shuffled control, and summary.json's
+    `simulation.heads` block holds them apart from the units'."""
+    out = planted_sim_run
+    a = planted.answer
+    unit = f"L{a.neuron_layer}N{a.neuron_index}"
+    planted_heads = {f"L{l}H{h}" for l, h in a.heads}
+    windows = list(iter_jsonl(out / "windows.jsonl"))
+    rows = [r for r in iter_jsonl(out / "head_tokens.jsonl") if r["unit_id"] == unit]
+    assert {r["head"] for r in rows} >= planted_heads
+    for r in rows:
+        assert len(r["attributions"]) == len(windows[r["line"]]["tokens"]) and windows[r["line"]]["unit_id"] == unit
+    sims = [s for s in iter_jsonl(out / "scores.jsonl") if s["target"] == "head" and s["unit_id"] == unit
+            and s["metric"] == "ev_correlation"]
+    for head in planted_heads:
+        own = next(s for s in sims if s["head"] == head and s["explainer"] == "lookup" and s["control_kind"] is None)
+        assert own["tier"] == "deterministic" and own["n"] >= 6 and own["value"] >= 0.8, own
+    llm = [s for s in sims if s["explainer"] not in ("lookup", "length", "token")]
+    assert llm and {s["tier"] for s in llm} == {"logprob-free"}
+    assert {s["control_kind"] for s in llm} >= {None, "shuffled"}
+    heads = json.loads((out / "summary.json").read_text())["simulation"]["heads"]
+    assert heads["deterministic"]["lookup"]["ev_correlation"]["real"]["n"] >= len(planted_heads)
 
 def test_sequence_bootstrap_equals_the_metric_on_each_concatenated_resample():
     """The bootstrap computes every resample from per-sequence sums; here each resample is concatenated and

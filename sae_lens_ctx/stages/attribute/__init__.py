@@ -33,7 +33,8 @@ from ...core.progress import tqdm  # a bar on a terminal, progress lines in a lo
 
 from ...core.config import AttributeConfig
 from ...core.errors import UserError
-from ...core.records import ContextRecord, HeadRecord, UnitRecord, atomic_path, atomic_write, read_jsonl, write_jsonl
+from ...core.records import (ContextRecord, HeadRecord, HeadTokensRecord, UnitRecord, atomic_path, atomic_write,
+                              iter_jsonl, read_jsonl, write_jsonl)
 from ...core.rules import parse_rule
 from ...inputs.context import RunContext
 from ...inputs.view import ModelView, pad_id
@@ -41,7 +42,7 @@ from ...inputs.view import ModelView, pad_id
 from .ablation import ablation_drops, ablation_jobs, masked_mean, mean_head_outputs  # noqa: F401
 from .occlusion import occluded_activations, occlusion_jobs, occlusion_records  # noqa: F401
 from .qk import QkSplitter, qk_records
-from .direct import (UnitRead, attribute_jobs, attribute_prompts, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
+from .direct import (UnitRead, attribute_jobs, attribute_prompts, position_attributions, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
                      lookup_records, pad_prompts, source_contributions, unit_read)
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,11 @@ def run_stage(ctx: RunContext) -> None:
     occlusions: list = []
     replacement = pad_id(view.tokenizer)
     todo: list[tuple[UnitRecord, list[ContextRecord], list[ContextRecord], UnitPrompts]] = []
+    windows: dict[str, list[dict]] = defaultdict(list)  # unit → its held-out windows (mine's windows.jsonl)
+    if ctx.path("windows.jsonl").is_file():
+        for line, w in enumerate(iter_jsonl(ctx.path("windows.jsonl"))):
+            windows[w["unit_id"]].append({**w, "line": line})
+    head_tokens: list[HeadTokensRecord] = []
     for unit in units:
         train = prompts.get((unit.unit_id, "train"), [])[: cfg.n_prompts]
         test = prompts.get((unit.unit_id, "test"), [])
@@ -215,12 +221,15 @@ def run_stage(ctx: RunContext) -> None:
     with tqdm(total=len(todo), desc="attribute", unit="unit", disable=None) as bar:
         for g0 in range(0, len(todo), UNITS_PER_PASS):
             group = todo[g0:g0 + UNITS_PER_PASS]
+            group_records: list[HeadRecord] = []
             for (unit, *_), (recs, mats, summary) in zip(group, attribute_units(
                     view, [g[3] for g in group], cfg, mean_z, lookups, len(bos))):
                 summary["control"] = unit.control
-                records += recs
+                group_records += recs
                 matrices.update(mats)
                 per_unit.append(summary)
+            records += group_records
+            head_tokens += _head_tokens(view, group, group_records, windows, bos, cfg.batch_size, cfg.divide_by_scale)
             if cfg.occlusion:
                 occluded = [(g[3].read, g[3].train[:cfg.occlusion_prompts]) for g in group]
                 for (unit, train, _, it), (read, run), measured in zip(
@@ -238,11 +247,38 @@ def run_stage(ctx: RunContext) -> None:
     write_jsonl(ctx.path("lookups.jsonl"), lookups or [])
     write_jsonl(ctx.path("qk.jsonl"), qk_rows)
     write_jsonl(ctx.path("occlusions.jsonl"), occlusions)
+    write_jsonl(ctx.path("head_tokens.jsonl"), head_tokens)
     _save_matrices(ctx.path("attributions.safetensors"), matrices)
     report = attribution_summary(records, per_unit, skipped, units)
     report["qk_records"] = dict(sorted(Counter(r.status for r in qk_rows).items())) if qk else None
     atomic_write(ctx.path("attribute.json"), json.dumps(report, indent=2) + "\n")
     print(summary_text(report))
+
+
+def _head_tokens(view: ModelView, group: list, records: list[HeadRecord], windows: dict[str, list[dict]],
+                 bos: list[int], batch_size: int, divide_by_scale: bool) -> list[HeadTokensRecord]:
+    """Each relevant head's attribution at every token of its unit's held-out windows (issue #26: what head
+    explanations are simulated against), for the units of one pass; `records` are the pass's head records."""
+    relevant: dict[str, list[HeadRecord]] = defaultdict(list)
+    for r in records:
+        if r.relevant:
+            relevant[r.unit_id].append(r)
+    jobs, meta = [], []
+    for unit, _, _, it in group:
+        heads = relevant.get(unit.unit_id, [])
+        mine = windows.get(unit.unit_id, [])
+        if heads and mine:
+            labels = it.read.labels
+            jobs.append((it.read, [bos + [int(t) for t in w["token_ids"]] for w in mine],
+                         [labels.index(h.head) for h in heads]))
+            meta.append((unit.unit_id, [h.head for h in heads], mine))
+    out = []
+    for (unit_id, heads, mine), per_window in zip(meta, position_attributions(view, jobs, batch_size, divide_by_scale)):
+        for w, a in zip(mine, per_window):
+            for k, head in enumerate(heads):
+                out.append(HeadTokensRecord(unit_id=unit_id, head=head, line=w["line"], kind=w["kind"], rank=w["rank"],
+                                            attributions=[float(x) for x in a[len(bos):, k]]))
+    return out
 
 
 def _save_matrices(path, matrices: dict[str, torch.Tensor]) -> None:

@@ -210,6 +210,49 @@ def attribute_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list
     return results
 
 
+@torch.inference_mode()
+def position_attributions(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list[int]], Sequence[int]]],
+                          batch_size: int = 32, divide_by_scale: bool = True) -> list[list[torch.Tensor]]:
+    """Per-position direct attribution (issue #26, heads per token): for each (unit read, prompts, head
+    indices into `read.labels`) job, per prompt a `[len(prompt), len(heads)]` tensor whose row `t` is each
+    head's `A[h]` to the unit's pre-activation at position `t` (rank branch): `z_h[t] · (W_O[h] @ read) /
+    scale[t]`, the paper's quantity (§4.1) at every position instead of the last. Rows of many jobs share a
+    forward, as in `attribute_jobs`."""
+    rows = [(j, p) for j, (_, prompts, heads) in enumerate(jobs) if heads for p in range(len(prompts))]
+    out: list[list[torch.Tensor]] = [[torch.zeros(len(p), len(heads)) for p in prompts] for _, prompts, heads in jobs]
+    folded = {id(read): folded_heads(view, read)[read.rank_branch] for read, _, _ in jobs}
+    lengths = [len(jobs[j][1][p]) for j, p in rows]
+    for batch in length_batches(lengths, batch_size * TOKENS_PER_BATCH, batch_size):
+        chunk = [rows[r] for r in batch]
+        tokens, _ = pad_prompts([jobs[j][1][p] for j, p in chunk], view)
+        got: dict[str, torch.Tensor] = {}
+
+        def save(key):
+            return lambda x, hook: got.__setitem__(key, x.detach())
+
+        reads = {j: jobs[j][0] for j, _ in chunk}
+        head_layers = sorted({l for r in reads.values() for l in r.head_layers})
+        hooks = [(view.hook_name("z", l), save(f"z{l}")) for l in head_layers]
+        hooks += _post_scale_hooks(view, head_layers, save)
+        scales = {(r.scale_kind, unit_layer(r)) for r in reads.values() if r.scale_kind}
+        hooks += [(view.hook_name(kind, layer), save(f"{kind}{layer}")) for kind, layer in sorted(scales)]
+        view.run_with_hooks(tokens, hooks, stop_at_layer=max(unit_layer(r) for r in reads.values()) + 1)
+        for j, read in reads.items():
+            mine = torch.tensor([i for i, (jj, _) in enumerate(chunk) if jj == j])
+            heads = list(jobs[j][2])
+            z = torch.stack([got[f"z{l}"][mine] for l in read.head_layers], dim=2).float()  # [b, pos, L, H, d]
+            if view.sandwich:
+                post = torch.stack([got[f"post{l}"][mine].reshape(len(mine), -1) for l in read.head_layers], dim=2)
+                z = z / post[..., None, None].float()
+            a = torch.einsum("btlhd,lhd->btlh", z, folded[id(read)].float()).flatten(2)[..., heads]
+            if divide_by_scale and read.scale_kind:
+                a = a / got[f"{read.scale_kind}{unit_layer(read)}"][mine].reshape(len(mine), -1, 1).float()
+            for i, row in enumerate(mine.tolist()):
+                p = chunk[row][1]
+                out[j][p] = a[i, :len(jobs[j][1][p])].cpu()
+    return out
+
+
 def _fit(x: torch.Tensor, width: int) -> torch.Tensor:
     """`x` `[..., w]` cut or zero-padded to `[..., width]` (what lies past a prompt's end is 0)."""
     return x[..., :width] if x.shape[-1] >= width else torch.nn.functional.pad(x, (0, width - x.shape[-1]))

@@ -417,13 +417,15 @@ def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: d
             wanted[index[tuple(prompts[key_of(r)])]][head_of(r.head)].add(src["position"])
     splits = splitter.split([list(t) for t in index], wanted, batch_size)
     records = []
+    texts: dict[int, list[str]] = {}  # prompt index → its token strings (a prompt has a record per relevant head)
     for r in lookups:
         tokens = prompts[key_of(r)]
-        text = token_strings(tokenizer, tokens)
+        prompt = index[tuple(tokens)]
+        text = texts[prompt] if prompt in texts else texts.setdefault(prompt, token_strings(tokenizer, tokens))
         layer, head = head_of(r.head)
         for src in r.sources[:n_sources]:
             s = src["position"]
-            sp = splits[(index[tuple(tokens)], layer, head, s)]
+            sp = splits[(prompt, layer, head, s)]
             common = dict(unit_id=r.unit_id, head=r.head, split=r.split, rank=r.rank, active=r.active,
                           position=s, token_id=int(tokens[s]), token=text[s], query_position=len(tokens) - 1,
                           attention=sp.attention, contribution=float(src["contribution"]), score=sp.hooked_score,

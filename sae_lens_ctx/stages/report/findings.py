@@ -213,10 +213,11 @@ def verdicts(res: RunTables) -> list[Verdict]:
         for scorer in VERDICT_SCORERS:
             if isinstance(block.get(scorer), dict):
                 blocks.append((name, scorer, block[scorer]))
-    for tier, by_explainer in ((summary.get("simulation") or {}).get("tiers") or {}).items():
-        for name, metrics in by_explainer.items():  # per tier, never pooled (docs/simulation.md)
-            if isinstance(metrics.get("ev_correlation"), dict):
-                blocks.append((name, f"sim-{tier}", metrics["ev_correlation"]))
+    for key, prefix in (("tiers", "sim"), ("heads", "head-sim")):  # units, then heads per token
+        for tier, by_explainer in ((summary.get("simulation") or {}).get(key) or {}).items():
+            for name, metrics in by_explainer.items():  # per tier, never pooled (docs/simulation.md)
+                if isinstance(metrics.get("ev_correlation"), dict):
+                    blocks.append((name, f"{prefix}-{tier}", metrics["ev_correlation"]))
     return [verdict(explainer, scorer, block) for explainer, scorer, block in blocks]
 
 

@@ -49,7 +49,7 @@ from .judge import (MIN_YES_NO_MASS, Judgement, answer_position, p_yes, parse_an
 from .metrics import (aggregate, auroc, auroc_along, balanced_accuracy, balanced_accuracy_along,  # noqa: F401
                       bootstrap_ci, compare, paper_statistics, pearson, pearson_along, score_group,
                       simulate_and_score_correlation, simulation_score)
-from .simulation import (TIERS, probe_tier, read_sequences, simulation_scores, simulation_summary,  # noqa: F401
+from .simulation import (TIERS, probe_tier, read_head_sequences, read_sequences, simulation_scores, simulation_summary,  # noqa: F401
                          simulation_text)
 from .verdicts import ONE_SIDED, SIMILAR_JACCARD, flags, one_sided_judge, well_explained  # noqa: F401
 
@@ -320,6 +320,13 @@ def simulation_tier(llm: LLM, cfg: ScoreConfig, sequences: dict) -> tuple[str | 
     return tier, why
 
 
+def _derangement(keys: list, seed: int) -> dict:
+    """The shuffled control's partners (`jobs.shuffled_partner`) of unit ids or of (unit, head) pairs."""
+    if not keys or not isinstance(keys[0], str):
+        return shuffled_partner(keys, seed)
+    return {k[0]: v[0] for k, v in shuffled_partner([(u, None) for u in keys], seed).items()}
+
+
 def run_stage(ctx: RunContext) -> None:
     """`sae-lens-ctx score`: write `scores.jsonl`, `judgements.jsonl` and `summary.json`; print a summary."""
     cfg = ctx.config.score
@@ -328,13 +335,16 @@ def run_stage(ctx: RunContext) -> None:
     start = time.perf_counter()
     llm = LLM.from_config(ctx.config.explain, ctx.out)
     sequences = read_sequences(ctx.path("windows.jsonl"), cfg) if cfg.unit_scores else {}
+    head_sequences = read_head_sequences(ctx.path("windows.jsonl"), ctx.path("head_tokens.jsonl"), cfg) \
+        if cfg.unit_scores else {}
     tier, why = simulation_tier(llm, cfg, sequences)
     try:
         judgements = run_judgements(llm, jobs, cfg)
         judgements += run_judgements(llm, build_joined_jobs(inp, judgements, cfg), cfg)
         sim_start = time.perf_counter()
-        simulated = simulation_scores(llm, tier, inp, sequences, cfg, ctx.config.seed, partner=lambda units: {
-            k[0]: v[0] for k, v in shuffled_partner([(u, None) for u in units], ctx.config.seed).items()})
+        simulated = simulation_scores(llm, tier, inp, sequences, cfg, ctx.config.seed,
+                                      partner=lambda keys: _derangement(keys, ctx.config.seed),
+                                      head_sequences=head_sequences)
         sim_seconds = round(time.perf_counter() - sim_start, 1)
     finally:
         llm.close()
@@ -358,7 +368,8 @@ def run_stage(ctx: RunContext) -> None:
             v = by_unit[row["unit_id"]][scorer]
             row[f"lookup_{scorer}"] = float(v[0]) if v else None
     summary["simulation"] = {**{k: v for k, v in simulated.info.items() if k != "prefix_cache"}, "probe": why,
-                             "tiers": simulation_summary(simulated.scores, cfg, ctx.config.seed)}
+                             "tiers": simulation_summary(simulated.scores, cfg, ctx.config.seed),
+                             "heads": simulation_summary(simulated.scores, cfg, ctx.config.seed, target="head")}
     summary["cost"] = run_cost(ctx, judgements)
     atomic_write(ctx.path("summary.json"), json.dumps(summary, indent=2) + "\n")
     ctx.this_run.update(judge=llm.summary(), seconds=round(time.perf_counter() - start, 1),

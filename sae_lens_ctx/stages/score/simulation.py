@@ -49,7 +49,8 @@ from ...clients.neuron_explainer import (NeuronExplainerClient, UnreproducedSequ
                                          simulator_module)
 from ...core.config import ScoreConfig
 from ...core.llm import LLMError, PromptLogprobs
-from ...core.records import ScoreRecord
+from ...core.records import ScoreRecord, iter_jsonl
+from ...core.lookups import judge as head_judge
 from ...core.unit_lookups import judge as unit_judge
 
 log = logging.getLogger(__name__)
@@ -104,25 +105,51 @@ def cut_window(tokens: Sequence[Any], peak: int, kind: str, width: int) -> slice
     return slice(start, start + width)
 
 
+def _chosen_windows(path: Path, cfg: ScoreConfig) -> list[tuple[int, dict, slice]]:
+    """(line, window, cut) of each unit's first `simulation_n_top` top and `simulation_n_random` random windows
+    of `windows.jsonl`, in file order."""
+    out = []
+    counts: Counter = Counter()
+    wanted = {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random}
+    for line, w in enumerate(iter_jsonl(path)):
+        if counts[(w["unit_id"], w["kind"])] >= wanted.get(w["kind"], 0):
+            continue
+        counts[(w["unit_id"], w["kind"])] += 1
+        out.append((line, w, cut_window(w["tokens"], w["peak"], w["kind"], cfg.simulation_window)))
+    return out
+
+
 def read_sequences(path: Path, cfg: ScoreConfig) -> dict[str, list[SimSequence]]:
     """unit_id → its first `simulation_n_top` top and `simulation_n_random` random windows of
     `windows.jsonl` (empty when the run has none: written before results format 3)."""
     if not path.is_file():
         return {}
     out: dict[str, list[SimSequence]] = {}
-    counts: Counter = Counter()
-    wanted = {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        w = json.loads(line)
-        if counts[(w["unit_id"], w["kind"])] >= wanted.get(w["kind"], 0):
-            continue
-        counts[(w["unit_id"], w["kind"])] += 1
-        cut = cut_window(w["tokens"], w["peak"], w["kind"], cfg.simulation_window)
+    for _, w, cut in _chosen_windows(path, cfg):
         out.setdefault(w["unit_id"], []).append(SimSequence(w["kind"], w["rank"], w["tokens"][cut],
                                                           w["token_ids"][cut], w["activations"][cut]))
     return out
+
+
+def read_head_sequences(windows: Path, head_tokens: Path, cfg: ScoreConfig) -> dict[tuple[str, str], list[SimSequence]]:
+    """(unit_id, head) → the unit's simulated windows (`read_sequences`, the same cuts) with the head's direct
+    attribution at every token as the activations (`head_tokens.jsonl`, written by the attribute stage)."""
+    if not (windows.is_file() and head_tokens.is_file()):
+        return {}
+    chosen = {line: (w, cut) for line, w, cut in _chosen_windows(windows, cfg)}
+    out: dict[tuple[str, str], list[SimSequence]] = {}
+    for r in iter_jsonl(head_tokens):
+        if r["line"] in chosen:
+            w, cut = chosen[r["line"]]
+            out.setdefault((r["unit_id"], r["head"]), []).append(
+                SimSequence(w["kind"], w["rank"], w["tokens"][cut], w["token_ids"][cut], r["attributions"][cut]))
+    return out
+
+
+def head_role(explanation: str, head: str, unit_id: str) -> str:
+    """A head explanation as the simulator is given it: neuron-explainer's prompt asks what "the neuron"
+    finds, so the head's role is named after the explanation (docs/simulation.md)."""
+    return f"{explanation.rstrip('. ')} (the activation is attention head {head}'s direct contribution to unit {unit_id})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,6 +218,12 @@ class FixedSimulator:
 def lookup_predictions(pattern: dict | None) -> Callable[[SimSequence], list[float]]:
     """A unit look-up pattern at every token: the graded judge on the tokens up to t (the rule matched at t)."""
     return lambda s: [unit_judge(pattern, s.token_ids[:t + 1])[1] for t in range(len(s.token_ids))]
+
+
+def head_lookup_predictions(pattern: dict | None) -> Callable[[SimSequence], list[float]]:
+    """A head look-up pattern at every token: the graded judge on the tokens up to t (a pattern token occurs at
+    or before t, weighted as the judge weighs it)."""
+    return lambda s: [head_judge(pattern, s.token_ids[:t + 1])[1] for t in range(len(s.token_ids))]
 
 
 def position_predictions(s: SimSequence) -> list[float]:
@@ -336,19 +369,21 @@ def _sums(t: np.ndarray, p: np.ndarray) -> list[float]:
 
 
 def score_records(sim: Simulated, unit_id: str, control: bool, explainer: str, control_kind: str | None,
-                  cfg: ScoreConfig, seed: int) -> list[ScoreRecord]:
-    """One `ScoreRecord` per metric of a simulation (scorer `sim_{metric}`, target 'unit')."""
+                  cfg: ScoreConfig, seed: int, head: str | None = None) -> list[ScoreRecord]:
+    """One `ScoreRecord` per metric of a simulation (scorer `sim_{metric}`; target 'unit', or 'head' for a
+    head's explanation simulated on its per-token attribution)."""
     n_tokens = sum(len(t) for t in sim.true)
     out = []
     for metric in METRICS:
         value = sim.values.get(metric)
         lo, hi = (sequence_bootstrap(sim.true, sim.predicted, metric, cfg.bootstrap_resamples, cfg.confidence, seed)
                   if value is not None else (None, None))
-        out.append(ScoreRecord(unit_id=unit_id, head=None, scorer=f"sim_{metric}", value=value, ci_low=lo,
+        out.append(ScoreRecord(unit_id=unit_id, head=head, scorer=f"sim_{metric}", value=value, ci_low=lo,
                                ci_high=hi, n=len(sim.true), control=control,
                                n_failed=sum(v for k, v in sim.failures.items() if k != UNPREDICTED),
                                skipped=None if value is not None else (sim.skipped or "undefined"),
-                               explainer=explainer, control_kind=control_kind, target="unit", metric=metric,
+                               explainer=explainer, control_kind=control_kind,
+                               target="unit" if head is None else "head", metric=metric,
                                tier=sim.tier, n_tokens=n_tokens, failures=dict(sim.failures) or None))
     return out
 
@@ -368,13 +403,20 @@ class SimulationRun:
 
 
 def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: dict[str, list[SimSequence]],
-                      cfg: ScoreConfig, seed: int, partner: Callable[[list], dict]) -> SimulationRun:
+                      cfg: ScoreConfig, seed: int, partner: Callable[[list], dict],
+                      head_sequences: dict[tuple[str, str], list[SimSequence]] | None = None) -> SimulationRun:
     """Per unit with held-out sequences: its LLM explanation simulated on the `tier` (when there is one)
     and its look-up pattern (deterministic), each with its shuffled control (another unit's explanation on
     this unit's sequences, `score.shuffled_control`); the length and token controls once per unit.
-    `partner(keys)` is the stage's shuffled-control derangement."""
+    `partner(keys)` is the stage's shuffled-control derangement (of unit ids, or of (unit, head) pairs).
+
+    Heads, per token (issue #26): per relevant pair with `head_sequences` (the head's direct attribution at
+    every token of its unit's windows), the pair's look-up pattern and, for at most
+    `score.simulation_llm_heads` pairs, its LLM explanation (`head_role` names the head), each with its
+    shuffled control (another pair's explanation), and the length and token controls; target 'head'."""
     from ...core.lookups import EXPLAINER as LOOKUP
 
+    head_sequences = head_sequences or {}
     scores: list[ScoreRecord] = []
     before = _prefix_counts(llm)
     units = [u for u in sequences if u in inp.units]
@@ -385,22 +427,35 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
     llm_partner = partner(sorted(llm_text)) if cfg.shuffled_control else {}
     lookup_partner = partner(sorted(lookup)) if cfg.shuffled_control else {}
     max_calls = cfg.simulation_max_calls_per_sequence if tier == "token-by-token" else None
+    pairs = [k for k in head_sequences if k[0] in inp.units]
+    head_text = _llm_heads({k: inp.head_explanations[k] for k in pairs if k in inp.head_explanations
+                            and inp.head_explanations[k].status == "ok"}, cfg.simulation_llm_heads) \
+        if llm and tier else {}
+    head_lookup = {k: inp.lookup_explanations[k] for k in pairs
+                   if k in inp.lookup_explanations and inp.lookup_explanations[k].status == "ok"}
+    head_partner = partner(sorted(head_text)) if cfg.shuffled_control else {}
+    head_lookup_partner = partner(sorted(head_lookup)) if cfg.shuffled_control else {}
 
     def kind_of(unit_id: str, kind: str | None) -> str | None:
         return kind or ("random_unit" if inp.units[unit_id].control else None)
 
-    jobs = [(u, llm_text[u].explainer, kind, text) for u in units if u in llm_text
+    # (unit, head or None, explainer, control kind, text shown, sequences)
+    jobs = [(u, None, llm_text[u].explainer, kind, text, sequences[u]) for u in units if u in llm_text
             for text, kind in [(llm_text[u].text, None)]
             + ([(llm_text[llm_partner[u]].text, "shuffled")] if u in llm_partner else [])]
+    jobs += [(u, h, head_text[(u, h)].explainer, kind, head_role(text, h, u), head_sequences[(u, h)])
+             for (u, h) in head_text
+             for text, kind in [(head_text[(u, h)].text, None)]
+             + ([(head_text[head_partner[(u, h)]].text, "shuffled")] if (u, h) in head_partner else [])]
     prompt_tokens: list[int] = []
 
     def run(job: tuple) -> Simulated:
-        unit_id, _, _, text = job
+        _, _, _, _, text, seqs = job
         if not text.strip():
-            return Simulated(tier, dict.fromkeys(METRICS), failures=Counter({"empty explanation": len(sequences[unit_id])}),
+            return Simulated(tier, dict.fromkeys(METRICS), failures=Counter({"empty explanation": len(seqs)}),
                              skipped="empty explanation")
         client = NeuronExplainerClient(llm)  # one per explanation: its requests are computed together
-        sim = simulate(llm_simulator(tier, text, client), sequences[unit_id], tier, max_calls)
+        sim = simulate(llm_simulator(tier, text, client), seqs, tier, max_calls)
         prompt_tokens.extend(client.prompt_tokens)
         return sim
 
@@ -410,9 +465,9 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
     if llm is not None and llm.backend in LOCAL_BACKENDS:
         workers = min(workers, os.cpu_count() or 1)  # in-process: one explanation a core
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for (unit_id, explainer, kind, _), sim in zip(jobs, pool.map(run, jobs)):
+        for (unit_id, head, explainer, kind, _, _), sim in zip(jobs, pool.map(run, jobs)):
             scores.extend(score_records(sim, unit_id, bool(inp.units[unit_id].control), explainer,
-                                        kind_of(unit_id, kind), cfg, seed))
+                                        kind_of(unit_id, kind), cfg, seed, head))
     for unit_id in units:
         seqs, unit = sequences[unit_id], inp.units[unit_id]
         shown = [(lookup[unit_id].pattern, None)] + ([(lookup[lookup_partner[unit_id]].pattern, "shuffled")]
@@ -422,6 +477,16 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
         for explainer, kind, predict in fixed:
             sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
             scores.extend(score_records(sim, unit_id, bool(unit.control), explainer, kind_of(unit_id, kind), cfg, seed))
+    for key in sorted(head_lookup):
+        (unit_id, head), seqs, unit = key, head_sequences[key], inp.units[key[0]]
+        shown = [(head_lookup[key].pattern, None)] + ([(head_lookup[head_lookup_partner[key]].pattern, "shuffled")]
+                                                      if key in head_lookup_partner else [])
+        fixed = [(LOOKUP, kind, head_lookup_predictions(pattern)) for pattern, kind in shown]
+        fixed += [("length", "length", position_predictions), ("token", "token", token_predictions(unit.token_id))]
+        for explainer, kind, predict in fixed:
+            sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
+            scores.extend(score_records(sim, unit_id, bool(unit.control), explainer, kind_of(unit_id, kind), cfg,
+                                        seed, head))
     after = _prefix_counts(llm)
     info: dict[str, Any] = {"tier": tier, "n_units": len(units),
                             "sequences_per_unit": {"top": cfg.simulation_n_top, "random": cfg.simulation_n_random},
@@ -438,29 +503,43 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
     return SimulationRun(scores, info)
 
 
+def _llm_heads(explained: dict[tuple[str, str], Any], limit: int) -> dict[tuple[str, str], Any]:
+    """At most `limit` explained pairs: each unit's first pair (in head order), then every unit's second, ..."""
+    by_unit: dict[str, list[tuple[str, str]]] = {}
+    for key in sorted(explained):
+        by_unit.setdefault(key[0], []).append(key)
+    order = [keys[i] for i in range(max(map(len, by_unit.values()), default=0)) for keys in by_unit.values()
+             if i < len(keys)]
+    return {k: explained[k] for k in order[:limit]}
+
+
 def _prefix_counts(llm: LLM | None) -> tuple[int, int, int, int] | None:
     counts = getattr(getattr(llm, "client", None), "prefix_cache_counts", None)
     return counts() if callable(counts) else None
 
 
-def simulation_summary(scores: Sequence[ScoreRecord], cfg: ScoreConfig, seed: int) -> dict[str, Any]:
+def simulation_summary(scores: Sequence[ScoreRecord], cfg: ScoreConfig, seed: int,
+                       target: str = "unit") -> dict[str, Any]:
     """summary.json's `simulation` block: per tier (never pooled), per explainer, per metric: the real
     units' scores, the random control units', the shuffled explanations' and the length/token controls',
-    with real − control comparisons (paired by unit)."""
+    with real − control comparisons (paired by unit). `target='head'`: the same over head explanations
+    simulated on their per-token attribution (paired by (unit, head); a control unit's pairs are the
+    random-unit control)."""
     from .metrics import aggregate, compare
 
     boot = dict(n_resamples=cfg.bootstrap_resamples, confidence=cfg.confidence, seed=seed)
-    sims = [s for s in scores if s.metric is not None]
-    controls_by = {(s.unit_id, s.metric, s.control_kind): s.value for s in sims if s.control_kind in ("length", "token")}
+    sims = [s for s in scores if s.metric is not None and (s.target or "unit") == target]
+    controls_by = {((s.unit_id, s.head), s.metric, s.control_kind): s.value for s in sims
+                   if s.control_kind in ("length", "token")}
     out: dict[str, Any] = {}
     for tier in TIERS:
         for explainer in sorted({s.explainer for s in sims if s.tier == tier and s.control_kind in (None, "random_unit")}):
             block = out.setdefault(tier, {}).setdefault(explainer, {})
             for metric in METRICS:
                 mine = [s for s in sims if s.tier == tier and s.explainer == explainer and s.metric == metric]
-                real = {s.unit_id: s.value for s in mine if s.control_kind is None}
+                real = {(s.unit_id, s.head): s.value for s in mine if s.control_kind is None}
                 ctrl = [s.value for s in mine if s.control_kind == "random_unit"]
-                shuffled = {s.unit_id: s.value for s in mine if s.control_kind == "shuffled" and not s.control}
+                shuffled = {(s.unit_id, s.head): s.value for s in mine if s.control_kind == "shuffled" and not s.control}
                 m: dict[str, Any] = {"real": aggregate(list(real.values()), **boot),
                                      "random_units": aggregate(ctrl, **boot),
                                      "real_minus_random_units": compare(list(real.values()), ctrl, **boot),
