@@ -228,7 +228,7 @@ class ScoreConfig:
     token (a random sequence: its first tokens); 0 takes the whole context (corpus.context_size). 32 keeps
     the embedded run short; OpenAI's sequences were 64 tokens."""
 
-    simulation_llm_heads: int = 12
+    simulation_llm_heads: int = 6
     """Head explanations (LLM) simulated per token, at most: each unit's explained pairs in turn (its first
     pair, then every unit's second, ...), on the head's direct attribution at every token of the unit's
     held-out windows (docs/simulation.md, "Heads, per token"). The look-up explainer's head patterns simulate

@@ -265,11 +265,12 @@ def console_lines(f: Findings, width: int = 130) -> list[str]:
         lines.append(clip(f"  {i}. {x.title()}: {x.score()}, {x.verdict} ({x.explainer})", width))
         lines.append(clip(f"     {x.text}", width))
     lines.append("Verdicts (real mean against its strongest control; real − control with its 95% interval):")
-    lines.append(f"  {'explainer':<18} {'scorer':<21} {'real':>5}  {'strongest control':<19} {'real − control':<22} verdict")
+    w = max([21] + [len(v.scorer) for v in f.verdicts])  # a scorer is never clipped: it names the tier
+    lines.append(f"  {'explainer':<18} {'scorer':<{w}} {'real':>5}  {'strongest control':<19} {'real − control':<22} verdict")
     for v in f.verdicts:
         real = "–" if v.real is None else f"{v.real:.2f}"
         ctrl = "–" if v.control is None else v.control + ("" if v.control_mean is None else f" {v.control_mean:.2f}")
-        lines.append(f"  {clip(v.explainer, 18):<18} {v.scorer:<21} {real:>5}  {ctrl:<19} {v.interval():<22} {v.verdict}")
+        lines.append(f"  {clip(v.explainer, 18):<18} {v.scorer:<{w}} {real:>5}  {ctrl:<19} {v.interval():<22} {v.verdict}")
     if f.n_warnings:
         lines.append(f.warnings_line())
     return lines
