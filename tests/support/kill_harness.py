@@ -33,7 +33,7 @@ from sae_lens_ctx.pipeline.engine import RunDirectory  # noqa: E402
 
 SEAMS = {
     "discover": (discover, "congruence_stats"),       # one unit group's congruence, inside discovery
-    "attribute": (attribute, "attribute_unit"),       # one unit's head attribution
+    "attribute": (attribute, "_unit_results"),        # one unit's records, after its pass's batched forwards
     "report-plot": (plots, "save"),                   # one plot of the report
     "wandb-tables": (track, "log_tables"),            # W&B run started, tracking.json written, tables next
     "wandb-artifact": (track, "results_artifact"),    # tables and plots logged, the results artifact next
