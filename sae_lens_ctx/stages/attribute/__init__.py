@@ -41,9 +41,9 @@ from ...inputs.view import ModelView, pad_id
 
 from .ablation import ablation_drops, ablation_jobs, masked_mean, mean_head_outputs  # noqa: F401
 from .occlusion import occluded_activations, occlusion_jobs, occlusion_records  # noqa: F401
-from .qk import QkSplitter, qk_records
-from .direct import (UnitRead, attribute_jobs, attribute_prompts, position_attributions, decompose_pre_activation, folded_heads, head_label,  # noqa: F401
-                     lookup_records, pad_prompts, source_contributions, unit_read)
+from .qk import QkSplitter, head_of, qk_records
+from .direct import (UnitRead, attribute_jobs, attribute_prompts, decompose_pre_activation, folded_heads,  # noqa: F401
+                     head_label, lookup_records, position_attributions, pad_prompts, source_contributions, unit_read)
 
 log = logging.getLogger(__name__)
 
@@ -103,36 +103,50 @@ def attribute_units(view: ModelView, items: list[UnitPrompts], cfg: AttributeCon
     (`ablation.ablation_jobs`). Per unit, in order: (head records, matrices, summary); look-up records are
     appended unit by unit, as `attribute_unit` appends them."""
     rule = parse_rule(cfg.rule)
-    want_sources = lookups is not None
     jobs = [(it.read, p) for it in items for p in (it.train, it.test)]
-    done = attribute_jobs(view, jobs, cfg.batch_size, cfg.divide_by_scale, want_sources)
+    done = attribute_jobs(view, jobs, cfg.batch_size, cfg.divide_by_scale, lookups is not None)
     states = []
     for n, it in enumerate(items):
         (a_train, pre_train, src_train), (a_test, _, src_test) = done[2 * n], done[2 * n + 1]
-        labels = it.read.labels
         branch = it.read.rank_branch
         active_train = rule.mask(a_train[branch])
-        active_test = rule.mask(a_test[branch]) if it.test else torch.zeros(0, len(labels), dtype=torch.bool)
         fraction = active_train.float().mean(0)
         relevant = (fraction >= cfg.band_low) & (fraction <= cfg.band_high)
-        heads = [(int(lab[1:].split("H")[0]), int(lab.split("H")[1])) for lab in labels]
-        chosen = [j for j in range(len(labels)) if relevant[j]]
-        states.append((a_train, pre_train, src_train, a_test, src_test, active_train, active_test, fraction,
-                       relevant, heads, chosen))
-    ablate = [n for n, (it, st) in enumerate(zip(items, states)) if st[-1] and it.test and cfg.ablation != "none"]
-    dropped = ablation_jobs(view, [(items[n].read, items[n].test, [states[n][-2][j] for j in states[n][-1]])
-                                   for n in ablate], cfg.ablation, mean_z, cfg.batch_size) if ablate else []
+        states.append(_Attributed(
+            a_train, pre_train, src_train, a_test, src_test, active_train,
+            rule.mask(a_test[branch]) if it.test else torch.zeros(0, len(it.read.labels), dtype=torch.bool),
+            fraction, relevant, [j for j in range(len(it.read.labels)) if relevant[j]]))
+    ablate = [n for n, (it, st) in enumerate(zip(items, states)) if st.chosen and it.test and cfg.ablation != "none"]
+    dropped = ablation_jobs(view, [(items[n].read, items[n].test, [head_of(items[n].read.labels[j])
+                                                                   for j in states[n].chosen]) for n in ablate],
+                            cfg.ablation, mean_z, cfg.batch_size) if ablate else []
     drops_of = dict(zip(ablate, dropped))
     return [_unit_results(it, st, drops_of.get(n), cfg, lookups, offset, view.tokenizer)
             for n, (it, st) in enumerate(zip(items, states))]
 
 
-def _unit_results(it: UnitPrompts, state: tuple, drops, cfg: AttributeConfig, lookups: list | None, offset: int,
+@dataclass
+class _Attributed:
+    """One unit's attributions (`direct.attribute_jobs`) and what the rule makes of them."""
+
+    a_train: dict[str, torch.Tensor]
+    pre_train: dict[str, torch.Tensor]
+    src_train: dict[str, torch.Tensor] | None
+    a_test: dict[str, torch.Tensor]
+    src_test: dict[str, torch.Tensor] | None
+    active_train: torch.Tensor
+    active_test: torch.Tensor
+    fraction: torch.Tensor
+    relevant: torch.Tensor
+    chosen: list[int]
+    """Indices (into the read's labels) of the relevant heads."""
+
+
+def _unit_results(it: UnitPrompts, st: _Attributed, drops, cfg: AttributeConfig, lookups: list | None, offset: int,
                   tokenizer) -> tuple[list[HeadRecord], dict, dict]:
     """One unit's head records, matrices and summary (and its look-up records appended to `lookups`)."""
-    (a_train, pre_train, src_train, a_test, src_test, active_train, active_test, fraction, relevant, heads,
-     chosen) = state
     read, train, test, train_ranks, test_ranks = it.read, it.train, it.test, it.train_ranks, it.test_ranks
+    a_train, active_train, active_test, chosen = st.a_train, st.active_train, st.active_test, st.chosen
     branch = read.rank_branch
     labels = read.labels
     records = []
@@ -147,9 +161,9 @@ def _unit_results(it: UnitPrompts, state: tuple, drops, cfg: AttributeConfig, lo
                 ablation["ablation_effect"] = ablation["prob_drop_active"] - ablation["prob_drop_inactive"]
                 ablation["ablation_pvalue"] = float(_ks_2samp(prob[on].numpy(), prob[~on].numpy()).pvalue)
         records.append(HeadRecord(
-            unit_id=read.unit.unit_id, head=label, layer=heads[j][0], head_index=heads[j][1],
-            active_fraction=float(fraction[j]), mean_attribution=float(a_train[branch][:, j].mean()),
-            relevant=bool(relevant[j]),
+            unit_id=read.unit.unit_id, head=label, layer=head_of(label)[0], head_index=head_of(label)[1],
+            active_fraction=float(st.fraction[j]), mean_attribution=float(a_train[branch][:, j].mean()),
+            relevant=bool(st.relevant[j]),
             active_train_ranks=[train_ranks[p] for p in range(len(train)) if active_train[p, j]],
             inactive_train_ranks=[train_ranks[p] for p in range(len(train)) if not active_train[p, j]],
             active_test_ranks=[test_ranks[p] for p in range(len(test)) if active_test[p, j]],
@@ -158,19 +172,18 @@ def _unit_results(it: UnitPrompts, state: tuple, drops, cfg: AttributeConfig, lo
             **ablation,
         ))
     if lookups is not None:
-        for split, prompts_, ranks, active, src in (("train", train, train_ranks, active_train, src_train),
-                                                    ("test", test, test_ranks, active_test, src_test)):
+        for split, prompts_, ranks, active, src in (("train", train, train_ranks, active_train, st.src_train),
+                                                    ("test", test, test_ranks, active_test, st.src_test)):
             if prompts_:
                 src = dict(src)
                 lookups += lookup_records(tokenizer, read.unit.unit_id, labels, chosen, prompts_, ranks, split,
                                           active, src.pop("attention"), src, branch, offset, cfg.lookup_top_k)
-    if not test:
-        a_test = {}
+    a_test = st.a_test if test else {}
     matrices = {f"{read.unit.unit_id}/{split}/{b}": a.contiguous()
                 for split, per_branch in (("train", a_train), ("test", a_test)) for b, a in per_branch.items()}
     matrices[f"{read.unit.unit_id}/train/ranks"] = torch.tensor(train_ranks)
     matrices[f"{read.unit.unit_id}/test/ranks"] = torch.tensor(test_ranks)
-    explained = float(a_train[branch].sum()) / max(abs(float((pre_train[branch] - read.bias[branch]).sum())), 1e-12)
+    explained = float(a_train[branch].sum()) / max(abs(float((st.pre_train[branch] - read.bias[branch]).sum())), 1e-12)
     summary = {"unit_id": read.unit.unit_id, "n_train_prompts": len(train), "n_test_prompts": len(test),
                "n_relevant": len(chosen), "direct_head_fraction": explained, "branch": branch}
     return records, matrices, summary
@@ -199,7 +212,7 @@ def run_stage(ctx: RunContext) -> None:
     lookups: list | None = [] if cfg.lookups else None
     occlusions: list = []
     replacement = pad_id(view.tokenizer)
-    todo: list[tuple[UnitRecord, list[ContextRecord], list[ContextRecord], UnitPrompts]] = []
+    todo: list[UnitPrompts] = []
     windows: dict[str, list[dict]] = defaultdict(list)  # unit → its held-out windows (mine's windows.jsonl)
     if ctx.path("windows.jsonl").is_file():
         for line, w in enumerate(iter_jsonl(ctx.path("windows.jsonl"))):
@@ -216,30 +229,28 @@ def run_stage(ctx: RunContext) -> None:
         except UserError as e:
             skipped.append({"unit_id": unit.unit_id, "reason": str(e)})
             continue
-        todo.append((unit, train, test, UnitPrompts(read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
-                                                    [c.rank for c in train], [c.rank for c in test])))
+        todo.append(UnitPrompts(read, [bos + c.tokens for c in train], [bos + c.tokens for c in test],
+                                [c.rank for c in train], [c.rank for c in test]))
     with tqdm(total=len(todo), desc="attribute", unit="unit", disable=None) as bar:
         for g0 in range(0, len(todo), UNITS_PER_PASS):
             group = todo[g0:g0 + UNITS_PER_PASS]
             group_records: list[HeadRecord] = []
-            for (unit, *_), (recs, mats, summary) in zip(group, attribute_units(
-                    view, [g[3] for g in group], cfg, mean_z, lookups, len(bos))):
-                summary["control"] = unit.control
+            for it, (recs, mats, summary) in zip(group, attribute_units(view, group, cfg, mean_z, lookups, len(bos))):
+                summary["control"] = it.read.unit.control
                 group_records += recs
                 matrices.update(mats)
                 per_unit.append(summary)
             records += group_records
             head_tokens += _head_tokens(view, group, group_records, windows, bos, cfg.batch_size, cfg.divide_by_scale)
             if cfg.occlusion:
-                occluded = [(g[3].read, g[3].train[:cfg.occlusion_prompts]) for g in group]
-                for (unit, train, _, it), (read, run), measured in zip(
-                        group, occluded, occlusion_jobs(view, occluded, len(bos), cfg.batch_size)):
-                    occlusions += occlusion_records(view.tokenizer, unit.unit_id, run, it.train_ranks[:len(run)],
+                occluded = [(it.read, it.train[:cfg.occlusion_prompts]) for it in group]
+                for it, (_, run), measured in zip(group, occluded, occlusion_jobs(view, occluded, len(bos), cfg.batch_size)):
+                    occlusions += occlusion_records(view.tokenizer, it.read.unit.unit_id, run, it.train_ranks[:len(run)],
                                                     len(bos), measured, replacement)
             bar.update(len(group))
     qk_rows: list = []
     if qk is not None and lookups:
-        run_as = {(unit.unit_id, split, rank): tokens for unit, _, _, it in todo
+        run_as = {(it.read.unit.unit_id, split, rank): tokens for it in todo
                   for split, ranks, runs in (("train", it.train_ranks, it.train), ("test", it.test_ranks, it.test))
                   for rank, tokens in zip(ranks, runs)}
         qk_rows = qk_records(qk, lookups, run_as, view.tokenizer, cfg.qk_sources, cfg.qk_components, cfg.batch_size)
@@ -255,7 +266,7 @@ def run_stage(ctx: RunContext) -> None:
     print(summary_text(report))
 
 
-def _head_tokens(view: ModelView, group: list, records: list[HeadRecord], windows: dict[str, list[dict]],
+def _head_tokens(view: ModelView, group: list[UnitPrompts], records: list[HeadRecord], windows: dict[str, list[dict]],
                  bos: list[int], batch_size: int, divide_by_scale: bool) -> list[HeadTokensRecord]:
     """Each relevant head's attribution at every token of its unit's held-out windows (issue #26: what head
     explanations are simulated against), for the units of one pass; `records` are the pass's head records."""
@@ -264,7 +275,8 @@ def _head_tokens(view: ModelView, group: list, records: list[HeadRecord], window
         if r.relevant:
             relevant[r.unit_id].append(r)
     jobs, meta = [], []
-    for unit, _, _, it in group:
+    for it in group:
+        unit = it.read.unit
         heads = relevant.get(unit.unit_id, [])
         mine = windows.get(unit.unit_id, [])
         if heads and mine:

@@ -273,7 +273,6 @@ def _unit_rows(view: ModelView, read: UnitRead, folded: dict[str, torch.Tensor],
         post = torch.stack([got[f"post{l}"][mine].reshape(-1) for l in read.head_layers], dim=1)
         z = z / post[:, :, None, None].to(z)
     a_out, pre_out, src = {}, {}, {} if sources else None
-    width = got[f"v{read.head_layers[0]}"].shape[1] if sources and read.head_layers else 0
     for branch, f in folded.items():
         a = torch.einsum("blhd,lhd->blh", z.float(), f.float()).flatten(1) if z is not None \
             else torch.zeros(len(mine), 0)
@@ -282,11 +281,11 @@ def _unit_rows(view: ModelView, read: UnitRead, folded: dict[str, torch.Tensor],
         if sources:
             c = torch.cat([source_contributions(got[f"pattern{l}"][mine], got[f"v{l}"][mine], f[i])
                            for i, l in enumerate(read.head_layers)], dim=1) if z is not None \
-                else torch.zeros(len(mine), 0, width)
+                else torch.zeros(len(mine), 0, 0)  # no upstream heads
             src[branch] = (c / scale[:, :, None] if divide_by_scale else c).cpu()
     if sources:
         src["attention"] = torch.cat([got[f"pattern{l}"][mine].float() for l in read.head_layers], dim=1).cpu() \
-            if z is not None else torch.zeros(len(mine), 0, width)
+            if z is not None else torch.zeros(len(mine), 0, 0)
     return a_out, pre_out, src
 
 
