@@ -11,7 +11,7 @@ import torch
 
 from ...inputs.view import ModelView, length_batches
 
-from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts
+from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts, unit_activation
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,8 @@ def ablation_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list[
         for u, read in reads.items():
             mine = torch.tensor([i for i, (uu, _, _) in enumerate(chunk) if uu == u])
             probs[torch.tensor(batch)[mine]] = at_last[mine, read.unit.token_id].cpu()
-            act = got[activation_hook(view, read)][mine, last[mine].to(logits.device)].float()
-            if read.sae is None:
-                act = act[:, read.unit.index]
-            else:
-                act = read.sae.sae.encode(act.to(read.sae.sae.W_enc))[:, read.unit.index].float()
-            acts[torch.tensor(batch)[mine]] = act.cpu()
+            acts[torch.tensor(batch)[mine]] = unit_activation(
+                read, got[activation_hook(view, read)][mine, last[mine].to(logits.device)])
     out, r0 = [], 0
     n_clean = sum(len(p) for _, p, _ in jobs)
     c0 = 0

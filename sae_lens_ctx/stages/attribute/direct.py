@@ -124,6 +124,16 @@ def activation_hook(view: ModelView, read: UnitRead) -> str:
     return view.hook_name("mlp_post", read.unit.layer) if read.sae is None else read.sae.hook_name
 
 
+def unit_activation(read: UnitRead, hooked: torch.Tensor) -> torch.Tensor:
+    """`[rows]` the unit's activation from its hook's output at each row's last position (neurons: `mlp_post`;
+    SAE latents: the SAE's encoding of its hook)."""
+    if read.sae is None:
+        return hooked[:, read.unit.index].float().cpu()
+    sae = read.sae
+    x = hooked.flatten(-2) if sae.hook_kind == "attn.hook_z" else hooked
+    return sae.sae.encode(x.to(sae.sae.W_enc)).detach()[:, read.unit.index].float().cpu()
+
+
 @torch.inference_mode()
 def attribute_prompts(view: ModelView, read: UnitRead, prompts: list[list[int]], batch_size: int = 32,
                       divide_by_scale: bool = True, sources: dict[str, torch.Tensor] | None = None

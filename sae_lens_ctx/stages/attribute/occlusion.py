@@ -18,17 +18,7 @@ from ...core.unit_lookups import OcclusionRecord
 from ...inputs.tokens import token_strings
 from ...inputs.view import ModelView, length_batches, pad_id
 
-from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts, unit_layer
-
-def _activation(read: UnitRead, hooked: torch.Tensor) -> torch.Tensor:
-    """`[rows]` the unit's activation from its hook's output at each row's last position (neurons: `mlp_post`;
-    SAE latents: the SAE's encoding of its hook)."""
-    if read.sae is None:
-        return hooked[:, read.unit.index].float().cpu()
-    sae = read.sae
-    x = hooked.flatten(-2) if sae.hook_kind == "attn.hook_z" else hooked
-    return sae.sae.encode(x.to(sae.sae.W_enc)).detach()[:, read.unit.index].float().cpu()
-
+from .direct import TOKENS_PER_BATCH, UnitRead, activation_hook, pad_prompts, unit_activation, unit_layer
 
 @torch.inference_mode()
 def occluded_activations(view: ModelView, read: UnitRead, prompts: Sequence[list[int]], offset: int,
@@ -72,7 +62,7 @@ def occlusion_jobs(view: ModelView, jobs: Sequence[tuple[UnitRead, Sequence[list
                             stop_at_layer=max(unit_layer(r) for r in reads.values()) + 1)
         for u, read in reads.items():
             mine = [i for i, (uu, _, _) in enumerate(chunk) if uu == u]
-            for i, value in zip(mine, _activation(read, got[activation_hook(view, read)][mine]).tolist()):
+            for i, value in zip(mine, unit_activation(read, got[activation_hook(view, read)][mine]).tolist()):
                 values[chunk[i]] = value
     return [[(values[(u, p, None)], [values[(u, p, s)] for s in range(offset, len(prompt) - 1)])
              for p, prompt in enumerate(prompts)] for u, (_, prompts) in enumerate(jobs)]
