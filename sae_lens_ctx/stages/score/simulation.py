@@ -468,20 +468,20 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
         for (unit_id, head, explainer, kind, _, _), sim in zip(jobs, pool.map(run, jobs)):
             scores.extend(score_records(sim, unit_id, bool(inp.units[unit_id].control), explainer,
                                         kind_of(unit_id, kind), cfg, seed, head))
-    for unit_id in units:
-        seqs, unit = sequences[unit_id], inp.units[unit_id]
-        shown = [(lookup[unit_id].pattern, None)] + ([(lookup[lookup_partner[unit_id]].pattern, "shuffled")]
-                                                     if unit_id in lookup_partner else []) if unit_id in lookup else []
-        fixed = [(LOOKUP, kind, lookup_predictions(pattern)) for pattern, kind in shown]
-        fixed += [("length", "length", position_predictions), ("token", "token", token_predictions(unit.token_id))]
-        for explainer, kind, predict in fixed:
-            sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
-            scores.extend(score_records(sim, unit_id, bool(unit.control), explainer, kind_of(unit_id, kind), cfg, seed))
-    for key in sorted(head_lookup):
-        (unit_id, head), seqs, unit = key, head_sequences[key], inp.units[key[0]]
-        shown = [(head_lookup[key].pattern, None)] + ([(head_lookup[head_lookup_partner[key]].pattern, "shuffled")]
-                                                      if key in head_lookup_partner else [])
-        fixed = [(LOOKUP, kind, head_lookup_predictions(pattern)) for pattern, kind in shown]
+    def shown(patterns: dict, partners: dict, key) -> list[tuple[dict | None, str | None]]:
+        """A look-up pattern and its shuffled control's (another unit's or pair's) pattern, where there is one."""
+        if key not in patterns:
+            return []
+        return [(patterns[key].pattern, None)] + ([(patterns[partners[key]].pattern, "shuffled")] if key in partners
+                                                  else [])
+
+    # (unit, head or None, sequences, look-up patterns shown, their per-token predictor)
+    fixed_jobs = [(u, None, sequences[u], shown(lookup, lookup_partner, u), lookup_predictions) for u in units]
+    fixed_jobs += [(u, h, head_sequences[(u, h)], shown(head_lookup, head_lookup_partner, (u, h)),
+                    head_lookup_predictions) for u, h in sorted(head_lookup)]
+    for unit_id, head, seqs, patterns, predictor in fixed_jobs:
+        unit = inp.units[unit_id]
+        fixed = [(LOOKUP, kind, predictor(pattern)) for pattern, kind in patterns]
         fixed += [("length", "length", position_predictions), ("token", "token", token_predictions(unit.token_id))]
         for explainer, kind, predict in fixed:
             sim = simulate(FixedSimulator(seqs, predict), seqs, "deterministic")
