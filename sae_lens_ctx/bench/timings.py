@@ -89,7 +89,7 @@ def bench_scan(view: ModelView, contexts: Sequence[TokenContext], units: Sequenc
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
     rates = {name: n_tokens / statistics.median(ts) for name, ts in times.items()}
-    from ..stages.mine.precision import bf16_available
+    from ..core.threads import bf16_available
     return {
         "model": view.name, "device": str(view.device), "n_units": len(units), "k": k,
         "n_contexts": len(contexts), "n_tokens": n_tokens, "batch_size": batch_size, "repeats": repeats,

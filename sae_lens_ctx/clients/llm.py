@@ -101,7 +101,19 @@ def _embedded_factory(cfg: ExplainConfig) -> Client:
     from .local_hf import TransformersClient
 
     return TransformersClient("embedded", embedded_gguf_path(), EMBEDDED_LLM, n_ctx=local_n_ctx(cfg, embedded_gguf_path()),
-                              timeout_s=cfg.timeout_s)
+                              timeout_s=cfg.timeout_s, precision=embedded_precision(cfg))
+
+
+def embedded_precision(cfg: ExplainConfig) -> str:
+    """`explain.embedded_precision` resolved: 'auto' is 'bfloat16' where the CPU computes bf16 natively
+    (`core.threads.bf16_available`), else 'float32'."""
+    if cfg.embedded_precision != "auto":
+        return cfg.embedded_precision
+    import torch
+
+    from ..core.threads import bf16_available
+
+    return "bfloat16" if bf16_available(torch.device("cpu")) else "float32"
 
 
 register_backend("embedded", _embedded_factory)

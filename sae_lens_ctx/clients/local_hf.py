@@ -53,9 +53,20 @@ from .token_batches import MAX_ROWS, group_by_prefix, next_token_logits, prompt_
 log = logging.getLogger(__name__)
 
 ENGINE = f"transformers-prefill{BLOCK}-batch{MAX_ROWS}"
-"""The engine named in the LLM cache key of this backend: transformers, prompts prefilled in blocks of
-`prefix_cache.BLOCK` tokens (shared prefixes computed once), single-token requests computed up to
-`token_batches.MAX_ROWS` a forward (`generate_batch`)."""
+"""The engine named in the LLM cache key of this backend in float32: transformers, prompts prefilled in blocks
+of `prefix_cache.BLOCK` tokens (shared prefixes computed once), single-token requests computed up to
+`token_batches.MAX_ROWS` a forward (`generate_batch`). In bfloat16 the name ends in '-bf16' (`engine_name`):
+answers of the two precisions are never mixed in one cache."""
+
+PRECISIONS = ("float32", "bfloat16")
+"""The dtypes the model can be loaded in (`explain.embedded_precision`)."""
+
+
+def engine_name(precision: str) -> str:
+    """The cache key's engine for this backend in `precision` ('float32' or 'bfloat16')."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    return ENGINE if precision == "float32" else f"{ENGINE}-bf16"
 
 GENERATION_THREADS = 1
 """torch intra-op threads while generating (restored afterwards)."""
@@ -64,22 +75,25 @@ GENERATION_THREADS = 1
 # 4.x, which this package also supports, knows only the old name
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
 
-_LOADED: dict[str, tuple[Any, Any, threading.Lock]] = {}
+_LOADED: dict[tuple[str, str], tuple[Any, Any, threading.Lock]] = {}
 _LOADED_LOCK = threading.Lock()
-_PREFIXES: dict[str, PrefixCache] = {}
-"""Per loaded model: the key/value blocks of prompt prefixes seen so far (`prefix_cache`)."""
+_PREFIXES: dict[tuple[str, str], PrefixCache] = {}
+"""Per loaded model (path, precision): the key/value blocks of prompt prefixes seen so far (`prefix_cache`)."""
 
 
-def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
-    """(model, tokenizer, sampling lock): the GGUF at `path` through transformers in float32, loaded once per
-    process; the lock serialises calls that sample (torch's random generator is shared)."""
+def load_gguf_lm(path: Path, precision: str = "float32") -> tuple[Any, Any, threading.Lock]:
+    """(model, tokenizer, sampling lock): the GGUF at `path` through transformers in `precision` ('float32'
+    or 'bfloat16'), loaded once per process and precision; the lock serialises calls that sample (torch's
+    random generator is shared)."""
+    engine_name(precision)  # a precision it does not know is a ValueError here
     with _LOADED_LOCK:
-        key = str(path)
+        key = (str(path), precision)
         if key not in _LOADED:
             import torch
 
-            log.info("loading %s through transformers as the embedded LLM", path.name)
-            hf, tok = load_gguf(path, torch.float32)
+            log.info("loading %s through transformers as the embedded LLM (%s)", path.name, precision)
+            hf, tok = load_gguf(path, torch.float32)  # the converted checkpoint the model under study reads
+            hf = hf.to(getattr(torch, precision))
             _LOADED[key] = (hf, tok, threading.Lock())
             _PREFIXES[key] = PrefixCache()
         return _LOADED[key]
@@ -88,8 +102,9 @@ def load_gguf_lm(path: Path) -> tuple[Any, Any, threading.Lock]:
 def load_tokenizer(path: Path) -> Any:
     """The GGUF's tokenizer alone (no weights), cached with the model when that is loaded."""
     with _LOADED_LOCK:
-        if str(path) in _LOADED:
-            return _LOADED[str(path)][1]
+        loaded = next((v for k, v in _LOADED.items() if k[0] == str(path)), None)
+        if loaded is not None:
+            return loaded[1]
         if str(path) not in _TOKENIZERS:
             _TOKENIZERS[str(path)] = load_gguf_tokenizer(path)
         return _TOKENIZERS[str(path)]
@@ -99,13 +114,21 @@ _TOKENIZERS: dict[str, Any] = {}
 
 
 class TransformersClient:
-    """A chat model in this process through transformers (see the module docstring)."""
+    """A chat model in this process through transformers (see the module docstring), its weights and
+    activations in `precision` ('float32' or 'bfloat16'; `engine` names it in the cache key)."""
 
-    engine = ENGINE
-
-    def __init__(self, backend: str, path: Path, model: str, *, n_ctx: int, timeout_s: float):
+    def __init__(self, backend: str, path: Path, model: str, *, n_ctx: int, timeout_s: float,
+                 precision: str = "float32"):
         self.backend, self.path, self.model = backend, path, model
         self.context_window, self.timeout_s = n_ctx, timeout_s
+        self.precision, self.engine = precision, engine_name(precision)
+
+    def _model(self) -> tuple[Any, Any, threading.Lock]:
+        return load_gguf_lm(self.path, self.precision)
+
+    def _prefixes(self) -> PrefixCache:
+        self._model()
+        return _PREFIXES[(str(self.path), self.precision)]
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` under the model's own tokenizer (special tokens parsed, none added)."""
@@ -114,7 +137,7 @@ class TransformersClient:
     def generate(self, messages: Sequence[Message], **params: Any) -> Response:
         import torch
 
-        hf, tok, lock = load_gguf_lm(self.path)
+        hf, tok, lock = self._model()
         prompt = tok.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=True,
                                          return_tensors="pt")["input_ids"]
         max_tokens = int(params.get("max_tokens") or 256)
@@ -133,7 +156,7 @@ class TransformersClient:
             if sampling["do_sample"]:
                 torch.manual_seed(int(params.get("seed") or 0))
             deadline = time.monotonic() + self.timeout_s
-            cache, _ = _PREFIXES[str(self.path)].prefill(hf, prompt[0].tolist())
+            cache, _ = self._prefixes().prefill(hf, prompt[0].tolist())
             out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_tokens,
                               past_key_values=cache,
                               stopping_criteria=[_Deadline(deadline)], stop_strings=stops or None, tokenizer=tok,
@@ -153,8 +176,7 @@ class TransformersClient:
     def prefix_cache_counts(self) -> tuple[int, int, int, int]:
         """(blocks re-used, blocks computed, tokens a block) of this model's prefix cache so far, and
         `shared_tokens`."""
-        load_gguf_lm(self.path)
-        cache = _PREFIXES[str(self.path)]
+        cache = self._prefixes()
         return cache.reused, cache.computed, cache.block, self.shared_tokens
 
     def batchable(self, params: dict[str, Any]) -> bool:
@@ -171,7 +193,7 @@ class TransformersClient:
         import torch
         from concurrent.futures import ThreadPoolExecutor
 
-        hf, tok, _ = load_gguf_lm(self.path)
+        hf, tok, _ = self._model()
         top = int(params.get("top_logprobs") or 0)
         stops = _stops(params)
         out: list[Response | LLMError] = [LLMError("not_run")] * len(requests)
@@ -194,7 +216,7 @@ class TransformersClient:
                     out[i] = LLMError("timeout", f"batch passed explain.timeout_s ({self.timeout_s}s)", transient=True)
                 return
             with torch.inference_mode(), _threads(GENERATION_THREADS):
-                logits = next_token_logits(hf, _PREFIXES[str(self.path)], [prompts[i] for i in group], pad)
+                logits = next_token_logits(hf, self._prefixes(), [prompts[i] for i in group], pad)
             for i, row in zip(group, logits):
                 out[i] = _response(tok, eos, [int(row.argmax())], [row], top, stops, len(prompts[i]))
 
@@ -211,7 +233,7 @@ class TransformersClient:
         their opening (see the module docstring); they are computed together."""
         import torch
 
-        hf, tok, _ = load_gguf_lm(self.path)
+        hf, tok, _ = self._model()
         from_offsets = list(from_offsets) if from_offsets is not None else [0] * len(prompts)
         out: list[PromptLogprobs | LLMError] = [LLMError("not_run")] * len(prompts)
         rows: dict[int, tuple[list[int], list[int], int]] = {}
@@ -230,7 +252,7 @@ class TransformersClient:
             return out
         index = list(rows)
         with torch.inference_mode(), _threads(GENERATION_THREADS):
-            hidden, shared = prompt_hidden_states(hf, _PREFIXES[str(self.path)], [rows[i][0] for i in index],
+            hidden, shared = prompt_hidden_states(hf, self._prefixes(), [rows[i][0] for i in index],
                                                   min(rows[i][2] for i in index) - 1, _pad_id(tok))
             with _LOADED_LOCK:
                 self.shared_tokens += shared * (len(index) - 1)

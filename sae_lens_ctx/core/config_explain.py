@@ -80,6 +80,13 @@ class ExplainConfig:
     """Tokens the explainer model accepts: the n_ctx in-process models are loaded with, and the budget
     head prompts are fitted to (examples are dropped from the end, and recorded, until the prompt fits)."""
 
+    embedded_precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The dtype the 'embedded' backend runs SmolLM2 in: 'auto' is 'bfloat16' where the hardware computes bf16
+    natively (CPUs with AVX-512 BF16 or AMX, recent GPUs), else 'float32'. On 2 such cores bf16 makes the
+    judge's batched calls about 2x and the simulator's prompt scoring about 1.6x faster; its answers differ
+    from float32's (a probability by about 1e-2, a greedy explanation may take another word), and the LLM
+    cache key names the precision, so the two are never mixed. The model under study is not affected."""
+
     prompt_ending: str = "round2"
     """Closing line of the head prompt: 'round2' ("In two to three sentences, suggest when the attention
     head is active.") or 'round1' (the completion stem "Explanation: This attention head is active when

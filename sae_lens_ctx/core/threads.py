@@ -69,3 +69,19 @@ def apply_thread_policy(environ=os.environ) -> int | None:
     n = model_threads(environ)
     environ["OMP_NUM_THREADS"] = str(n)
     return n
+
+
+def bf16_available(device: "torch.device") -> bool:  # noqa: F821 (torch is imported inside)
+    """True where bf16 matmuls are native: a CUDA device that supports bf16, or a CPU with AVX-512 BF16 / AMX
+    (oneDNN's check). The bf16 scan (`mine.scan_precision`) and the embedded LLM
+    (`explain.embedded_precision`) use bf16 on 'auto' only there."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False

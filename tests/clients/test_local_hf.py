@@ -27,7 +27,7 @@ MESSAGES = [{"role": "user", "content": "Name three rivers."}]
 
 @pytest.fixture(scope="module")
 def client():
-    c = make_client(ExplainConfig())
+    c = make_client(ExplainConfig(embedded_precision="float32"))  # exact comparisons with a plain fp32 forward
     assert isinstance(c, TransformersClient) and c.engine == ENGINE
     return c
 
@@ -208,3 +208,28 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_a_fresh_store():
         fresh_cache, _ = PrefixCache().prefill(hf, b)
         fresh = hf(input_ids=torch.tensor([b[n:]]), past_key_values=fresh_cache, use_cache=True).logits[0, -1]
     assert torch.equal(reused, fresh)  # a stored block is bit for bit what computing it again gives
+
+
+@pytest.mark.embedded
+def test_bfloat16_answers_close_to_float32_under_its_own_cache_key(tmp_path, client):
+    """`explain.embedded_precision`: 'auto' is bf16 where the CPU has it natively; the bf16 engine has its own
+    cache key, and its one-token answers (the judge's) are float32's to bf16 round-off: the same greedy token
+    and top alternatives' log-probabilities within 0.1 on a plain question."""
+    from sae_lens_ctx.clients.llm import embedded_precision
+    from sae_lens_ctx.core.threads import bf16_available
+
+    native = bf16_available(torch.device("cpu"))
+    assert embedded_precision(ExplainConfig()) == ("bfloat16" if native else "float32")
+    bf16 = make_client(ExplainConfig(embedded_precision="bfloat16"))
+    assert bf16.engine == ENGINE + "-bf16" and bf16.precision == "bfloat16"
+    assert request_key("embedded", "m", MESSAGES, {}, bf16.engine) != request_key("embedded", "m", MESSAGES, {}, ENGINE)
+    hf, _, _ = load_gguf_lm(bf16.path, "bfloat16")
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    params = {"max_tokens": 1, "temperature": 0.0, "top_logprobs": 5}
+    questions = [[{"role": "user", "content": f"Is {x} a colour? Answer Yes or No."}] for x in ("red", "a river")]
+    for want, got in zip(client.generate_batch(questions, params), bf16.generate_batch(questions, params)):
+        assert got.text == want.text
+        w = dict(want.logprobs[0].top)
+        assert max(abs(v - w[t]) for t, v in got.logprobs[0].top if t in w) < 0.1
+    r = bf16.generate(MESSAGES, max_tokens=8, temperature=0.0)
+    assert r.completion_tokens > 0 and r.text.strip()

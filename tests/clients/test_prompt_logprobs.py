@@ -31,7 +31,7 @@ ACTS = [0.0, 3.0, 0.2, 0.0, 0.0, 0.1, 0.4, 0.0, 0.0, 2.5, 0.0]
 
 @pytest.fixture(scope="module")
 def embedded():
-    c = make_client(ExplainConfig())
+    c = make_client(ExplainConfig(embedded_precision="float32"))  # compared with a plain fp32 forward (1e-5)
     assert isinstance(c, TransformersClient)
     return c
 

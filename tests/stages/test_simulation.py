@@ -141,6 +141,11 @@ def test_planted_pairs_simulate_on_their_heads_per_token_attribution(planted, pl
     llm = [s for s in sims if s["explainer"] not in ("lookup", "length", "token")]
     assert llm and {s["tier"] for s in llm} == {"logprob-free"}
     assert {s["control_kind"] for s in llm} >= {None, "shuffled"}
+    every = [s for s in iter_jsonl(out / "scores.jsonl") if s["target"] == "head" and s["metric"] == "ev_correlation"]
+    for pair in {(s["unit_id"], s["head"]) for s in every if s["explainer"] not in ("lookup", "length", "token")}:
+        # every pair with a simulated LLM explanation has its confound controls, a look-up pattern or not
+        kinds = {s["control_kind"] for s in every if (s["unit_id"], s["head"]) == pair}
+        assert {"length", "token"} <= kinds, (pair, kinds)
     heads = json.loads((out / "summary.json").read_text())["simulation"]["heads"]
     assert heads["deterministic"]["lookup"]["ev_correlation"]["real"]["n"] >= len(planted_heads)
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 
 from ...core.digest import digest
+from ...core.threads import bf16_available
 from ...inputs.corpus import TokenContext
 from ...inputs.view import ModelView, pad_batch, pad_id
 from .scan import (EMPTY, RANDOM_TRACKS, SORT_WINDOW, ScanResult, TopK, UnitReader, batches, random_keys, scan,
@@ -55,19 +56,6 @@ VALUE_TRACKS = ("top", "low")
 def candidates(k: int) -> int:
     """Contexts a `top` or `low` track keeps per unit in the bf16 pass, for k in the answer."""
     return 2 * k + 8
-
-
-def bf16_available(device: torch.device) -> bool:
-    """True where bf16 matmuls are native: a CUDA device that supports bf16, or a CPU with AVX-512 BF16 / AMX
-    (oneDNN's check)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 AUTO_MAX_CANDIDATE_SHARE = 0.25

@@ -368,8 +368,12 @@ class Report:
                 for e in self.explanations.get(uid, [])]
 
     def _scores(self, uid: str) -> list[list]:
-        return [[s.get("head") or "(unit)", s.get("scorer"), Num(s.get("value")), _interval(s.get("ci_low"),
-                 s.get("ci_high")), Num(s.get("n")), "well explained" if self.well_explained_badge(uid, s) else ""]
+        """A unit's score records, one row each: what was scored, by which explainer and scorer, and for a
+        per-token simulation its tier and tokens (scores of different tiers are never pooled, so the page
+        names the tier of each, docs/simulation.md)."""
+        return [[s.get("head") or "(unit)", s.get("explainer"), s.get("scorer"), s.get("tier") or "",
+                 Num(s.get("value")), _interval(s.get("ci_low"), s.get("ci_high")), Num(s.get("n")),
+                 Num(s.get("n_tokens")), "well explained" if self.well_explained_badge(uid, s) else ""]
                 for s in self.scores.get(uid, [])]
 
     def well_explained_badge(self, uid: str, s: dict) -> bool:

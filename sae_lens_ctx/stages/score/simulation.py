@@ -477,8 +477,9 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
 
     # (unit, head or None, sequences, look-up patterns shown, their per-token predictor)
     fixed_jobs = [(u, None, sequences[u], shown(lookup, lookup_partner, u), lookup_predictions) for u in units]
+    # every pair simulated (a look-up pattern or an LLM explanation) gets its length and token controls
     fixed_jobs += [(u, h, head_sequences[(u, h)], shown(head_lookup, head_lookup_partner, (u, h)),
-                    head_lookup_predictions) for u, h in sorted(head_lookup)]
+                    head_lookup_predictions) for u, h in sorted(set(head_lookup) | set(head_text))]
     for unit_id, head, seqs, patterns, predictor in fixed_jobs:
         unit = inp.units[unit_id]
         fixed = [(LOOKUP, kind, predictor(pattern)) for pattern, kind in patterns]
