@@ -50,6 +50,9 @@ def test_the_report_in_a_real_browser_shows_the_planted_unit(planted_gpt2, tmp_p
     assert tracked_run.NASTY in text and "b" not in dom.tags
     # explanations and scores with their intervals
     assert "Active after the word louvre." in text and "[0.7, 1]" in text
+    # each score row names its explainer and, for a per-token simulation, its tier (never pooled across tiers)
+    sims = [row for row in dom.rows[page] if len(row) == 9 and row[3] == "deterministic"]
+    assert any(row[1] == "lookup" and row[2] == "sim_ev_correlation" for row in sims), dom.rows[page][-5:]
 
     unit_png, list_png = out / "report" / "screenshot-unit.png", out / "report" / "screenshot-units.png"
     chromium(["--window-size=1280,1600", f"--screenshot={unit_png}", f"{index.as_uri()}#{page}"], tmp_path / "p1")
