@@ -6,12 +6,15 @@ unit list are saved into the run directory (`report/screenshot-*.png`) as CI art
 differ: CSS `:target` shows one page at a time, with no JavaScript.
 """
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 import tracked_run
 from browser import Dom, chromium
+from sae_lens_ctx.core.records import ScoreRecord
 from sae_lens_ctx.stages.report.html import context_html, unit_anchor
 from sae_lens_ctx.pipeline.engine import RunDirectory, run_pipeline
 
@@ -21,6 +24,12 @@ def test_the_report_in_a_real_browser_shows_the_planted_unit(planted_gpt2, tmp_p
     out = tracked_run.copy_run(base, tmp_path / "run")
     cfg = RunDirectory(out).read_config()
     cfg.logging.report_contexts = 100  # every train context, the hostile one (rank 99) included
+    unit = f"L{planted_gpt2.answer.neuron_layer}N{planted_gpt2.answer.neuron_index}"
+    with (out / "scores.jsonl").open("a") as f:  # a per-token simulation score, as the score stage writes one
+        f.write(json.dumps(asdict(ScoreRecord(
+            unit_id=unit, head=None, scorer="sim_ev_correlation", value=0.93, ci_low=0.81, ci_high=0.98, n=10,
+            control=False, explainer="lookup", target="unit", metric="ev_correlation", tier="deterministic",
+            n_tokens=320))) + "\n")
     run_pipeline(cfg, out, only="report")
     index = out / "report" / "index.html"
     unit = f"L{planted_gpt2.answer.neuron_layer}N{planted_gpt2.answer.neuron_index}"
@@ -52,7 +61,8 @@ def test_the_report_in_a_real_browser_shows_the_planted_unit(planted_gpt2, tmp_p
     assert "Active after the word louvre." in text and "[0.7, 1]" in text
     # each score row names its explainer and, for a per-token simulation, its tier (never pooled across tiers)
     sims = [row for row in dom.rows[page] if len(row) == 9 and row[3] == "deterministic"]
-    assert any(row[1] == "lookup" and row[2] == "sim_ev_correlation" for row in sims), dom.rows[page][-5:]
+    assert [row[:8] for row in sims] == [["(unit)", "lookup", "sim_ev_correlation", "deterministic", "0.93",
+                                          "[0.81, 0.98]", "10", "320"]], dom.rows[page][-5:]
 
     unit_png, list_png = out / "report" / "screenshot-unit.png", out / "report" / "screenshot-units.png"
     chromium(["--window-size=1280,1600", f"--screenshot={unit_png}", f"{index.as_uri()}#{page}"], tmp_path / "p1")

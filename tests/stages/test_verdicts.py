@@ -87,7 +87,7 @@ def test_the_report_reads_the_badge_from_the_summary(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"headline": {}, "well_explained": well}))
     dashboard.run_stage(RunContext(out=tmp_path, config=RunConfig()))
     page = (tmp_path / dashboard.REPORT_FILE).read_text().split('id="summary"')[0]
-    cells = {h: [row for row in page.split("<tr>") if row.startswith(f"<td>{h}</td><td>E</td>")]
+    cells = {h: [row for row in page.split("<tr>") if row.startswith(f"<td>{h}</td><td>paper-round2</td><td>E</td>")]
              for h in ("L0H1", "L0H2", "L0H3")}
     assert all(len(c) == 1 for c in cells.values())
     assert ["well explained" in c[0] for c in cells.values()] == [False, True, False]
