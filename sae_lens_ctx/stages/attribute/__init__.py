@@ -151,6 +151,7 @@ def _unit_results(it: UnitPrompts, st: _Attributed, drops, cfg: AttributeConfig,
     labels = read.labels
     records = []
     for j, label in enumerate(labels):
+        layer, head_index = head_of(label)
         ablation: dict = {}
         if drops is not None and j in chosen:
             k = chosen.index(j)
@@ -161,7 +162,7 @@ def _unit_results(it: UnitPrompts, st: _Attributed, drops, cfg: AttributeConfig,
                 ablation["ablation_effect"] = ablation["prob_drop_active"] - ablation["prob_drop_inactive"]
                 ablation["ablation_pvalue"] = float(_ks_2samp(prob[on].numpy(), prob[~on].numpy()).pvalue)
         records.append(HeadRecord(
-            unit_id=read.unit.unit_id, head=label, layer=head_of(label)[0], head_index=head_of(label)[1],
+            unit_id=read.unit.unit_id, head=label, layer=layer, head_index=head_index,
             active_fraction=float(st.fraction[j]), mean_attribution=float(a_train[branch][:, j].mean()),
             relevant=bool(st.relevant[j]),
             active_train_ranks=[train_ranks[p] for p in range(len(train)) if active_train[p, j]],

@@ -468,6 +468,7 @@ def simulation_scores(llm: LLM | None, tier: str | None, inp: Any, sequences: di
         for (unit_id, head, explainer, kind, _, _), sim in zip(jobs, pool.map(run, jobs)):
             scores.extend(score_records(sim, unit_id, bool(inp.units[unit_id].control), explainer,
                                         kind_of(unit_id, kind), cfg, seed, head))
+
     def shown(patterns: dict, partners: dict, key) -> list[tuple[dict | None, str | None]]:
         """A look-up pattern and its shuffled control's (another unit's or pair's) pattern, where there is one."""
         if key not in patterns:
