@@ -24,8 +24,9 @@ number. Every split is checked against the hooked score; one that misses it is r
 
 Cost: one forward per batch of prompts (hooks only: `hook_z` and `hook_mlp_out` of the layers before the
 deepest head, the embeddings, and `ln1`'s scale, the attention row of `T` and the rotary tables at the heads'
-layers; no activation cache), then per (prompt, layer, KV group) one projection of every component onto the
-key space, with each earlier head's `W_O` folded into `W_K` once per run.
+layers; no activation cache), then per (batch of prompts, layer, KV group) one projection of every component
+onto the key space, with each earlier head's `W_O` folded into `W_K` once per run; per (prompt, head) the tables
+of all its looked-up positions in one product.
 """
 
 from __future__ import annotations
@@ -160,13 +161,11 @@ class QkSplitter:
             batch = [order[i] for i in sorted(picked)]
             layers = sorted({l for p in batch for (l, _) in wanted[p]})
             got = self._forward([list(prompts[p]) for p in batch], layers)
-            for j, p in enumerate(batch):
-                n = len(prompts[p])
-                by_layer: dict[int, dict[int, set[int]]] = defaultdict(dict)
-                for (l, h), positions in wanted[p].items():
-                    by_layer[l][h] = positions
-                for l, heads in by_layer.items():
-                    out.update({(p, l, h, s): v for (h, s), v in self._split_one(got, j, n, l, heads).items()})
+            for l in layers:  # the rows that need a layer, computed together
+                rows = [(j, len(prompts[p]), {h: pos for (ll, h), pos in wanted[p].items() if ll == l})
+                        for j, p in enumerate(batch) if any(ll == l for ll, _ in wanted[p])]
+                for (j, _, _), found in zip(rows, self._split_layer(got, rows, l)):
+                    out.update({(batch[j], l, h, s): v for (h, s), v in found.items()})
         return out
 
     def _forward(self, rows: list[list[int]], layers: list[int]) -> dict[str, torch.Tensor]:
@@ -200,14 +199,16 @@ class QkSplitter:
         view.run_with_hooks(tokens, hooks, stop_at_layer=top + 1)  # one name-filter hook (ModelView._by_filter)
         return got
 
-    def _rotate(self, got: dict, j: int, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`x` `[..., len(positions), d_head]` rotated at `positions` (identity without rotary)."""
+    def _rotate(self, got: dict, js: torch.Tensor, layer: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`x` `[R, ..., P, d_head]` of batch rows `js` `[R]`, rotated at `positions` `[R, P]` (identity without
+        rotary)."""
         if not self.read(layer).rotary:
             return x
         attn = self.view.model.blocks[layer].attn
         if f"cos{layer}" in got:  # the Bridge: the Hugging Face module's tables, rotate-half convention
             cos, sin = got[f"cos{layer}"], got[f"sin{layer}"]
-            cos, sin = cos[min(j, cos.shape[0] - 1)][positions], sin[min(j, sin.shape[0] - 1)][positions]
+            rows = js.clamp(max=cos.shape[0] - 1)[:, None]
+            cos, sin = cos[rows, positions], sin[rows, positions]
             r = cos.shape[-1]
             x_r = x[..., :r]
             half = r // 2
@@ -217,6 +218,8 @@ class QkSplitter:
             r = cos.shape[-1]
             x_r = x[..., :r]
             flipped = attn.rotate_every_two(x_r)
+        shape = (cos.shape[0],) + (1,) * (x.dim() - 3) + cos.shape[1:]  # [R, 1.., P, r]
+        cos, sin = cos.reshape(shape), sin.reshape(shape)
         return torch.cat([x_r * cos + flipped * sin, x[..., r:]], dim=-1)
 
     def w_o_stack(self, layer: int) -> torch.Tensor:
@@ -227,108 +230,135 @@ class QkSplitter:
                 torch.zeros(0, v.n_heads, v.d_head, v.d_model, device=v.device)
         return self._w_o_stack[layer]
 
-    def _components(self, got: dict, j: int, n: int, layer: int) -> tuple[torch.Tensor, ...]:
-        """The residual-stream components of `resid_pre[layer]` of batch row `j` at its `n` positions, the heads
-        kept as their `z`: (`lead` `[embed (, pos_embed)]` `[c, n, d_model]`; `mlp` `[layer, n, d_model]`; `z`
-        `[layer, n, H, d_head]`; each layer's post-attention scale `[layer, n, 1]` (ones outside a sandwich
-        block); the constant `[n, d_model]`)."""
+    def _components(self, got: dict, js: torch.Tensor, width: int, layer: int) -> tuple[torch.Tensor, ...]:
+        """The residual-stream components of `resid_pre[layer]` of batch rows `js` `[R]` at their first `width`
+        positions, the heads kept as their `z`: (`lead` `[embed (, pos_embed)]` `[R, c, width, d_model]`; `mlp`
+        `[R, layer, width, d_model]`; `z` `[R, layer, width, H, d_head]`; each layer's post-attention scale
+        `[R, layer, width, 1]` (ones outside a sandwich block); the constant `[R, width, d_model]`)."""
         v = self.view
-        resid0 = got["resid0"][j, :n]
-        lead = torch.stack([resid0 - got["pos"][j, :n], got["pos"][j, :n]] if self.standard_pos else [resid0])
+        R = len(js)
+        resid0 = got["resid0"][js, :width]
+        lead = torch.stack([resid0 - got["pos"][js, :width], got["pos"][js, :width]] if self.standard_pos
+                           else [resid0], dim=1)
         if not layer:
-            return (lead, resid0.new_zeros(0, n, v.d_model), resid0.new_zeros(0, n, v.n_heads, v.d_head),
-                    resid0.new_ones(0, n, 1), torch.zeros_like(resid0))
-        mlp = torch.stack([got[f"mlp{l}"][j, :n] for l in range(layer)])
-        z = torch.stack([got[f"z{l}"][j, :n] for l in range(layer)])
-        post = torch.stack([got[f"post{l}"][j, :n].reshape(n, 1) for l in range(layer)]) if v.sandwich \
-            else resid0.new_ones(layer, n, 1)
+            return (lead, resid0.new_zeros(R, 0, width, v.d_model), resid0.new_zeros(R, 0, width, v.n_heads, v.d_head),
+                    resid0.new_ones(R, 0, width, 1), torch.zeros_like(resid0))
+        mlp = torch.stack([got[f"mlp{l}"][js, :width] for l in range(layer)], dim=1)
+        z = torch.stack([got[f"z{l}"][js, :width] for l in range(layer)], dim=1)
+        post = torch.stack([got[f"post{l}"][js, :width].reshape(R, width, 1) for l in range(layer)], dim=1) \
+            if v.sandwich else resid0.new_ones(R, layer, width, 1)
         b_o = torch.stack([self.b_o(l).to(resid0) for l in range(layer)])  # [layer, d_model]
-        const = (b_o[:, None, :] / post).sum(0)
+        const = (b_o[None, :, None, :] / post).sum(1)
         return lead, mlp, z, post, const
 
-    def _split_one(self, got: dict, j: int, n: int, layer: int, heads: dict[int, set[int]]) -> dict:
+    def _split_layer(self, got: dict, rows: list[tuple[int, int, dict[int, set[int]]]], layer: int) -> list[dict]:
+        """The splits at one layer of batch rows (row `j`, its length `n`, head → key positions): per row,
+        (head, position) → `QkSplit`. The components, queries and keys of the rows are computed together."""
         read = self.read(layer)
         labels = self.labels(layer)
-        T = n - 1
-        scores = got[f"scores{layer}"][j, :, :n]  # [H, n]
-        pattern = got[f"pattern{layer}"][j, :, :n]
-        results: dict[tuple[int, int], QkSplit] = {}
         if self.unsplittable:
-            for h, positions in heads.items():
-                for s in positions:
-                    results[(h, s)] = QkSplit(labels, labels, None, None, _finite(scores[h, s]), None, None,
-                                              float(pattern[h, s]), "not_splittable", self.unsplittable)
-            return results
-        scale = got[f"scale{layer}"][j, :n].reshape(n, 1)
-        lead, mlp, z, post, const = self._components(got, j, n, layer)
-        pos = torch.arange(n, device=lead.device)
+            return [{(h, s): QkSplit(labels, labels, None, None, _finite(got[f"scores{layer}"][j, h, s]), None, None,
+                                     float(got[f"pattern{layer}"][j, h, s]), "not_splittable", self.unsplittable)
+                     for h, positions in heads.items() for s in positions} for j, _, heads in rows]
+        js = torch.tensor([j for j, _, _ in rows])
+        last = torch.tensor([n - 1 for _, n, _ in rows])
+        width = int(last.max()) + 1
+        R = len(rows)
+        at_last = (torch.arange(R), slice(None), last)  # each row's query position T
+        scale = got[f"scale{layer}"][js, :width].reshape(R, width, 1)
+        lead, mlp, z, post, const = self._components(got, js, width, layer)
+        pos = torch.arange(width, device=lead.device).expand(R, width)
 
         def ordered(lead_part, heads_part, mlp_part, const_part):
-            """Labels' order: lead, then per layer its heads and its MLP, then const. `heads_part` `[L, H, ...]`,
-            `mlp_part` `[L, ...]`."""
-            per_layer = torch.cat([heads_part, mlp_part[:, None]], dim=1)
-            return torch.cat([lead_part, per_layer.flatten(0, 1), const_part[None]])
+            """Labels' order (dim 1): lead, then per layer its heads and its MLP, then const. `lead_part`
+            `[R, c, ...]`, `heads_part` `[R, L, H, ...]`, `mlp_part` `[R, L, ...]`, `const_part` `[R, ...]`."""
+            per_layer = torch.cat([heads_part, mlp_part[:, :, None]], dim=2)
+            return torch.cat([lead_part, per_layer.flatten(1, 2), const_part[:, None]], dim=1)
 
-        # query side at T: every component in d_model, then each head's W_Q
-        q_heads = torch.einsum("lhd,lhdm->lhm", z[:, T], self.w_o_stack(layer)) / post[:, T, None]
-        q_res = ordered(lead[:, T], q_heads, mlp[:, T], const[T]) / scale[T]
-        by_group: dict[int, torch.Tensor] = {}
-        for h, positions in heads.items():
-            g = read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
-            if g not in by_group:  # key side at every position: [n_comp, n, d_head], rotated per position
-                w_k = read.w_k[g]
-                k_heads = torch.einsum("lthd,lhde->lhte", z, self.fold(layer, g)) / post[:, None]
-                k = ordered(lead @ w_k, k_heads, mlp @ w_k, const @ w_k) / scale[None]
-                k[-1] = k[-1] + read.b_k[g]
-                by_group[g] = self._rotate(got, j, layer, k, pos)
-            k = by_group[g]
-            q = q_res @ read.w_q[h]
-            q[-1] = q[-1] + read.b_q[h]
-            q = self._rotate(got, j, layer, q[:, None, :], pos[T:T + 1])[:, 0]
-            row = scores[h]
-            seen = torch.isfinite(row) & (row > -1e30)
-            logits = _uncap(row, read.softcap)
-            mean_k = torch.einsum("t,ctd->cd", pattern[h] * seen, k)
-            for s in positions:
-                hooked = _finite(row[s])
-                if not bool(seen[s]):
-                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
-                                              "masked", MASKED_REASON)
-                    continue
-                score = read.scaling * q @ k[:, s].T
-                gap = read.scaling * q @ (k[:, s] - mean_k).T
-                logit = float(logits[s])
-                gap_value = logit - float((pattern[h] * torch.where(seen, logits, 0.0)).sum())
-                status, reason = ("one_position", ONE_POSITION_REASON) if n == 1 else \
-                    ("first_position", SINK_REASON) if s == 0 else ("ok", None)
-                if not math.isfinite(logit):
-                    status, reason = "not_splittable", f"the softcap {read.softcap} cannot be inverted at this score"
-                else:
-                    tol = 1e-3 * max(1.0, float(score.abs().sum()))
-                    miss = abs(float(score.sum()) - logit)
-                    if miss > tol:
-                        status, reason = "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this "
-                                                            "attention computes something the view does not know")
-                if status == "not_splittable":
-                    results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, float(pattern[h, s]),
-                                              status, reason)
-                    continue
-                results[(h, s)] = QkSplit(labels, labels, score.cpu(), gap.cpu(), hooked, logit, gap_value,
-                                          float(pattern[h, s]), status, reason, _reads_of(got, j, labels, gap, s))
-        return results
+        # query side at T: every component in d_model ([R, C, d_model]), then each head's W_Q
+        q_heads = torch.einsum("rlhd,lhdm->rlhm", z[at_last], self.w_o_stack(layer)) / post[at_last][..., None]
+        q_res = ordered(lead[at_last], q_heads, mlp[at_last], const[torch.arange(R), last]) \
+            / scale[torch.arange(R), last][:, None]
+        keys: dict[int, tuple[list[int], torch.Tensor]] = {}
+        for g in sorted({self._group(read, h) for _, _, heads in rows for h in heads}):
+            # key side at every position of the rows whose heads read KV group g: [R_g, C, width, d_head], rotated
+            sub = [i for i, (_, _, heads) in enumerate(rows) if any(self._group(read, h) == g for h in heads)]
+            w_k, ix = read.w_k[g], torch.tensor(sub)
+            k_heads = torch.einsum("rlthd,lhde->rlhte", z[ix], self.fold(layer, g)) / post[ix][:, :, None]
+            k = ordered(lead[ix] @ w_k, k_heads, mlp[ix] @ w_k, const[ix] @ w_k) / scale[ix][:, None]
+            k[:, -1] = k[:, -1] + read.b_k[g]
+            keys[g] = (sub, self._rotate(got, js[ix], layer, k, pos[ix]))
+        out = []
+        for i, (j, n, heads) in enumerate(rows):
+            scores = got[f"scores{layer}"][j, :, :n]  # [H, n]
+            pattern = got[f"pattern{layer}"][j, :, :n]
+            results: dict[tuple[int, int], QkSplit] = {}
+            for h, positions in heads.items():
+                sub, k_all = keys[self._group(read, h)]
+                k = k_all[sub.index(i), :, :n]
+                q = q_res[i] @ read.w_q[h]
+                q[-1] = q[-1] + read.b_q[h]
+                q = self._rotate(got, js[i:i + 1], layer, q[None, :, None, :], last[i:i + 1, None])[0, :, 0]
+                row = scores[h]
+                seen = torch.isfinite(row) & (row > -1e30)
+                logits = _uncap(row, read.softcap)
+                weights = pattern[h] * seen
+                mean_k = torch.einsum("t,ctd->cd", weights, k)
+                mean_logit = float((weights * torch.where(seen, logits, 0.0)).sum())
+                order = sorted(positions)
+                at = torch.tensor(order, device=k.device)
+                # every looked-up position of the head at once: [m, n_query, n_key]
+                score_all = (read.scaling * torch.einsum("id,jsd->sij", q, k[:, at])).contiguous()
+                gap_all = (read.scaling * torch.einsum("id,jsd->sij", q, k[:, at] - mean_k[:, None])).contiguous()
+                sums, sizes = score_all.sum((1, 2)).tolist(), score_all.abs().sum((1, 2)).tolist()
+                reads = _reads_of(got, j, labels, gap_all, order)
+                for m, s in enumerate(order):
+                    hooked = _finite(row[s])
+                    attention = float(pattern[h, s])
+                    if not bool(seen[s]):
+                        results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, attention,
+                                                  "masked", MASKED_REASON)
+                        continue
+                    logit = float(logits[s])
+                    status, reason = ("one_position", ONE_POSITION_REASON) if n == 1 else \
+                        ("first_position", SINK_REASON) if s == 0 else ("ok", None)
+                    if not math.isfinite(logit):
+                        status, reason = "not_splittable", f"the softcap {read.softcap} cannot be inverted at this score"
+                    else:
+                        miss = abs(sums[m] - logit)
+                        if miss > 1e-3 * max(1.0, sizes[m]):
+                            status, reason = "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this "
+                                                                "attention computes something the view does not know")
+                    if status == "not_splittable":
+                        results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, attention, status, reason)
+                        continue
+                    results[(h, s)] = QkSplit(labels, labels, score_all[m], gap_all[m], hooked, logit, logit - mean_logit,
+                                              attention, status, reason, reads[m])
+            out.append(results)
+        return out
+
+    @staticmethod
+    def _group(read: AttnRead, h: int) -> int:
+        """Head `h`'s KV group (itself without grouped-query attention)."""
+        return read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
 
 
-def _reads_of(got: dict, j: int, labels: list[str], gap: torch.Tensor, s: int) -> dict[str, tuple[int, float]]:
-    """`QkSplit.reads`: for each earlier head among the `READS_TOP` leading key components (by |gap|), the
-    position it attended to most from `s` and that attention (its hooked pattern, row `s`)."""
-    marginal = gap.sum(0).abs()
-    out = {}
-    for i in torch.topk(marginal, min(READS_TOP, len(labels))).indices.tolist():
-        if labels[i].startswith("L") and "H" in labels[i]:
-            l, h = head_of(labels[i])
-            row = got[f"pat{l}"][j, h, s, :s + 1]
-            p = int(row.argmax())
-            out[labels[i]] = (p, float(row[p]))
+def _reads_of(got: dict, j: int, labels: list[str], gap: torch.Tensor,
+              positions: list[int]) -> list[dict[str, tuple[int, float]]]:
+    """`QkSplit.reads` of each key position in `positions` (`gap` `[len(positions), n_query, n_key]`): for each
+    earlier head among the `READS_TOP` leading key components (by |gap|), the position it attended to most from
+    that key position and that attention (its hooked pattern, row `s`)."""
+    leading = torch.topk(gap.sum(1).abs(), min(READS_TOP, len(labels)), dim=1).indices.tolist()
+    out = []
+    for s, top in zip(positions, leading):
+        reads = {}
+        for i in top:
+            if labels[i].startswith("L") and "H" in labels[i]:
+                l, h = head_of(labels[i])
+                row = got[f"pat{l}"][j, h, s, :s + 1]
+                p = int(row.argmax())
+                reads[labels[i]] = (p, float(row[p]))
+        out.append(reads)
     return out
 
 
@@ -360,13 +390,14 @@ def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: 
               top: int) -> list[dict]:
     """Per component (summed over the other side): `component`, `score`, `score_share`, `gap`, `gap_share`; the
     `top` largest by |gap| (by |score| where the gap is 0), then 'other' with the rest, so the list sums to the totals."""
-    score_l, gap_l = score.tolist(), gap.tolist()
-    key = gap_l if any(gap_l) else score_l
-    order = sorted(range(len(labels)), key=lambda i: (-abs(key[i]), i))
-    rows = [{"component": labels[i], "score": _f(score_l[i]), "score_share": _share(score_l[i], logit),
-             "gap": _f(gap_l[i]), "gap_share": _share(gap_l[i], gap_value)} for i in order[:top]]
+    key = gap if bool(gap.any()) else score
+    order = torch.sort(-key.abs(), stable=True).indices  # by |key|, ties in label order
+    lead = order[:top]
+    score_l, gap_l = score[lead].tolist(), gap[lead].tolist()
+    rows = [{"component": labels[i], "score": _f(sc), "score_share": _share(sc, logit), "gap": _f(g),
+             "gap_share": _share(g, gap_value)} for i, sc, g in zip(lead.tolist(), score_l, gap_l)]
     rest = order[top:]
-    if rest:
+    if len(rest):
         s, g = float(score[rest].sum()), float(gap[rest].sum())
         rows.append({"component": "other", "n": len(rest), "score": _f(s), "score_share": _share(s, logit),
                      "gap": _f(g), "gap_share": _share(g, gap_value)})
@@ -375,13 +406,15 @@ def _marginal(labels: list[str], score: torch.Tensor, gap: torch.Tensor, logit: 
 
 def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
     """The tables summed over the marginals' groups (their components, then 'other'): a small heatmap."""
+    where = {c: i for i, c in enumerate(split.query)}
+
     def groups(rows) -> torch.Tensor:
         """`[n_groups, n_components]` one-hot: each named component, then 'other' (the rest)."""
-        named = [split.query.index(r["component"]) for r in rows if r["component"] != "other"]
+        named = torch.tensor([where[r["component"]] for r in rows if r["component"] != "other"], dtype=torch.long)
         onehot = torch.zeros(len(named) + 1, len(split.query))
+        onehot[torch.arange(len(named)), named] = 1.0
         onehot[-1] = 1.0
-        for g, i in enumerate(named):
-            onehot[g, i], onehot[-1, i] = 1.0, 0.0
+        onehot[-1, named] = 0.0
         return onehot if len(named) < len(split.query) else onehot[:-1]
 
     gq, gk = groups(query), groups(key)
@@ -394,10 +427,11 @@ def _grid(split: QkSplit, query: list[dict], key: list[dict]) -> dict:
 def _top_pairs(split: QkSplit, top: int) -> list[dict]:
     flat = split.gap.flatten() if float(split.gap.abs().sum()) > 0 else split.score.flatten()
     k = min(top, flat.numel())
-    idx = torch.topk(flat.abs(), k).indices.tolist()
+    idx = torch.topk(flat.abs(), k).indices
     n = split.gap.shape[1]
-    return [{"query": split.query[i // n], "key": split.key[i % n], "score": _f(split.score.flatten()[i]),
-             "gap": _f(split.gap.flatten()[i])} for i in idx]
+    score, gap = split.score.flatten()[idx].tolist(), split.gap.flatten()[idx].tolist()
+    return [{"query": split.query[i // n], "key": split.key[i % n], "score": _f(sc), "gap": _f(g)}
+            for i, sc, g in zip(idx.tolist(), score, gap)]
 
 
 def qk_records(splitter: QkSplitter, lookups: Sequence[LookupRecord], prompts: dict[tuple[str, str, int], list[int]],
