@@ -260,11 +260,12 @@ class QkSplitter:
             return [{(h, s): QkSplit(labels, labels, None, None, _finite(got[f"scores{layer}"][j, h, s]), None, None,
                                      float(got[f"pattern{layer}"][j, h, s]), "not_splittable", self.unsplittable)
                      for h, positions in heads.items() for s in positions} for j, _, heads in rows]
-        js = torch.tensor([j for j, _, _ in rows])
-        last = torch.tensor([n - 1 for _, n, _ in rows])
+        device = got["resid0"].device  # every index on the hooked tensors' device
+        js = torch.tensor([j for j, _, _ in rows], device=device)
+        last = torch.tensor([n - 1 for _, n, _ in rows], device=device)
         width = int(last.max()) + 1
         R = len(rows)
-        at_last = (torch.arange(R), slice(None), last)  # each row's query position T
+        at_last = (torch.arange(R, device=device), slice(None), last)  # each row's query position T
         scale = got[f"scale{layer}"][js, :width].reshape(R, width, 1)
         lead, mlp, z, post, const = self._components(got, js, width, layer)
         pos = torch.arange(width, device=lead.device).expand(R, width)
@@ -277,13 +278,13 @@ class QkSplitter:
 
         # query side at T: every component in d_model ([R, C, d_model]), then each head's W_Q
         q_heads = torch.einsum("rlhd,lhdm->rlhm", z[at_last], self.w_o_stack(layer)) / post[at_last][..., None]
-        q_res = ordered(lead[at_last], q_heads, mlp[at_last], const[torch.arange(R), last]) \
-            / scale[torch.arange(R), last][:, None]
+        q_res = ordered(lead[at_last], q_heads, mlp[at_last], const[at_last[0], last]) \
+            / scale[at_last[0], last][:, None]
         keys: dict[int, tuple[list[int], torch.Tensor]] = {}
         for g in sorted({self._group(read, h) for _, _, heads in rows for h in heads}):
             # key side at every position of the rows whose heads read KV group g: [R_g, C, width, d_head], rotated
             sub = [i for i, (_, _, heads) in enumerate(rows) if any(self._group(read, h) == g for h in heads)]
-            w_k, ix = read.w_k[g], torch.tensor(sub)
+            w_k, ix = read.w_k[g], torch.tensor(sub, device=device)
             k_heads = torch.einsum("rlthd,lhde->rlhte", z[ix], self.fold(layer, g)) / post[ix][:, :, None]
             k = ordered(lead[ix] @ w_k, k_heads, mlp[ix] @ w_k, const[ix] @ w_k) / scale[ix][:, None]
             k[:, -1] = k[:, -1] + read.b_k[g]
