@@ -88,6 +88,33 @@ def test_the_table_sums_to_the_hooked_score_and_gap(arch, weights, family_dir):
     assert n_checked > 100
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_a_prompt_split_in_a_batch_equals_it_split_alone(arch, family_dir):
+    """The split computes a batch's prompts together, a layer at a time (padded to the longest): each prompt's
+    tables, statuses and reads are those of the prompt split alone, within fp32 round-off."""
+    view = load_model(ModelConfig(model_name=str(family_dir(arch))))
+    splitter = QkSplitter(view)
+    prompts = _prompts(view)
+    half = view.n_heads // 2  # the first prompt asks for the first half of the heads (one KV group under GQA),
+    heads = [range(half), range(half, view.n_heads), range(view.n_heads)]  # the second the rest, the third all
+    wanted = {p: {(l, h): {0, len(prompt) // 2, len(prompt) - 1} for l in (0, 1) for h in heads[p]}
+              for p, prompt in enumerate(prompts)}
+    together = splitter.split(prompts, wanted, batch_size=len(prompts))
+    n_checked = 0
+    for p, prompt in enumerate(prompts):
+        alone = splitter.split([prompt], {0: wanted[p]})
+        for (_, l, h, s), sp in alone.items():
+            other = together[(p, l, h, s)]
+            assert other.status == sp.status and (other.reads or {}).keys() == (sp.reads or {}).keys()
+            for label, (position, attention) in (sp.reads or {}).items():
+                assert other.reads[label] == (position, pytest.approx(attention, abs=1e-6))
+            if sp.score is not None:
+                torch.testing.assert_close(other.score, sp.score, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(other.gap, sp.gap, atol=1e-5, rtol=1e-5)
+                n_checked += 1
+    assert n_checked >= 20
+
+
 def _sae(view, layer=1):
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
