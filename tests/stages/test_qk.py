@@ -89,9 +89,12 @@ def test_the_table_sums_to_the_hooked_score_and_gap(arch, weights, family_dir):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
-def test_a_prompt_split_in_a_batch_equals_it_split_alone(arch, family_dir):
-    """The split computes a batch's prompts together, a layer at a time (padded to the longest): each prompt's
-    tables, statuses and reads are those of the prompt split alone, within fp32 round-off."""
+def test_a_prompt_split_in_a_batch_equals_it_split_alone(arch, family_dir, monkeypatch):
+    """The split computes a batch's prompts together, a layer at a time (padded to the longest, in chunks of rows
+    under `qk.CHUNK_FLOATS`): each prompt's tables, statuses and reads are those of the prompt split alone, within
+    fp32 round-off, whether its batch's rows are one chunk or a chunk each."""
+    from sae_lens_ctx.stages.attribute import qk
+
     view = load_model(ModelConfig(model_name=str(family_dir(arch))))
     splitter = QkSplitter(view)
     prompts = _prompts(view)
@@ -100,18 +103,20 @@ def test_a_prompt_split_in_a_batch_equals_it_split_alone(arch, family_dir):
     wanted = {p: {(l, h): {0, len(prompt) // 2, len(prompt) - 1} for l in (0, 1) for h in heads[p]}
               for p, prompt in enumerate(prompts)}
     together = splitter.split(prompts, wanted, batch_size=len(prompts))
+    monkeypatch.setattr(qk, "CHUNK_FLOATS", 1)
+    chunked = splitter.split(prompts, wanted, batch_size=len(prompts))
     n_checked = 0
     for p, prompt in enumerate(prompts):
         alone = splitter.split([prompt], {0: wanted[p]})
         for (_, l, h, s), sp in alone.items():
-            other = together[(p, l, h, s)]
-            assert other.status == sp.status and (other.reads or {}).keys() == (sp.reads or {}).keys()
-            for label, (position, attention) in (sp.reads or {}).items():
-                assert other.reads[label] == (position, pytest.approx(attention, abs=1e-6))
-            if sp.score is not None:
-                torch.testing.assert_close(other.score, sp.score, atol=1e-5, rtol=1e-5)
-                torch.testing.assert_close(other.gap, sp.gap, atol=1e-5, rtol=1e-5)
-                n_checked += 1
+            for other in (together[(p, l, h, s)], chunked[(p, l, h, s)]):
+                assert other.status == sp.status and (other.reads or {}).keys() == (sp.reads or {}).keys()
+                for label, (position, attention) in (sp.reads or {}).items():
+                    assert other.reads[label] == (position, pytest.approx(attention, abs=1e-6))
+                if sp.score is not None:
+                    torch.testing.assert_close(other.score, sp.score, atol=1e-5, rtol=1e-5)
+                    torch.testing.assert_close(other.gap, sp.gap, atol=1e-5, rtol=1e-5)
+                    n_checked += 1
     assert n_checked >= 20
 
 

@@ -79,6 +79,10 @@ class QkSplit:
     (what it wrote there came from there), and that attention."""
 
 
+CHUNK_FLOATS = 1 << 26
+"""The most floats one key tensor of a layer's split may hold (`[rows, components, positions, d_head]`: 256 MB in
+fp32); a batch's rows are split at a layer in chunks under it (the embedded main job's batches fit in one)."""
+
 READS_TOP = 8
 """Leading key components (by |gap|) whose earlier heads get `QkSplit.reads`."""
 
@@ -161,11 +165,14 @@ class QkSplitter:
             batch = [order[i] for i in sorted(picked)]
             layers = sorted({l for p in batch for (l, _) in wanted[p]})
             got = self._forward([list(prompts[p]) for p in batch], layers)
-            for l in layers:  # the rows that need a layer, computed together
+            width = max(len(prompts[p]) for p in batch)
+            for l in layers:  # the rows that need a layer, computed together (in chunks under CHUNK_FLOATS)
                 rows = [(j, len(prompts[p]), {h: pos for (ll, h), pos in wanted[p].items() if ll == l})
                         for j, p in enumerate(batch) if any(ll == l for ll, _ in wanted[p])]
-                for (j, _, _), found in zip(rows, self._split_layer(got, rows, l)):
-                    out.update({(batch[j], l, h, s): v for (h, s), v in found.items()})
+                step = max(1, CHUNK_FLOATS // (len(self.labels(l)) * width * self.view.d_head))
+                for c in range(0, len(rows), step):
+                    for (j, _, _), found in zip(rows[c:c + step], self._split_layer(got, rows[c:c + step], l)):
+                        out.update({(batch[j], l, h, s): v for (h, s), v in found.items()})
         return out
 
     def _forward(self, rows: list[list[int]], layers: list[int]) -> dict[str, torch.Tensor]:
