@@ -84,9 +84,9 @@ class ExplainConfig:
     """The dtype the 'embedded' backend runs SmolLM2 in: 'auto' is 'bfloat16' where the hardware computes bf16
     natively (CPUs with AVX-512 BF16 or AMX, recent GPUs), else 'float32'. On 2 such cores bf16 makes the
     judge's batched calls about 2x and the simulator's prompt scoring about 1.6x faster; its answers differ
-    from float32's (a log-probability by about 0.1, so a near-tie may go the other way, and a greedy explanation may
-    take another word), and the LLM
-    cache key names the precision, so the two are never mixed. The model under study is not affected."""
+    from float32's (a log-probability by about 0.1, so a near-tie may go the other way, and a greedy explanation
+    may take another word), and the LLM cache key names the precision, so the two are never mixed. The model
+    under study is not affected."""
 
     prompt_ending: str = "round2"
     """Closing line of the head prompt: 'round2' ("In two to three sentences, suggest when the attention

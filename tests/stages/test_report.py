@@ -32,7 +32,6 @@ def test_the_report_in_a_real_browser_shows_the_planted_unit(planted_gpt2, tmp_p
             n_tokens=320))) + "\n")
     run_pipeline(cfg, out, only="report")
     index = out / "report" / "index.html"
-    unit = f"L{planted_gpt2.answer.neuron_layer}N{planted_gpt2.answer.neuron_index}"
     page = unit_anchor(unit)
 
     dom = Dom()

@@ -275,7 +275,7 @@ class QkSplitter:
         at_last = (torch.arange(R, device=device), slice(None), last)  # each row's query position T
         scale = got[f"scale{layer}"][js, :width].reshape(R, width, 1)
         lead, mlp, z, post, const = self._components(got, js, width, layer)
-        pos = torch.arange(width, device=lead.device).expand(R, width)
+        pos = torch.arange(width, device=device).expand(R, width)
 
         def ordered(lead_part, heads_part, mlp_part, const_part):
             """Labels' order (dim 1): lead, then per layer its heads and its MLP, then const. `lead_part`
@@ -321,27 +321,15 @@ class QkSplitter:
                 sums, sizes = score_all.sum((1, 2)).tolist(), score_all.abs().sum((1, 2)).tolist()
                 reads = _reads_of(got, j, labels, gap_all, order)
                 for m, s in enumerate(order):
-                    hooked = _finite(row[s])
-                    attention = float(pattern[h, s])
-                    if not bool(seen[s]):
-                        results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, attention,
-                                                  "masked", MASKED_REASON)
-                        continue
                     logit = float(logits[s])
-                    status, reason = ("one_position", ONE_POSITION_REASON) if n == 1 else \
-                        ("first_position", SINK_REASON) if s == 0 else ("ok", None)
-                    if not math.isfinite(logit):
-                        status, reason = "not_splittable", f"the softcap {read.softcap} cannot be inverted at this score"
+                    status, reason = _status(bool(seen[s]), n, s, logit, sums[m], sizes[m], read.softcap)
+                    hooked, attention = _finite(row[s]), float(pattern[h, s])
+                    if status in ("masked", "not_splittable"):
+                        results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, attention, status,
+                                                  reason)
                     else:
-                        miss = abs(sums[m] - logit)
-                        if miss > 1e-3 * max(1.0, sizes[m]):
-                            status, reason = "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this "
-                                                                "attention computes something the view does not know")
-                    if status == "not_splittable":
-                        results[(h, s)] = QkSplit(labels, labels, None, None, hooked, None, None, attention, status, reason)
-                        continue
-                    results[(h, s)] = QkSplit(labels, labels, score_all[m], gap_all[m], hooked, logit, logit - mean_logit,
-                                              attention, status, reason, reads[m])
+                        results[(h, s)] = QkSplit(labels, labels, score_all[m], gap_all[m], hooked, logit,
+                                                  logit - mean_logit, attention, status, reason, reads[m])
             out.append(results)
         return out
 
@@ -349,6 +337,25 @@ class QkSplitter:
     def _group(read: AttnRead, h: int) -> int:
         """Head `h`'s KV group (itself without grouped-query attention)."""
         return read.kv_group(h) if read.w_k.shape[0] != read.w_q.shape[0] else h
+
+
+def _status(seen: bool, n: int, s: int, logit: float, total: float, size: float,
+            softcap: float | None) -> tuple[str, str | None]:
+    """(status, reason) of the split of key position `s` of an `n`-position prompt: 'masked' (the query does not
+    see `s`), 'not_splittable' (a softcap that cannot be inverted at this score, or a table summing to `total`
+    that misses the hooked `logit` by more than 1e-3 of `size`, the table's summed magnitude), 'one_position',
+    'first_position' (an attention sink), else 'ok'."""
+    if not seen:
+        return "masked", MASKED_REASON
+    if not math.isfinite(logit):
+        return "not_splittable", f"the softcap {softcap} cannot be inverted at this score"
+    miss = abs(total - logit)
+    if miss > 1e-3 * max(1.0, size):
+        return "not_splittable", (f"the split misses the hooked score by {miss:.3g}: this attention computes "
+                                  "something the view does not know")
+    if n == 1:
+        return "one_position", ONE_POSITION_REASON
+    return ("first_position", SINK_REASON) if s == 0 else ("ok", None)
 
 
 def _reads_of(got: dict, j: int, labels: list[str], gap: torch.Tensor,
